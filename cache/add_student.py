@@ -1,0 +1,84 @@
+"""Add (or replace) the student-base arrays of a finished cache without running the teachers.
+
+    deltakd cache add-student --cache CACHE --student-base S0
+
+The student runs over the cached token ids and is scored at the cached top-k ids.
+While it runs, the manifest says "no student"; a killed run resumes shard by shard.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import schema
+from .builder import CacheBuildConfig, Sequence, commit_student_shard, ids_from_committed, run_phases, _load_stage
+from .forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows, tokenizer_identity
+
+
+@dataclass(frozen=True)
+class AddStudentConfig:
+    cache: str = field(metadata={"help": "a finished cache folder"})
+    student_base: str = field(metadata={"help": "student before distillation (local Hugging Face checkpoint)"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+    chunk_rows: int = field(default=1024, metadata={"help": "supervised rows projected to the vocabulary at once"})
+    model_dtype: str = field(default="float32", metadata={"help": "dtype the student runs in"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+
+
+def cached_sequences(root: Path, name: str) -> list[Sequence]:
+    a = schema.read_group(root / schema.TEACHER_DIR / name, ["tokens", "loss_mask", "seq_offsets", "example_ids"])
+    off = a["seq_offsets"]
+    return [Sequence(int(a["example_ids"][i]), a["tokens"][off[i]:off[i + 1]].astype(int).tolist(),
+                     a["loss_mask"][off[i]:off[i + 1]].astype(int).tolist()) for i in range(len(off) - 1)]
+
+
+def add_student(cfg: AddStudentConfig) -> dict:
+    root = Path(cfg.cache)
+    mpath = root / schema.MANIFEST
+    if not mpath.exists():
+        raise schema.CacheFormatError(f"{root}: no {schema.MANIFEST}; finish `deltakd cache build` first")
+    manifest = json.loads(mpath.read_text())
+    tok = load_tokenizer(cfg.student_base)
+    tid = tokenizer_identity(tok)
+    if tid["sha256"] != manifest["tokenizer"]["sha256"]:
+        raise CheckpointError(
+            f"the tokenizer of {cfg.student_base} differs from the one the cache was built with "
+            f"(vocabulary {tid['vocab_size']} vs {manifest['tokenizer']['vocab_size']}, or special tokens)")
+    if output_rows(cfg.student_base) < manifest["vocab_size"]:
+        raise CheckpointError(f"{cfg.student_base}: fewer output rows than the cache's vocabulary ({manifest['vocab_size']})")
+    ident = checkpoint_identity(cfg.student_base)
+    same = lambda m: m and {k: v for k, v in m.items() if k != "path"} == {k: v for k, v in ident.items() if k != "path"}  # noqa: E731
+    sdir = root / schema.STUDENT_DIR
+    if manifest.get("student") and not same(manifest["student"]["checkpoint"]):
+        # Announce "no student" first, so a crash below never leaves a manifest that
+        # names one student over arrays of another.
+        manifest["student"] = None
+        schema.write_json_atomic(mpath, manifest)
+    schema.clean_partials(root)
+    # Staged results of an interrupted run may come from another student: redo them.
+    for st in (root / "stage").glob("*/s0.npz"):
+        st.unlink()
+    sdir.mkdir(exist_ok=True)
+    names = [s["name"] for s in manifest["shards"]]
+    for n in names:  # arrays of another student are dropped, this student's are kept (resume)
+        meta = sdir / n / schema.SHARD_META
+        if meta.exists() and not same(json.loads(meta.read_text()).get("student_base")):
+            shutil.rmtree(sdir / n)
+    todo = [n for n in names if not (sdir / n).exists()]
+    shards = {n: cached_sequences(root, n) for n in todo}
+    bcfg = CacheBuildConfig(teacher_ft="", teacher_base="", data="", out=str(root), top_k=manifest["k"],
+                            batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, dtype=manifest["value_dtype"],
+                            model_dtype=cfg.model_dtype, device=cfg.device)
+    timings = run_phases(root, todo, shards, {"s0": cfg.student_base}, bcfg, manifest["vocab_size"],
+                         tok.pad_token_id or 0, rank=0, ids_from_cache=lambda n: ids_from_committed(root, n))
+    for n in todo:
+        commit_student_shard(root, n, _load_stage(root, n, "s0"), manifest["k"], manifest["value_dtype"], ident)
+        shutil.rmtree(root / "stage" / n, ignore_errors=True)
+    metas = [json.loads((sdir / n / schema.SHARD_META).read_text()) for n in names]
+    manifest["student"] = {"checkpoint": ident,
+                           "shards": [{k: v for k, v in m.items() if k != "student_base"} for m in metas]}
+    manifest.setdefault("summary", {})["add_student"] = timings
+    schema.write_json_atomic(mpath, manifest)
+    return manifest

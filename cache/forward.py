@@ -1,0 +1,111 @@
+"""Run one checkpoint over token batches and keep only what the cache needs.
+
+The (batch x length x vocab) logits are never formed: the decoder's final hidden
+states are gathered at supervised positions, then projected to the vocabulary in
+chunks of rows, each chunk reduced to top-k values/ids and tail log-masses at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used for this cache; the message names it."""
+
+
+def checkpoint_identity(path: str | Path) -> dict:
+    """Identity of a local Hugging Face checkpoint: hashes of its config and weight files."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
+    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise CheckpointError(f"{path}: no weight files (*.safetensors or *.bin)")
+    h = hashlib.sha256()
+    for p in weights:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return {
+        "path": str(path.resolve()),
+        "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest(),
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def tokenizer_identity(tok) -> dict:
+    """What makes two tokenizers interchangeable for the cache: vocabulary, specials, template."""
+    desc = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id,
+        "chat_template": getattr(tok, "chat_template", None),
+    }
+    blob = json.dumps(desc, sort_keys=True, default=str).encode()
+    return {"sha256": hashlib.sha256(blob).hexdigest(), "vocab_size": len(tok)}
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from e
+
+
+def output_rows(path: str | Path) -> int:
+    """Rows of the output embedding, from config.json alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    v = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    if v is None:
+        raise CheckpointError(f"{path}: config.json has no vocab_size")
+    return int(v)
+
+
+def load_model(path: str | Path, device: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def supervised_hidden(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    """Final hidden states at supervised positions, (N_sup, H), in batch-major order."""
+    h = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    assert h.shape[:2] == loss_mask.shape, (h.shape, loss_mask.shape)
+    return h[loss_mask.bool()]
+
+
+@torch.no_grad()
+def logprob_chunks(model, hidden, vocab_size: int, chunk_rows: int):
+    """Yield (row slice, float32 log-probs (c, vocab_size)) over the supervised rows.
+
+    Embedding rows beyond the tokenizer (padding of the output layer) are cut off
+    before the softmax: the tokenizer can never produce them.
+    """
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    for s in range(0, hidden.shape[0], chunk_rows):
+        logits = head(hidden[s:s + chunk_rows]).float()[:, :vocab_size]
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        yield slice(s, s + logits.shape[0]), torch.log_softmax(logits, dim=-1)
+
+
+def support_values(lp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs at the support ids (c, k) and the log-mass outside it (c,): -inf when k = V."""
+    vals = lp.gather(1, ids)
+    tail = lp.scatter(1, ids, float("-inf")).logsumexp(dim=1)
+    return vals, tail

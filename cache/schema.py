@@ -1,0 +1,204 @@
+"""The cache format, version 1: every array, dtype, shape, file and codec in one place.
+
+A cache is a folder:
+
+    manifest.json                 format version, provenance, per-shard counts and checksums
+    build.json                    the build's identity (inputs + settings), written first
+    shards/<name>/                one zarr v3 group per shard, teacher arrays
+    student/<name>/               one zarr v3 group per shard, student-base arrays (optional)
+
+Alignment: position t of a sequence predicts token t+1. `loss_mask[t] = 1` iff token
+t+1 exists and belongs to the response. Rows of the per-supervised-position arrays
+follow the supervised positions of each sequence in order, sequences in shard order.
+See FORMAT.md for the full contract.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "deltakd-cache"
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (1,)
+# Version 1 stores the teacher's top-k. "sampled" (ids drawn from pi_T with counts)
+# is reserved: a reader of version 1 must refuse a support it does not know.
+SUPPORTS = ("topk",)
+
+MANIFEST = "manifest.json"
+BUILD_FILE = "build.json"
+SHARD_META = "shard.json"
+TEACHER_DIR = "shards"
+STUDENT_DIR = "student"
+PARTIAL_SUFFIX = ".partial"
+
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+
+# name -> (rows are per "token" | "seq" | "seq+1" | "sup", has a k axis, kind)
+# kind: "id" (vocabulary ids), "value" (log-probs in the value dtype), or a numpy dtype.
+TEACHER_ARRAYS: dict[str, tuple[str, bool, str]] = {
+    "tokens": ("token", False, "id"),
+    "loss_mask": ("token", False, "uint8"),
+    "seq_offsets": ("seq+1", False, "int64"),
+    "example_ids": ("seq", False, "int64"),
+    "topk_ids": ("sup", True, "id"),
+    "logp_ft": ("sup", True, "value"),
+    "delta": ("sup", True, "value"),
+    "tail_ft": ("sup", False, "value"),
+    "tail_base": ("sup", False, "value"),
+}
+STUDENT_ARRAYS: dict[str, tuple[str, bool, str]] = {
+    "logp_s0": ("sup", True, "value"),
+    "tail_s0": ("sup", False, "value"),
+}
+
+# Chosen by benchmarks/cache_format.py: 4096-row chunks keep decode parallel per
+# chunk; zstd level 1 with byte shuffle groups the exponent bytes of float16.
+SUP_CHUNK_ROWS = 4096
+TOKEN_CHUNK_ROWS = 65536
+COMPRESSION = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
+
+
+class CacheFormatError(ValueError):
+    """The cache on disk does not match this format; the message names the file or array."""
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned integer that holds every id of the vocabulary."""
+    return np.dtype("uint16") if vocab_size <= 1 << 16 else np.dtype("int32")
+
+
+def storage_dtype(value_dtype: str) -> np.dtype:
+    """zarr has no bfloat16: its bits are stored as uint16."""
+    if value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"value dtype {value_dtype!r} is not one of {VALUE_DTYPES}")
+    return np.dtype("uint16") if value_dtype == "bfloat16" else np.dtype(value_dtype)
+
+
+def encode_values(x, value_dtype: str) -> np.ndarray:
+    """float tensor/array -> the stored numpy array (round to nearest in the value dtype)."""
+    import torch
+
+    t = torch.as_tensor(x)
+    if value_dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return t.to(getattr(torch, value_dtype)).numpy()
+
+
+def decode_values(a: np.ndarray, value_dtype: str):
+    """Stored numpy array -> float32 torch tensor."""
+    import torch
+
+    if value_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One committed shard as the manifest lists it."""
+
+    name: str
+    n_seqs: int
+    n_tokens: int
+    n_supervised: int
+    checksums: dict[str, str]
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def group_checksums(group_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a zarr group (metadata and chunks), by relative path."""
+    out = {}
+    for p in sorted(group_dir.rglob("*")):
+        if p.is_file() and p.name != SHARD_META:
+            out[p.relative_to(group_dir).as_posix()] = file_sha256(p)
+    return out
+
+
+def write_group(group_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write whole arrays into a fresh zarr v3 group (one writer per group: see FORMAT.md)."""
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    root = zarr.open_group(zarr.storage.LocalStore(str(group_dir)), mode="w", zarr_format=3)
+    for name, a in arrays.items():
+        rows = TOKEN_CHUNK_ROWS if a.ndim == 1 and name in ("tokens", "loss_mask") else SUP_CHUNK_ROWS
+        chunks = (max(1, min(rows, a.shape[0])),) + a.shape[1:]
+        root.create_array(
+            name, shape=a.shape, dtype=a.dtype, chunks=chunks,
+            compressors=[BloscCodec(**COMPRESSION, typesize=a.dtype.itemsize)],
+        )[...] = a
+
+
+def read_group(group_dir: Path, names) -> dict[str, np.ndarray]:
+    import zarr
+
+    try:
+        root = zarr.open_group(zarr.storage.LocalStore(str(group_dir)), mode="r", zarr_format=3)
+    except Exception as e:  # zarr raises several types for a missing or broken group
+        raise CacheFormatError(f"{group_dir}: not a readable zarr v3 group ({e})") from e
+    out = {}
+    for n in names:
+        try:
+            out[n] = root[n][...]
+        except Exception as e:
+            raise CacheFormatError(f"{group_dir}/{n}: cannot read array ({type(e).__name__}: {e})") from e
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def commit_group(partial: Path, final: Path, meta: dict) -> None:
+    """Make a fully written group visible: its meta file, then one rename (atomic on POSIX)."""
+    write_json_atomic(partial / SHARD_META, meta)
+    if final.exists():  # a replaced student group: the old one is moved aside first
+        aside = final.with_name(final.name + ".old")
+        os.replace(final, aside)
+        os.replace(partial, final)
+        _rmtree(aside)
+    else:
+        os.replace(partial, final)
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_partials(root: Path) -> int:
+    """Remove what a killed writer left behind (`*.partial`, `*.old`, `*.tmp`); returns the count."""
+    n = 0
+    for sub in (root / TEACHER_DIR, root / STUDENT_DIR, root):
+        if not sub.is_dir():
+            continue
+        for p in sub.iterdir():
+            if p.name.endswith((PARTIAL_SUFFIX, ".old", ".tmp")):
+                _rmtree(p) if p.is_dir() else p.unlink()
+                n += 1
+    return n
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"

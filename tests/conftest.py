@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny tokenizer, tiny random Llama checkpoints and a JSONL data file."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+WORDS = ("alpha beta gamma delta river stone cloud seven green light north market tiny paper "
+         "count list reverse upper lower answer question what is the of and to").split()
+
+
+def sentence(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_data(path, n=24, seed=0, long_every=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            resp = sentence(rng, rng.randint(3, 12) * (6 if long_every and i % long_every == 0 else 1))
+            if i % 3 == 0:
+                rec = {"messages": [{"role": "user", "content": sentence(rng, rng.randint(2, 8))},
+                                    {"role": "assistant", "content": resp}]}
+            else:
+                rec = {"prompt": sentence(rng, rng.randint(2, 8)), "response": resp}
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """Tokenizer + teacher_ft / teacher_base / student_base checkpoints + data."""
+    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    rng = random.Random(0)
+    tok = train_tokenizer([sentence(rng, 20) for _ in range(200)], 300, root / "tok")
+    V = len(tok)
+    # The teachers' output layer is padded beyond the tokenizer: those rows must be masked.
+    ft = tiny_llama(V + 13, hidden=48, seed=1, tokenizer=tok)
+    base = tiny_llama(V + 13, hidden=48, seed=2, tokenizer=tok)
+    s0 = tiny_llama(V, hidden=32, seed=3, tokenizer=tok)
+    paths = {
+        "teacher_ft": save_checkpoint(ft, tok, root / "teacher_ft"),
+        "teacher_base": save_checkpoint(base, tok, root / "teacher_base"),
+        "student_base": save_checkpoint(s0, tok, root / "student_base"),
+        "data": write_data(root / "train.jsonl", n=24, long_every=7),
+        "root": root, "vocab": V,
+    }
+    return paths

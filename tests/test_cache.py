@@ -1,0 +1,259 @@
+"""The cache builder against a float64 full-vocabulary recomputation, plus resume,
+distributed, add-student, validate and the refusals of bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deltakd.cache import schema
+from deltakd.cache.add_student import AddStudentConfig, add_student
+from deltakd.cache.builder import CacheBuildConfig, build_cache
+from deltakd.cache.forward import CheckpointError
+from deltakd.cache.reader import CacheReader
+from deltakd.cache.records import DataError
+from deltakd.cache.validate import validate
+
+TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # relative rounding of each value dtype
+
+
+def build(world, out, student=True, **kw):
+    cfg = CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
+                           out=str(out), student_base=world["student_base"] if student else None,
+                           **{"top_k": 16, "max_length": 64, "batch_size": 3, "shard_tokens": 200, "chunk_rows": 7, **kw})
+    return build_cache(cfg)
+
+
+def cache_content(path) -> dict:
+    """Every array of every shard, by shard and array name (manifests may differ in timings)."""
+    root = Path(path)
+    out = {}
+    for d in (schema.TEACHER_DIR, schema.STUDENT_DIR):
+        for g in sorted((root / d).glob("shard-*")):
+            names = schema.TEACHER_ARRAYS if d == schema.TEACHER_DIR else schema.STUDENT_ARRAYS
+            for n, a in schema.read_group(g, list(names)).items():
+                out[f"{d}/{g.name}/{n}"] = a
+    return out
+
+
+def assert_same_content(a, b):
+    ca, cb = cache_content(a), cache_content(b)
+    assert sorted(ca) == sorted(cb)
+    for k in ca:
+        np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+
+
+def full_logprobs64(path, tokens, vocab):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        return torch.log_softmax(m(tokens[None]).logits[0, :, :vocab], -1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, dtype):
+    build(world, tmp_path / "c", dtype=dtype)
+    r = CacheReader(tmp_path / "c")
+    V, k, tol = world["vocab"], r.k, TOL[dtype]
+    assert r.vocab_size == V and r.has_student and len(r) == 24
+    n_checked = 0
+    for seq in r.iter_sequences():
+        lT = full_logprobs64(world["teacher_ft"], seq.tokens, V)
+        lB = full_logprobs64(world["teacher_base"], seq.tokens, V)
+        lS = full_logprobs64(world["student_base"], seq.tokens, V)
+        pos = seq.loss_mask.nonzero()[:, 0]
+        assert len(pos) == len(seq.topk_ids) > 0
+        for row, t in enumerate(pos.tolist()):
+            ref_top = lT[t].topk(k)
+            ids = seq.topk_ids[row]
+            # True top-k: the cached ids carry exactly the k largest reference log-probs.
+            np.testing.assert_allclose(lT[t][ids].numpy(), ref_top.values.numpy(), rtol=1e-6, atol=1e-6)
+            rest = torch.ones(V, dtype=torch.bool)
+            rest[ids] = False
+            for cached, ref in ((seq.logp_ft[row], lT[t][ids]), (seq.delta[row], (lT[t] - lB[t])[ids]),
+                                (seq.logp_s0[row], lS[t][ids]), (seq.tail_ft[row], lT[t][rest].logsumexp(0)),
+                                (seq.tail_base[row], lB[t][rest].logsumexp(0)), (seq.tail_s0[row], lS[t][rest].logsumexp(0))):
+                np.testing.assert_allclose(cached.double().numpy(), ref.numpy(), rtol=tol, atol=tol)
+            n_checked += 1
+        # Alignment: position t predicts token t+1, which belongs to the response.
+        assert not seq.loss_mask[-1]
+    assert n_checked == r.manifest["totals"]["n_supervised"]
+    assert validate(tmp_path / "c") == []
+
+
+def test_k_equal_to_vocabulary_has_empty_tail(world, tmp_path):
+    build(world, tmp_path / "c", student=False, top_k=10_000, dtype="float32")
+    r = CacheReader(tmp_path / "c")
+    assert r.k == world["vocab"]
+    seq = next(r.iter_sequences())
+    assert torch.isneginf(seq.tail_ft).all() and torch.isneginf(seq.tail_base).all()
+    np.testing.assert_allclose(seq.logp_ft.exp().sum(1).numpy(), 1.0, rtol=1e-5)
+    assert validate(tmp_path / "c") == []
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "deltakd.cli", *args]
+
+
+def _build_args(world, out, **kw):
+    opts = {"top_k": 16, "max_length": 64, "batch_size": 2, "shard_tokens": 120, "chunk_rows": 7, **kw}
+    args = ["cache", "build", "--teacher-ft", world["teacher_ft"], "--teacher-base", world["teacher_base"],
+            "--student-base", world["student_base"], "--data", world["data"], "--out", str(out)]
+    for key, v in opts.items():
+        args += ["--" + key.replace("_", "-"), str(v)]
+    return args
+
+
+@pytest.mark.parametrize("kill_when", ["staged", "committed"])
+def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when):
+    ref = tmp_path / "ref"
+    build(world, ref, shard_tokens=120, batch_size=2)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*_build_args(world, out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        staged = list((out / "stage").glob("*/*.npz")) if (out / "stage").exists() else []
+        committed = [d for d in (out / schema.TEACHER_DIR).glob("shard-?????")] if (out / schema.TEACHER_DIR).exists() else []
+        if (kill_when == "staged" and staged) or (kill_when == "committed" and committed):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build finished before it could be killed; " + proc.stderr.read().decode()[-500:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / schema.MANIFEST).exists()
+    res = subprocess.run(_cli(*_build_args(world, out)), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert_same_content(ref, out)
+    assert validate(out) == []
+    assert not list(out.rglob("*.partial"))
+
+
+def test_two_ranks_give_the_same_content_as_one(world, tmp_path):
+    # Bit-identical content needs the same float reduction order: one thread everywhere.
+    env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    res = subprocess.run(_cli(*_build_args(world, ref, batch_size=2)), capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "ddp"
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+                          "-m", "deltakd.cli", *_build_args(world, out, batch_size=2)], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_content(ref, out)
+    m = json.loads((out / schema.MANIFEST).read_text())
+    assert m["summary"]["world_size"] == 2 and m["totals"]["n_seqs"] == 24
+
+
+def test_add_student_equals_building_with_the_student(world, tmp_path):
+    build(world, tmp_path / "with")
+    build(world, tmp_path / "later", student=False)
+    assert not CacheReader(tmp_path / "later").has_student
+    add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=world["student_base"], batch_size=5))
+    assert_same_content(tmp_path / "with", tmp_path / "later")
+    assert validate(tmp_path / "later") == []
+    # Replacing with another student (here: the teacher base, same tokenizer) rewrites the arrays.
+    add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=world["teacher_base"]))
+    m = CacheReader(tmp_path / "later").manifest
+    assert m["student"]["checkpoint"]["path"] == str(Path(world["teacher_base"]).resolve())
+    assert validate(tmp_path / "later") == []
+
+
+def test_validate_names_the_shard_and_array_of_a_flipped_byte(world, tmp_path):
+    build(world, tmp_path / "c")
+    assert validate(tmp_path / "c") == []
+    chunk = next(p for p in (tmp_path / "c" / schema.TEACHER_DIR / "shard-00001" / "delta" / "c").rglob("*") if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    problems = validate(tmp_path / "c")
+    assert problems and "shard-00001" in problems[0] and "delta" in problems[0]
+    res = subprocess.run(_cli("cache", "validate", str(tmp_path / "c")), capture_output=True, text=True)
+    assert res.returncode == 1 and "shard-00001" in res.stderr
+
+
+def test_refuses_a_folder_built_with_other_settings(world, tmp_path):
+    build(world, tmp_path / "c")
+    with pytest.raises(ValueError, match="other inputs or settings.*k"):
+        build(world, tmp_path / "c", top_k=8)
+
+
+def test_truncation_is_counted(world, tmp_path):
+    m = build(world, tmp_path / "c", max_length=24)
+    assert m["summary"]["n_truncated"] > 0
+    r = CacheReader(tmp_path / "c")
+    assert all(len(s.tokens) <= 24 and s.loss_mask.any() for s in r.iter_sequences())
+    assert len(r) == 24  # truncated, none dropped
+
+
+def _bad_input(world, tmp_path, **over):
+    args = {"teacher_ft": world["teacher_ft"], "teacher_base": world["teacher_base"], "data": world["data"],
+            "out": str(tmp_path / "c"), **over}
+    build_cache(CacheBuildConfig(**args))
+
+
+def test_refuses_mismatched_tokenizers(world, tmp_path):
+    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
+
+    other_tok = train_tokenizer(["completely different words here"] * 10, 280, tmp_path / "tok2")
+    other = save_checkpoint(tiny_llama(len(other_tok), tokenizer=other_tok), other_tok, tmp_path / "other")
+    with pytest.raises(CheckpointError, match="tokenizers of teacher_base .* differ"):
+        _bad_input(world, tmp_path, teacher_base=other)
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+
+
+def test_refuses_a_vocabulary_smaller_than_the_tokenizer(world, tmp_path):
+    from transformers import AutoTokenizer
+
+    from deltakd.tiny import save_checkpoint, tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(world["teacher_ft"])
+    small = save_checkpoint(tiny_llama(world["vocab"] - 5, tokenizer=tok), tok, tmp_path / "small")
+    with pytest.raises(CheckpointError, match="output rows but its tokenizer has"):
+        _bad_input(world, tmp_path, teacher_base=small)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("", "no records"),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "oops"\n', r"train.jsonl:2: not valid JSON"),
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "no answer"}\n', r"train.jsonl:2: record has no response"),
+    ('{"text": "x"}\n', r"train.jsonl:1: record has neither"),
+])
+def test_refuses_bad_data_with_file_and_line(world, tmp_path, content, match):
+    p = tmp_path / "train.jsonl"
+    p.write_text(content)
+    with pytest.raises(DataError, match=match):
+        _bad_input(world, tmp_path, data=str(p))
+    with pytest.raises(DataError, match="cannot read"):
+        _bad_input(world, tmp_path, data=str(tmp_path / "missing.jsonl"))
+
+
+def test_nan_teacher_stops_with_the_example_id(world, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(world["teacher_base"])
+    with torch.no_grad():
+        m.lm_head.weight[5] = float("nan")
+    m.save_pretrained(tmp_path / "nan")
+    AutoTokenizer.from_pretrained(world["teacher_base"]).save_pretrained(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match="base checkpoint produced NaN/Inf log-probs for example"):
+        _bad_input(world, tmp_path, teacher_base=str(tmp_path / "nan"))
+
+
+def test_reader_refuses_unfinished_and_future_caches(world, tmp_path):
+    with pytest.raises(schema.CacheFormatError, match="no manifest.json"):
+        CacheReader(tmp_path)
+    build(world, tmp_path / "c", student=False)
+    m = json.loads((tmp_path / "c" / schema.MANIFEST).read_text())
+    m["format_version"] = 99
+    (tmp_path / "c" / schema.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(schema.CacheFormatError, match="format version 99"):
+        CacheReader(tmp_path / "c")
