@@ -1,0 +1,165 @@
+"""Losses against a float64 full-vocabulary reference written independently here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltakd.student import losses as L
+from deltakd.student.objective import LossSpec, chunked_terms, terms_from_logits
+
+V, N = 23, 9
+KINDS = ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl"]
+
+
+def ref_div(p, q, kind, beta=0.5, lam=0.1):
+    """Full-vocabulary divergences, (N, V) float64 log-probs, no zero entries."""
+    P, Q = p.exp(), q.exp()
+    kl = lambda a, b: (a.exp() * (a - b)).sum(-1)  # noqa: E731
+    if kind == "fkl":
+        return kl(p, q)
+    if kind == "rkl":
+        return kl(q, p)
+    if kind == "jsd":
+        m = (beta * P + (1 - beta) * Q).log()
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if kind == "skew_fkl":
+        return kl(p, (lam * P + (1 - lam) * Q).log())
+    return kl(q, (lam * Q + (1 - lam) * P).log())
+
+
+def ref_terms(lθ, lT, lB, lS0, term, kind, alpha):
+    Δ = lT - lB
+    star = torch.log_softmax(lS0 + alpha * Δ, -1)
+    if term == "kd":
+        return ref_div(lT, lθ, kind).sum()
+    if term == "p1":
+        return ref_div(star, lθ, kind).sum()
+    if term == "p2":
+        return ref_div(lT, torch.log_softmax(lB + lθ - lS0, -1), kind).sum()
+    if term == "p3":
+        e = (lθ - lS0) - alpha * Δ
+        w = star.exp()
+        return (w * (e - (w * e).sum(-1, keepdim=True)) ** 2).sum()
+    raise AssertionError(term)
+
+
+def dists(seed=0, n=N, v=V):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda s: torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * s, -1)  # noqa: E731
+    return mk(2.0), mk(1.5), mk(1.0)
+
+
+def cached_targets(lT, lB, lS0, k, nxt=None):
+    ids = lT.argsort(-1, descending=True)[:, :k]
+    rest = torch.ones_like(lT, dtype=torch.bool).scatter(1, ids, False)
+    tail = lambda l: torch.where(rest, l, torch.tensor(float("-inf"), dtype=l.dtype)).logsumexp(-1)  # noqa: E731
+    return {"topk_ids": ids, "logp_ft": lT.gather(1, ids), "delta": (lT - lB).gather(1, ids),
+            "logp_s0": lS0.gather(1, ids), "tail_ft": tail(lT), "tail_base": tail(lB), "tail_s0": tail(lS0),
+            "next_tokens": nxt if nxt is not None else torch.zeros(lT.shape[0], dtype=torch.long)}
+
+
+@pytest.mark.parametrize("term,kind", [(t, k) for t in ("kd", "p1", "p2") for k in KINDS] + [("p3", "fkl")])
+def test_k_equal_vocab_matches_full_vocabulary_value_and_gradient(term, kind):
+    lT, lB, lS0 = dists()
+    logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    alpha = 0.7
+    spec = LossSpec(weights={term: 1.0}, divergence=kind, alpha=alpha)
+    got = terms_from_logits(logits, cached_targets(lT, lB, lS0, V), spec)[0]
+    (g_got,) = torch.autograd.grad(got, logits)
+    ref = ref_terms(torch.log_softmax(logits, -1), lT, lB, lS0, term, kind, alpha)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-10)
+
+
+def test_sft_is_cross_entropy():
+    logits = torch.randn(N, V, dtype=torch.float64)
+    nxt = torch.randint(0, V, (N,))
+    lT, lB, lS0 = dists()
+    got = terms_from_logits(logits, cached_targets(lT, lB, lS0, 5, nxt), LossSpec(weights={"sft": 1.0}))[0]
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, nxt, reduction="sum"))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renorm"])
+def test_delta_target_is_kd_target_when_student_base_is_teacher_base(tail):
+    lT, lB, _ = dists(1)
+    tg = cached_targets(lT, lB, lB, 6)
+    ft = L.support(tg["logp_ft"], tg["tail_ft"], tail)
+    base = L.support(tg["logp_ft"] - tg["delta"], tg["tail_base"], tail)
+    s0 = L.support(tg["logp_s0"], tg["tail_s0"], tail)
+    torch.testing.assert_close(L.delta_target(s0, ft, base, 1.0), ft, rtol=0, atol=1e-12)
+    torch.testing.assert_close(L.delta_target(s0, ft, base, 0.0), s0, rtol=0, atol=1e-12)
+
+
+def test_alpha_zero_gives_the_student_base_for_full_vocab():
+    lT, lB, lS0 = dists(2)
+    torch.testing.assert_close(L.delta_target(lS0, lT, lB, 0.0), lS0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identical_distributions_give_zero(kind):
+    lT, _, _ = dists(3)
+    tg = cached_targets(lT, lT, lT, 7)
+    ft = L.support(tg["logp_ft"], tg["tail_ft"])
+    assert float(L.kd_loss(ft, ft, kind=kind)[0]) == pytest.approx(0, abs=1e-12)
+    assert float(L.delta_p1_loss(ft, ft, ft, ft, 0.5, kind=kind)[0]) == pytest.approx(0, abs=1e-12)
+    assert float(L.delta_p3_loss(ft, ft, ft, ft, 0.5)[0]) == pytest.approx(0, abs=1e-12)
+
+
+def test_all_masked_rows_give_zero_not_nan():
+    lT, lB, lS0 = dists(4)
+    s = L.support(lS0[:, :5], torch.full((N,), float("nan"), dtype=torch.float64))
+    t = L.support(lT[:, :5], lT[:, 5:].logsumexp(-1))
+    mask = torch.zeros(N, dtype=torch.bool)
+    for total, count in (L.kd_loss(s, t, mask), L.delta_p3_loss(s, s, t, t, 1.0, mask), L.sft_loss(s[:, 0], mask)):
+        assert float(total) == 0.0 and int(count) == 0
+    spec = LossSpec(weights={"kd": 1.0, "p1": 1.0, "p3": 0.5, "sft": 1.0}, chunk_rows=4)
+    head = torch.nn.Linear(8, V, bias=False)
+    out = chunked_terms(torch.zeros(0, 8, requires_grad=True), head,
+                        {k: v[:0] for k, v in cached_targets(lT, lB, lS0, 5).items()}, spec, V)
+    assert torch.equal(out, torch.zeros(4))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renorm"])
+def test_chunked_equals_unchunked_value_and_gradient(tail):
+    torch.manual_seed(0)
+    lT, lB, lS0 = (x.float() for x in dists(5, n=37, v=50))
+    tg = cached_targets(lT, lB, lS0, 8, torch.randint(0, 50, (37,)))
+    head = torch.nn.Linear(16, 60, bias=True)  # 60 rows: 10 padded beyond the vocabulary
+    h = torch.randn(37, 16, requires_grad=True)
+    res = []
+    for rows, ckpt in ((1000, False), (5, True), (1, True)):
+        spec = LossSpec(weights={"sft": 0.3, "kd": 1.0, "p1": 1.0, "p2": 0.5, "p3": 0.2}, tail=tail, chunk_rows=rows,
+                        temperature=1.5, alpha=0.8)
+        out = chunked_terms(h, head, tg, spec, 50, use_checkpoint=ckpt)
+        grads = torch.autograd.grad(out.sum(), [h, head.weight, head.bias])
+        res.append((out.detach(), grads))
+    for out, grads in res[1:]:
+        torch.testing.assert_close(out, res[0][0], rtol=1e-5, atol=1e-5)
+        for g, g0 in zip(grads, res[0][1]):
+            torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_tail_bucket_is_exact_where_renorm_is_biased():
+    """With the tail bucket, KD on a truncated support lower-bounds the full KL (data processing);
+    the full value is reached at k = V. Renormalising drops the tail mass entirely."""
+    lT, _, _ = dists(6)
+    logits = torch.randn(N, V, dtype=torch.float64)
+    lθ = torch.log_softmax(logits, -1)
+    full = ref_div(lT, lθ, "fkl").sum()
+    prev = -1.0
+    for k in (2, 5, 11, V):
+        tg = cached_targets(lT, lT, lT, k)
+        got = float(terms_from_logits(logits, tg, LossSpec(weights={"kd": 1.0}))[0])
+        assert got <= float(full) + 1e-9 and got >= prev - 1e-9
+        prev = got
+    assert prev == pytest.approx(float(full), rel=1e-10)
+
+
+def test_unknown_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown loss term"):
+        LossSpec(weights={"kl": 1.0})
+    with pytest.raises(ValueError, match="every loss weight is zero"):
+        LossSpec(weights={"kd": 0.0})
+    with pytest.raises(ValueError, match="divergence"):
+        LossSpec(weights={"kd": 1.0}, divergence="tv")
