@@ -7,10 +7,11 @@ chunks of rows, each chunk reduced to top-k values/ids and tail log-masses at on
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
+
+from .records import tokenizer_identity  # noqa: F401  (re-exported for the builder)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -39,18 +40,6 @@ def checkpoint_identity(path: str | Path) -> dict:
         "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest(),
         "weights_sha256": h.hexdigest(),
     }
-
-
-def tokenizer_identity(tok) -> dict:
-    """What makes two tokenizers interchangeable for the cache: vocabulary, specials, template."""
-    desc = {
-        "vocab": sorted(tok.get_vocab().items()),
-        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-        "bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id,
-        "chat_template": getattr(tok, "chat_template", None),
-    }
-    blob = json.dumps(desc, sort_keys=True, default=str).encode()
-    return {"sha256": hashlib.sha256(blob).hexdigest(), "vocab_size": len(tok)}
 
 
 def load_tokenizer(path: str | Path):

@@ -117,3 +117,15 @@ def encode_record(tokenizer, record: Record, max_length: int) -> tuple[list[int]
 def loss_mask_for(n_tokens: int, prompt_len: int) -> list[int]:
     """mask[t] = 1 iff position t predicts a response token (t+1 >= prompt_len)."""
     return [1 if t + 1 >= max(prompt_len, 1) and t + 1 < n_tokens else 0 for t in range(n_tokens)]
+
+
+def tokenizer_identity(tok) -> dict:
+    """What makes two tokenizers interchangeable for the cache: vocabulary, specials, template."""
+    desc = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
+        "bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id,
+        "chat_template": getattr(tok, "chat_template", None),
+    }
+    blob = json.dumps(desc, sort_keys=True, default=str).encode()
+    return {"sha256": hashlib.sha256(blob).hexdigest(), "vocab_size": len(tok)}

@@ -49,3 +49,16 @@ def world(tmp_path_factory):
         "root": root, "vocab": V,
     }
     return paths
+
+
+@pytest.fixture(scope="session")
+def cache_dir(world, tmp_path_factory):
+    """A cache with student-base arrays, several shards, k = 16."""
+    from deltakd.cache.builder import CacheBuildConfig, build_cache
+
+    out = tmp_path_factory.mktemp("cache") / "c"
+    data = write_data(tmp_path_factory.mktemp("data") / "train.jsonl", n=60, seed=1)
+    build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=data,
+                                 out=str(out), student_base=world["student_base"], top_k=16, max_length=64,
+                                 shard_tokens=300))
+    return str(out)

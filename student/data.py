@@ -1,0 +1,194 @@
+"""Stream a cache as padded token batches with aligned targets, for one rank of N.
+
+Batch plan: per epoch, the shards are visited in a seeded order; inside a shard, the
+rows are permuted, cut into windows of `window` rows, each window sorted by length
+and packed into batches of at most `batch_tokens` padded tokens (little padding);
+the batches of a shard are then shuffled. All ranks compute the same global batch
+sequence and rank r takes batches r, r+N, r+2N, ...: a step over N ranks sees the
+same batches as one rank accumulating N micro-batches.
+
+The loader position {epoch, shard, batch, index} is exact: a resumed run rebuilds
+the shard's plan from the seed and skips to the batch, replaying nothing.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deltakd.cache.reader import CacheReader, ShardData
+
+TARGET_KEYS = ("topk_ids", "logp_ft", "delta", "tail_ft", "tail_base")
+STUDENT_KEYS = ("logp_s0", "tail_s0")
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (B, L) int64, right-padded
+    attention_mask: torch.Tensor  # (B, L) int64
+    loss_mask: torch.Tensor       # (B, L) bool; hidden[loss_mask] lines up with the target rows
+    targets: dict                 # (N_sup, k) / (N_sup,) tensors, batch-major; next_tokens (N_sup,)
+    example_ids: list
+    state: dict                   # loader position after this batch
+
+    @property
+    def n_supervised(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def to(self, device):
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+                     {k: v.to(device) for k, v in self.targets.items()}, self.example_ids, self.state)
+
+
+def in_split(example_ids: np.ndarray, split: str, eval_percent: float) -> np.ndarray:
+    """Held-out rows: a fixed hash of the example id, so the split never depends on sharding."""
+    h = (example_ids.astype(np.uint64) * np.uint64(2654435761)) % np.uint64(10000)
+    held = h < np.uint64(int(eval_percent * 100))
+    return held if split == "eval" else ~held
+
+
+def plan_shard(lengths: np.ndarray, rows: np.ndarray, batch_tokens: int, window: int, rng) -> list[list[int]]:
+    """Batches (lists of row indices) of one shard, under a padded-token budget."""
+    if rng is not None:
+        rows = rows[rng.permutation(len(rows))]
+    batches = []
+    for s in range(0, len(rows), window):
+        w = rows[s:s + window]
+        w = w[np.argsort(lengths[w], kind="stable")]
+        cur, longest = [], 0
+        for r in w.tolist():
+            longest_new = max(longest, int(lengths[r]))
+            if cur and longest_new * (len(cur) + 1) > batch_tokens:
+                batches.append(cur)
+                cur, longest_new = [], int(lengths[r])
+            cur.append(r)
+            longest = longest_new
+        if cur:
+            batches.append(cur)
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) -> tuple:
+    a = shard.arrays
+    off = a["seq_offsets"]
+    L = max(int(off[r + 1] - off[r]) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), L), dtype=torch.long)
+    msk = torch.zeros((len(rows), L), dtype=torch.bool)
+    nxt = torch.zeros((len(rows), L), dtype=torch.long)
+    keys = TARGET_KEYS + (STUDENT_KEYS if with_student else ())
+    parts = {k: [] for k in keys}
+    for i, r in enumerate(rows):
+        t0, t1 = int(off[r]), int(off[r + 1])
+        n = t1 - t0
+        ids[i, :n] = a["tokens"][t0:t1]
+        att[i, :n] = 1
+        msk[i, :n] = a["loss_mask"][t0:t1]
+        nxt[i, :n - 1] = a["tokens"][t0 + 1:t1]
+        s0, s1 = int(shard.sup_offsets[r]), int(shard.sup_offsets[r + 1])
+        for k in keys:
+            parts[k].append(a[k][s0:s1])
+    targets = {k: torch.cat(v) for k, v in parts.items()}
+    targets["next_tokens"] = nxt[msk]
+    assert targets["topk_ids"].shape[0] == int(msk.sum()), "cached rows do not line up with the loss mask"
+    return ids, att, msk, targets, [int(a["example_ids"][r]) for r in rows]
+
+
+class StreamingLoader:
+    """Endless iterator of this rank's batches, prefetched by a background thread."""
+
+    def __init__(self, reader: CacheReader, batch_tokens: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True, split: str = "train", eval_percent: float = 0.0, with_student: bool = False,
+                 pad_id: int = 0, window: int = 256, prefetch: int = 8, state: dict | None = None, epochs: int | None = None):
+        self.reader, self.batch_tokens, self.rank, self.world = reader, batch_tokens, rank, world
+        self.seed, self.shuffle, self.split, self.eval_percent = seed, shuffle, split, eval_percent
+        self.with_student, self.pad_id, self.window, self.epochs = with_student, pad_id, window, epochs
+        self.start = dict(state or {"epoch": 0, "shard": 0, "batch": 0, "index": 0})
+        self.prefetch = prefetch
+        self._q: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ planning
+    def _shard_plan(self, name: str, shard_pos: int, epoch: int, shard: ShardData | None = None):
+        if shard is None:
+            shard = self.reader.read_shard(name, student=False, arrays=["seq_offsets", "loss_mask", "example_ids"])
+        a = shard.arrays
+        lengths = (a["seq_offsets"][1:] - a["seq_offsets"][:-1]).numpy()
+        rows = np.nonzero(in_split(a["example_ids"].numpy(), self.split, self.eval_percent))[0]
+        rng = np.random.default_rng([self.seed, epoch, shard_pos]) if self.shuffle else None
+        return plan_shard(lengths, rows, self.batch_tokens, self.window, rng)
+
+    def batches_per_epoch(self) -> int:
+        """Global batches in one epoch (all ranks); reads only the small per-sequence arrays."""
+        names = self.reader.shard_order(shuffle=self.shuffle, seed=self.seed, epoch=0)
+        return sum(len(self._shard_plan(n, i, 0)) for i, n in enumerate(names))
+
+    # ------------------------------------------------------------ producing
+    def _produce(self):
+        st = dict(self.start)
+        epoch = st["epoch"]
+        index = st["index"]
+        first = True
+        while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
+            names = self.reader.shard_order(shuffle=self.shuffle, seed=self.seed, epoch=epoch)
+            start_shard = st["shard"] if first else 0
+            for sp in range(start_shard, len(names)):
+                shard = self.reader.read_shard(names[sp], student=self.with_student)
+                plan = self._shard_plan(names[sp], sp, epoch, shard)
+                start_batch = st["batch"] if first and sp == start_shard else 0
+                first = False
+                for b in range(start_batch, len(plan)):
+                    mine = index % self.world == self.rank
+                    index += 1
+                    nxt = {"epoch": epoch, "shard": sp, "batch": b + 1, "index": index}
+                    if not mine:
+                        continue
+                    ids, att, msk, tg, ex = collate(shard, plan[b], self.pad_id, self.with_student)
+                    self._put(Batch(ids, att, msk, tg, ex, nxt))
+                    if self._stop.is_set():
+                        return
+            first = False
+            epoch += 1
+        self._put(None)
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self):
+        try:
+            self._produce()
+        except BaseException as e:  # re-raised in the consumer, never swallowed
+            self._error = e
+            self._put(None)
+
+    def __iter__(self):
+        self.close()
+        self._stop.clear()
+        self._q = queue.Queue(self.prefetch)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        while True:
+            item = self._q.get()
+            if item is None:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def close(self):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,342 @@
+"""Train a student from a cache: `train(cfg)` with one explicit `train_step()`.
+
+    deltakd train --cache CACHE --student S0 --out RUN [--loss p1 --alpha 1.0 ...]
+    torchrun --nproc_per_node N -m deltakd.cli train ...    # data parallel
+
+The loss of a step is Σ_terms weight · (sum over the supervised tokens of all its
+micro-batches on all ranks) / (number of those tokens): normalised once per step.
+Gradients are summed over ranks with one all-reduce of a flat buffer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from deltakd.cache.reader import CacheReader
+from deltakd.cache.schema import CacheFormatError
+
+from .checkpointing import find_resume, load_training_state, save_final, save_training_state
+from .data import StreamingLoader
+from .objective import TERMS, LossSpec, chunked_terms, student_base_targets
+
+LOSS_PRESETS = {"sft": {"sft": 1.0}, "kd": {"kd": 1.0}, "p1": {"p1": 1.0}, "p2": {"p2": 1.0},
+                "p3": {"p3": 1.0}, "kd+p3": {"kd": 1.0, "p3": 1.0}}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str = field(metadata={"help": "teacher cache folder (deltakd cache build)"})
+    student: str = field(metadata={"help": "student checkpoint to start from (Hugging Face folder)"})
+    out: str = field(metadata={"help": "run folder: checkpoints, metrics.jsonl, final/"})
+    loss: str = field(default="p1", metadata={"help": f"preset: {', '.join(LOSS_PRESETS)} (weights below override)"})
+    w_sft: float | None = field(default=None, metadata={"help": "weight of SFT cross-entropy"})
+    w_kd: float | None = field(default=None, metadata={"help": "weight of KD D(pT||p_theta)"})
+    w_p1: float | None = field(default=None, metadata={"help": "weight of Delta-KD P1 D(pi*||p_theta)"})
+    w_p2: float | None = field(default=None, metadata={"help": "weight of Delta-KD P2 D(pT||norm(pB p_theta/pS0))"})
+    w_p3: float | None = field(default=None, metadata={"help": "weight of Delta-KD P3 shift matching"})
+    divergence: str = field(default="fkl", metadata={"help": "fkl, rkl, jsd, skew_fkl, skew_rkl"})
+    alpha: float = field(default=1.0, metadata={"help": "Delta-KD shift scale alpha"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    tail: str = field(default="bucket", metadata={"help": "bucket (tail mass as one outcome) or renorm"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalised JSD"})
+    skew: float = field(default=0.1, metadata={"help": "lambda of skew KL"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to lr * this"})
+    batch_tokens: int = field(default=4096, metadata={"help": "padded tokens per micro-batch (per rank)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (per rank)"})
+    clip: float = field(default=1.0, metadata={"help": "gradient norm clipping (0: off)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: from --epochs)"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training split when --max-steps is not set"})
+    eval_every: int = field(default=0, metadata={"help": "evaluate on the held-out split every N steps (0: end only)"})
+    eval_percent: float = field(default=5.0, metadata={"help": "percent of examples held out for evaluation"})
+    eval_batches: int = field(default=20, metadata={"help": "held-out micro-batches per evaluation"})
+    log_every: int = field(default=10, metadata={"help": "steps between log lines"})
+    save_every: int = field(default=100, metadata={"help": "steps between checkpoints (and one at the end)"})
+    seed: int = field(default=0, metadata={"help": "seed of data order and dropout"})
+    chunk_rows: int = field(default=1024, metadata={"help": "supervised rows per loss chunk (memory peak)"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute transformer activations in backward"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the student forward (accelerators)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda (one GPU per rank) or cuda:N"})
+    student_base_online: str | None = field(default=None, metadata={"help": "compute lS0 from this frozen checkpoint instead of the cache"})
+    dry_run: bool = field(default=False, metadata={"help": "check cache vs student, run one step, report memory, exit"})
+
+    def __post_init__(self):
+        if self.loss not in LOSS_PRESETS:
+            raise ValueError(f"--loss {self.loss!r}: choose one of {', '.join(LOSS_PRESETS)}")
+        if self.batch_tokens < 1 or self.grad_accum < 1:
+            raise ValueError("--batch-tokens and --grad-accum must be positive")
+        self.loss_spec()  # validates the loss settings
+
+    def weights(self) -> dict:
+        w = dict(LOSS_PRESETS[self.loss])
+        for t in TERMS:
+            v = getattr(self, f"w_{t}")
+            if v is not None:
+                w[t] = v
+        return {t: v for t, v in w.items() if v}
+
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(weights=self.weights(), divergence=self.divergence, alpha=self.alpha,
+                        temperature=self.temperature, tail=self.tail, jsd_beta=self.jsd_beta, skew=self.skew,
+                        chunk_rows=self.chunk_rows)
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DELTAKD_BACKEND") != "gloo" else "gloo"
+        torch.distributed.init_process_group(backend)
+    return int(os.environ.get("RANK", "0")), world
+
+
+def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        torch.distributed.all_reduce(x)
+    return x
+
+
+def check_student(reader: CacheReader, student_dir: str, needs_s0: bool, online: str | None):
+    """Refuse a student that does not fit the cache, with what to do about it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from deltakd.cache.records import tokenizer_identity
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    tid = tokenizer_identity(tok)
+    if tid["sha256"] != reader.manifest["tokenizer"]["sha256"]:
+        raise CacheFormatError(
+            f"{reader.root} was built with another tokenizer than the student's ({student_dir}): "
+            f"vocabulary {reader.manifest['tokenizer']['vocab_size']} vs {tid['vocab_size']}, or special tokens "
+            "differ; build the cache with checkpoints that share the student's tokenizer")
+    rows = AutoConfig.from_pretrained(student_dir).vocab_size
+    if rows < reader.vocab_size:
+        raise CacheFormatError(f"{student_dir}: {rows} output rows, the cache's vocabulary has {reader.vocab_size}")
+    if needs_s0 and not reader.has_student and not online:
+        raise CacheFormatError(
+            f"{reader.root} holds no student-base arrays, which the Delta-KD terms need: run "
+            f"`deltakd cache add-student --cache {reader.root} --student-base {student_dir}`, "
+            "or pass --student-base-online DIR to compute them during training")
+    return tok
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warmup to lr, then cosine to lr * min_lr_ratio at `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.spec = cfg, cfg.loss_spec()
+        self.rank, self.world = _dist()
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
+        self.reader = CacheReader(cfg.cache)
+        self.tok = check_student(self.reader, cfg.student, self.spec.needs_student_base, cfg.student_base_online)
+        self.vocab = self.reader.vocab_size
+        torch.manual_seed(cfg.seed)
+        self.model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(self.device)
+        if cfg.grad_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.s0_model = None
+        self.cache_s0 = self.spec.needs_student_base and not cfg.student_base_online
+        if cfg.student_base_online and self.spec.needs_student_base:
+            self.s0_model = AutoModelForCausalLM.from_pretrained(cfg.student_base_online).to(self.device).eval()
+            self.s0_model.requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        loader_kw = dict(batch_tokens=cfg.batch_tokens, seed=cfg.seed, eval_percent=cfg.eval_percent,
+                         with_student=self.cache_s0, pad_id=self.tok.pad_token_id or 0)
+        self.train_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=True, split="train")
+        self.eval_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=False, split="eval", epochs=1)
+        per_epoch = StreamingLoader(self.reader, **self.train_loader_kw).batches_per_epoch()
+        if per_epoch == 0:
+            raise CacheFormatError(f"{cfg.cache}: no training sequences (all held out? --eval-percent {cfg.eval_percent})")
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * per_epoch) // (self.world * cfg.grad_accum))
+        self.out = Path(cfg.out)
+        self.step, self.loader_state = 0, None
+
+    # -------------------------------------------------------------- the step
+    def forward_terms(self, batch) -> torch.Tensor:
+        """Sums of the active loss terms over the batch's supervised tokens, (n_terms,)."""
+        targets = dict(batch.targets)
+        if self.s0_model is not None:
+            targets["logp_s0"], targets["tail_s0"] = student_base_targets(
+                self.s0_model, batch.input_ids, batch.attention_mask, batch.loss_mask, targets["topk_ids"],
+                self.vocab, self.spec.chunk_rows)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            h = self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        hidden = h[batch.loss_mask].float()  # (N_sup, H)
+        head = self.model.get_output_embeddings()
+        return chunked_terms(hidden, head, targets, self.spec, self.vocab)
+
+    def train_step(self, micro: list) -> dict:
+        """One optimizer step over this rank's micro-batches; the loss is normalised once."""
+        n_local = sum(b.n_supervised for b in micro)
+        n_total = int(_all_sum(torch.tensor([n_local], dtype=torch.float64), self.world).item())
+        weights = torch.tensor([self.spec.weights[t] for t in self.spec.active], device=self.device)
+        term_sums = torch.zeros(len(self.spec.active), device=self.device)
+        self.opt.zero_grad(set_to_none=False)
+        for b in micro:
+            sums = self.forward_terms(b.to(self.device))
+            loss = (weights * sums).sum() / max(n_total, 1)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {self.step + 1} (examples {b.example_ids[:8]}); the optimizer "
+                    f"step was not taken; the last checkpoint in {self.out / 'checkpoints'} is intact")
+            loss.backward()
+            term_sums += sums.detach()
+        self._reduce_grads()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
+        lr = lr_at(self.step, self.cfg, self.total_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.step()
+        self.step += 1
+        return {"term_sums": _all_sum(term_sums, self.world), "n": n_total, "grad_norm": gnorm, "lr": lr,
+                "tokens": _all_sum(torch.tensor([float(sum(int(b.attention_mask.sum()) for b in micro))]), self.world)}
+
+    def _reduce_grads(self):
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        s = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[s:s + n].view_as(g).clone()
+            s += n
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        sums = torch.zeros(len(self.spec.active), device=self.device)
+        n = 0
+        loader = StreamingLoader(self.reader, **self.eval_loader_kw)
+        for i, b in enumerate(loader):
+            if i >= self.cfg.eval_batches:
+                break
+            sums += self.forward_terms(b.to(self.device))
+            n += b.n_supervised
+        loader.close()
+        self.model.train()
+        sums = _all_sum(sums, self.world)
+        n = int(_all_sum(torch.tensor([float(n)]), self.world).item())
+        return {f"eval_{t}": float(s) / max(n, 1) for t, s in zip(self.spec.active, sums)} | {"eval_tokens": n}
+
+    # -------------------------------------------------------------- the loop
+    def log(self, rec: dict):
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        resume = None if cfg.dry_run else find_resume(self.out, cfg)
+        if resume is not None:
+            self.step, self.loader_state = load_training_state(resume, self)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {
+                "resolved_weights": self.spec.weights, "total_steps": self.total_steps, "world_size": self.world}, indent=1))
+            if resume is None and not cfg.dry_run:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            elif resume is not None:
+                _truncate_metrics(self.out / "metrics.jsonl", self.step)
+        loader = StreamingLoader(self.reader, state=self.loader_state, **self.train_loader_kw)
+        it = iter(loader)
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0 or cfg.dry_run,
+                   dynamic_ncols=True)
+        t_log, tok_log, since = time.perf_counter(), 0.0, torch.zeros(len(self.spec.active))
+        n_since, last = 0, {}
+        try:
+            while self.step < self.total_steps:
+                micro = [next(it) for _ in range(cfg.grad_accum)]
+                res = self.train_step(micro)
+                self.loader_state = micro[-1].state
+                since += res["term_sums"].cpu()
+                n_since += res["n"]
+                tok_log += float(res["tokens"])
+                bar.update(1)
+                if cfg.dry_run:
+                    last = self._dry_report(res)
+                    break
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    dt = time.perf_counter() - t_log
+                    steps_left = self.total_steps - self.step
+                    rec = {"step": self.step, "lr": res["lr"], "grad_norm": float(res["grad_norm"]),
+                           "loss": float((since * torch.tensor([self.spec.weights[t] for t in self.spec.active])).sum()) / max(n_since, 1),
+                           **{t: float(s) / max(n_since, 1) for t, s in zip(self.spec.active, since)},
+                           "tokens_per_s": tok_log / max(dt, 1e-9), "peak_mem_mb": peak_memory_mb(self.device),
+                           "eta_s": dt / cfg.log_every * steps_left if self.step >= cfg.log_every else None}
+                    self.log(rec)
+                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())) if self.rank == 0 else None
+                    last = rec
+                    t_log, tok_log, since, n_since = time.perf_counter(), 0.0, torch.zeros_like(since), 0
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                    self.log({"step": self.step, **self.evaluate()})
+                if self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    save_training_state(self)
+        finally:
+            loader.close()
+            bar.close()
+        if cfg.dry_run:
+            return last
+        ev = self.evaluate()
+        self.log({"step": self.step, **ev})
+        save_training_state(self)
+        if self.rank == 0:
+            save_final(self)
+        return last | ev
+
+    def _dry_report(self, res) -> dict:
+        rec = {"dry_run": True, "loss_terms": {t: float(s) / max(res["n"], 1) for t, s in zip(self.spec.active, res["term_sums"])},
+               "grad_norm": float(res["grad_norm"]), "peak_mem_mb": peak_memory_mb(self.device),
+               "cache_sequences": len(self.reader), "k": self.reader.k, "vocab": self.vocab,
+               "student_base_arrays": "cache" if self.cache_s0 else ("online" if self.s0_model else "not needed"),
+               "total_steps": self.total_steps}
+        return rec
+
+
+def _truncate_metrics(path: Path, step: int):
+    """Drop metric lines logged after the checkpoint being resumed (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def train(cfg: TrainConfig) -> dict:
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    return Trainer(cfg).run()

@@ -1,0 +1,198 @@
+"""The student trainer: alignment, normalisation, exact resume, data parallel, refusals."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltakd.cache.reader import CacheReader
+from deltakd.cache.schema import CacheFormatError
+from deltakd.student.data import StreamingLoader
+from deltakd.student.trainer import TrainConfig, Trainer, train
+
+
+def cfg_for(world, cache_dir, out, **kw):
+    base = dict(cache=cache_dir, student=world["student_base"], out=str(out), loss="p1", max_steps=6, batch_tokens=256,
+                grad_accum=2, log_every=1, save_every=3, eval_percent=10.0, eval_batches=2, warmup_steps=2, lr=1e-3,
+                chunk_rows=13)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_loader_aligns_targets_with_positions(cache_dir):
+    reader = CacheReader(cache_dir)
+    by_id = {s.example_id: s for s in reader.iter_sequences()}
+    seen = 0
+    for b in StreamingLoader(reader, batch_tokens=200, with_student=True, epochs=1, seed=3):
+        rows = 0
+        for i, ex in enumerate(b.example_ids):
+            ref = by_id[ex]
+            n = len(ref.tokens)
+            assert torch.equal(b.input_ids[i, :n], ref.tokens)
+            assert not b.attention_mask[i, n:].any() and not b.loss_mask[i, n:].any()
+            pos = ref.loss_mask.nonzero()[:, 0]
+            assert torch.equal(b.loss_mask[i].nonzero()[:, 0], pos)
+            m = len(pos)
+            # Row r of the targets belongs to position pos[r], which predicts token pos[r] + 1.
+            assert torch.equal(b.targets["next_tokens"][rows:rows + m], ref.tokens[pos + 1])
+            for key in ("topk_ids", "logp_ft", "delta", "tail_ft", "tail_base", "logp_s0", "tail_s0"):
+                assert torch.equal(b.targets[key][rows:rows + m], getattr(ref, key)), key
+            rows += m
+            seen += 1
+        assert rows == b.n_supervised and b.input_ids.numel() <= 200 or len(b.example_ids) == 1
+    assert seen == len(reader)
+
+
+def test_loader_resumes_at_the_exact_batch(cache_dir):
+    reader = CacheReader(cache_dir)
+    full = [b.example_ids for b in StreamingLoader(reader, batch_tokens=150, epochs=2, seed=1)]
+    cut = 7
+    state = None
+    for i, b in enumerate(StreamingLoader(reader, batch_tokens=150, epochs=2, seed=1)):
+        if i == cut - 1:
+            state = b.state
+            break
+    rest = [b.example_ids for b in StreamingLoader(reader, batch_tokens=150, epochs=2, seed=1, state=state)]
+    assert full[cut:] == rest
+    # A second epoch visits the same sequences in another order.
+    n = len(full) // 2
+    assert sorted(sum(full[:n], [])) == sorted(sum(full[n:], [])) and full[:n] != full[n:]
+
+
+def _grads(tr, micro):
+    tr.opt.zero_grad()
+    res = tr.train_step(micro)
+    return torch.cat([p.grad.flatten() for p in tr.params]).clone(), res
+
+
+def test_one_batch_of_n_equals_n_micro_batches(world, cache_dir, tmp_path):
+    """Normalisation is per step: a 1xN and an Nx1 split give the same gradient."""
+    tr = Trainer(cfg_for(world, cache_dir, tmp_path / "a", loss="kd+p3", w_sft=0.5, lr=0.0, warmup_steps=0))
+    batches = [b for _, b in zip(range(4), StreamingLoader(tr.reader, batch_tokens=120, with_student=True, seed=0))]
+    assert len({b.n_supervised for b in batches}) > 1  # unequal token counts make the test meaningful
+    # Merge the four micro-batches into one padded batch.
+    L = max(b.input_ids.shape[1] for b in batches)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)  # noqa: E731
+    from deltakd.student.data import Batch
+    merged = Batch(torch.cat([pad(b.input_ids, 0) for b in batches]), torch.cat([pad(b.attention_mask, 0) for b in batches]),
+                   torch.cat([pad(b.loss_mask, False) for b in batches]),
+                   {k: torch.cat([b.targets[k] for b in batches]) for k in batches[0].targets}, [], {})
+    g_n, r_n = _grads(tr, batches)
+    g_1, r_1 = _grads(tr, [merged])
+    torch.testing.assert_close(g_n, g_1, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(r_n["term_sums"], r_1["term_sums"], rtol=1e-5, atol=1e-6)
+
+
+def _metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(world, cache_dir, tmp_path):
+    ref = train(cfg_for(world, cache_dir, tmp_path / "ref"))
+    cfg = cfg_for(world, cache_dir, tmp_path / "run")
+    # Stop after step 4 (checkpoint at 3), as a crash would; then resume with the same command.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, "-m", "deltakd.cli", "train"]
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is not None and not isinstance(v, bool):
+            args += ["--" + f.name.replace("_", "-"), str(v)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step=4 "):
+            proc.kill()
+            break
+    proc.wait()
+    assert (Path(cfg.out) / "checkpoints" / "step-000003").is_dir()
+    assert not (Path(cfg.out) / "final").exists()
+    res = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = [m for m in _metrics(tmp_path / "ref") if "loss" in m]
+    b = [m for m in _metrics(cfg.out) if "loss" in m]
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        for key in ("loss", "p1", "grad_norm", "lr"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    assert ref["eval_p1"] == pytest.approx(_metrics(cfg.out)[-1]["eval_p1"], rel=1e-5)
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(world, cache_dir, tmp_path):
+    env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    common = ["--cache", cache_dir, "--student", world["student_base"], "--loss", "kd+p3", "--max-steps", "3",
+              "--batch-tokens", "256", "--log-every", "1", "--eval-percent", "10", "--lr", "1e-3", "--warmup-steps", "1"]
+    one = subprocess.run([sys.executable, "-m", "deltakd.cli", "train", *common, "--grad-accum", "2",
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
+                          "-m", "deltakd.cli", "train", *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = [m for m in _metrics(tmp_path / "one") if "loss" in m]
+    b = [m for m in _metrics(tmp_path / "two") if "loss" in m]
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        for key in ("loss", "kd", "p3", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
+
+
+def test_final_student_loads_with_from_pretrained(world, cache_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    train(cfg_for(world, cache_dir, tmp_path / "r", loss="kd", max_steps=2, divergence="rkl"))
+    final = tmp_path / "r" / "final"
+    assert (final / "model.safetensors").exists() and (final / "train_config.json").exists()
+    m = AutoModelForCausalLM.from_pretrained(final)
+    AutoTokenizer.from_pretrained(final)
+    assert m.config.vocab_size == AutoModelForCausalLM.from_pretrained(world["student_base"]).config.vocab_size
+    rec = _metrics(tmp_path / "r")[0]
+    for key in ("step", "lr", "grad_norm", "loss", "kd", "tokens_per_s", "peak_mem_mb", "eta_s"):
+        assert key in rec
+
+
+def test_dry_run_reports_and_writes_no_checkpoint(world, cache_dir, tmp_path):
+    res = train(cfg_for(world, cache_dir, tmp_path / "d", dry_run=True))
+    assert res["dry_run"] and res["peak_mem_mb"] > 0 and res["student_base_arrays"] == "cache"
+    assert not (tmp_path / "d" / "checkpoints").exists()
+
+
+def test_online_student_base_equals_cached(world, cache_dir, tmp_path):
+    a = train(cfg_for(world, cache_dir, tmp_path / "a", max_steps=2, log_every=1))
+    b = train(cfg_for(world, cache_dir, tmp_path / "b", max_steps=2, student_base_online=world["student_base"]))
+    assert a["eval_p1"] == pytest.approx(b["eval_p1"], rel=2e-3)  # cache holds float16 values
+
+
+def test_refusals(world, cache_dir, tmp_path):
+    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
+
+    no_s0 = tmp_path / "nos0"
+    build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
+                                 out=str(no_s0), top_k=8, max_length=48))
+    with pytest.raises(CacheFormatError, match="deltakd cache add-student"):
+        Trainer(cfg_for(world, str(no_s0), tmp_path / "x"))
+    Trainer(cfg_for(world, str(no_s0), tmp_path / "x", loss="kd"))  # KD needs no student base
+    tok = train_tokenizer(["other words entirely"] * 5, 270, tmp_path / "t2")
+    other = save_checkpoint(tiny_llama(len(tok), tokenizer=tok), tok, tmp_path / "other")
+    with pytest.raises(CacheFormatError, match="another tokenizer"):
+        Trainer(cfg_for(world, cache_dir, tmp_path / "y", student=other))
+    with pytest.raises(CacheFormatError, match="no manifest.json"):
+        Trainer(cfg_for(world, str(tmp_path), tmp_path / "z"))
+    train(cfg_for(world, cache_dir, tmp_path / "w", max_steps=1))
+    with pytest.raises(ValueError, match="other settings .*alpha"):
+        train(cfg_for(world, cache_dir, tmp_path / "w", max_steps=1, alpha=0.5))
+
+
+def test_non_finite_loss_stops_before_the_step(world, cache_dir, tmp_path):
+    tr = Trainer(cfg_for(world, cache_dir, tmp_path / "n"))
+    with torch.no_grad():
+        tr.model.get_output_embeddings().weight[3] = float("inf")
+    before = [p.detach().clone() for p in tr.params]
+    b = next(iter(StreamingLoader(tr.reader, batch_tokens=256, with_student=True)))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        tr.train_step([b])
+    assert all(torch.equal(x, p.detach()) for x, p in zip(before, tr.params))
