@@ -1,0 +1,155 @@
+"""Generate answers and score them with ROUGE-L (F-measure x 100) against references.
+
+    deltakd eval --model RUN/final [--model OTHER ...] --data test.jsonl --out EVAL
+
+Prompts are formatted exactly as when the cache was built (`cache.records`), so a
+student is evaluated on the prompt format it was distilled on. Besides the project's
+JSONL (prompt/response or messages), the Self-Instruct layout (`instruction`,
+`instances: [{input, output}]`) is read, one example per instance.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from deltakd.cache.records import DataError, Record, encode_prompt, read_records
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models: tuple = field(metadata={"help": "model folders (Hugging Face checkpoints)"})
+    data: str = field(metadata={"help": "JSONL: prompt/response, messages, or Self-Instruct instruction/instances"})
+    out: str = field(metadata={"help": "folder for per-example JSONL and summary.json"})
+    max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per answer"})
+    batch_size: int = field(default=16, metadata={"help": "prompts per generate() call"})
+    max_examples: int | None = field(default=None, metadata={"help": "score only the first N examples"})
+    max_prompt_tokens: int = field(default=512, metadata={"help": "longer prompts keep their end"})
+    sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    seeds: tuple = field(default=(0,), metadata={"help": "sampling seeds (ROUGE-L averaged over them)"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+
+    def __post_init__(self):
+        if not self.models:
+            raise ValueError("give at least one --model")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("--max-new-tokens and --batch-size must be positive")
+
+
+def read_eval_examples(path: str) -> list[tuple[Record, str]]:
+    """(record, reference) pairs; Self-Instruct files give one pair per instance."""
+    first = next((l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()), None) \
+        if Path(path).exists() else None
+    if first and "instances" in json.loads(first):
+        out = []
+        for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if "instruction" not in obj or not obj.get("instances"):
+                raise DataError(f"{path}:{lineno}: a Self-Instruct record needs 'instruction' and 'instances'")
+            for inst in obj["instances"]:
+                text = obj["instruction"] + (f"\n\n{inst['input']}" if inst.get("input") else "")
+                out.append((Record(len(out), (("user", text),), inst["output"]), inst["output"]))
+        return out
+    return [(r, r.response) for r in read_records(path)]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure x 100 (rouge-score package, its default tokenisation)."""
+    from rouge_score import rouge_scorer
+
+    return 100.0 * _scorer(rouge_scorer).score(reference, prediction)["rougeL"].fmeasure
+
+
+_SCORER = None
+
+
+def _scorer(mod):
+    global _SCORER
+    if _SCORER is None:
+        _SCORER = mod.RougeScorer(["rougeL"], use_stemmer=False)
+    return _SCORER
+
+
+@torch.no_grad()
+def generate(model, tok, records: list[Record], cfg: EvalConfig, seed: int, bar=None) -> list[str]:
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    outs = []
+    order = sorted(range(len(records)), key=lambda i: -len(records[i].messages[-1][1]))
+    prompts = {i: encode_prompt(tok, records[i])[-cfg.max_prompt_tokens:] for i in order}
+    texts: dict[int, str] = {}
+    for s in range(0, len(order), cfg.batch_size):
+        idx = order[s:s + cfg.batch_size]
+        L = max(len(prompts[i]) for i in idx)
+        # Left padding: every prompt ends where generation starts.
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
+        att = torch.zeros((len(idx), L), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, L - len(prompts[i]):] = torch.tensor(prompts[i])
+            att[r, L - len(prompts[i]):] = 1
+        torch.manual_seed(seed)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=cfg.max_new_tokens,
+                             do_sample=cfg.sample, temperature=cfg.temperature if cfg.sample else None,
+                             top_p=cfg.top_p if cfg.sample else None, top_k=None, pad_token_id=pad,
+                             eos_token_id=tok.eos_token_id)
+        for r, i in enumerate(idx):
+            texts[i] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
+        if bar is not None:
+            bar.update(len(idx))
+    outs = [texts[i] for i in range(len(records))]
+    return outs
+
+
+def evaluate_model(path: str, examples, cfg: EvalConfig, out_dir: Path) -> dict:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).to(cfg.device).eval()
+    records = [r for r, _ in examples]
+    seeds = cfg.seeds if cfg.sample else (0,)
+    t0 = time.perf_counter()
+    scores, rows = [], []
+    bar = tqdm(total=len(records) * len(seeds), desc=f"eval {_label(path)}", unit="ex", dynamic_ncols=True)
+    for seed in seeds:
+        outputs = generate(model, tok, records, cfg, seed, bar)
+        for (rec, ref), out in zip(examples, outputs):
+            sc = rouge_l(out, ref)
+            scores.append(sc)
+            rows.append({"example_id": rec.example_id, "seed": seed, "prompt": rec.messages[-1][1],
+                         "reference": ref, "output": out, "rougeL": sc})
+    bar.close()
+    name = _label(path)
+    with open(out_dir / f"{name}.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return {"model": str(path), "name": name, "rougeL": sum(scores) / max(len(scores), 1), "n": len(records),
+            "seeds": list(seeds), "seconds": time.perf_counter() - t0}
+
+
+def _label(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}-{p.name}" if p.name in ("final", "model") else p.name
+
+
+def run_eval(cfg: EvalConfig) -> list[dict]:
+    examples = read_eval_examples(cfg.data)[:cfg.max_examples]
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [evaluate_model(m, examples, cfg, out) for m in cfg.models]
+    (out / "summary.json").write_text(json.dumps({"data": cfg.data, "results": results}, indent=1))
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    w = max(len(r["name"]) for r in results)
+    lines = [f"{'model':<{w}}  ROUGE-L   n", "-" * (w + 14)]
+    lines += [f"{r['name']:<{w}}  {r['rougeL']:7.2f}  {r['n']}" for r in results]
+    return "\n".join(lines)
