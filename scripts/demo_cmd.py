@@ -26,7 +26,7 @@ RUNS = {
 class DemoConfig:
     workdir: str = "runs/demo"
     quick: bool = False
-    steps: int = 300
+    steps: int = 600
     rebuild_world: bool = False
     seed: int = 0
 
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end demo: cache, SFT/KD/Delta-KD students, ROUGE-L table, report")
     p.add_argument("--workdir", default="runs/demo", help="where every stage writes (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a few steps and examples (tests, smoke runs)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per student")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
     p.add_argument("--rebuild-world", action="store_true", help="retrain the demo checkpoints instead of the shipped ones")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda ns: _print(run_demo(DemoConfig(ns.workdir, ns.quick, ns.steps, ns.rebuild_world, ns.seed))))
