@@ -9,7 +9,6 @@ teacher, the student base and the students on the test split -> report folder.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +72,18 @@ def assets(cfg: DemoConfig, work: Path) -> dict:
     return {k: str(root / k) for k in ("teacher_base", "teacher_ft", "student_base")} | data
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def build_demo_cache(work: Path, a: dict, top_k: int = 64) -> Path:
+    """The demo's cache (resumes or reuses a finished one)."""
     from deltakd.cache.builder import CacheBuildConfig, build_cache
+
+    cache = work / ("cache" if top_k == 64 else f"cache-k{top_k}")
+    build_cache(CacheBuildConfig(teacher_ft=a["teacher_ft"], teacher_base=a["teacher_base"], student_base=a["student_base"],
+                                 data=a["train"], out=str(cache), top_k=top_k, max_length=128, batch_size=32,
+                                 shard_tokens=32768))
+    return cache
+
+
+def run_demo(cfg: DemoConfig) -> dict:
     from deltakd.cache.inspect import format_summary, plot, summarize
     from deltakd.student.eval import EvalConfig, format_table, run_eval
     from deltakd.student.trainer import TrainConfig, train
@@ -87,10 +96,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["world"] = time.perf_counter() - t
 
     t = _stage("cache build (teacher after SFT, teacher before SFT, student base)")
-    cache = work / "cache"
-    build_cache(CacheBuildConfig(teacher_ft=a["teacher_ft"], teacher_base=a["teacher_base"], student_base=a["student_base"],
-                                 data=a["train"], out=str(cache), top_k=64, max_length=128, batch_size=32,
-                                 shard_tokens=32768))
+    cache = build_demo_cache(work, a)
     timings["cache"] = time.perf_counter() - t
 
     runs = {}
