@@ -196,3 +196,16 @@ def test_non_finite_loss_stops_before_the_step(world, cache_dir, tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         tr.train_step([b])
     assert all(torch.equal(x, p.detach()) for x, p in zip(before, tr.params))
+
+
+def test_config_file_with_command_line_override(world, cache_dir, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'cache = "{cache_dir}"\nstudent = "{world["student_base"]}"\nloss = "kd"\n'
+                   f'divergence = "jsd"\njsd_beta = 0.3\nbatch_tokens = 256\neval_percent = 10.0\n')
+    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "o"),
+                          "--dry-run", "--divergence", "skew_fkl"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rep = json.loads(res.stdout[res.stdout.index("{"):])
+    assert rep["dry_run"] and set(rep["loss_terms"]) == {"kd"}
+    saved = json.loads((tmp_path / "o" / "train_config.json").read_text())
+    assert saved["divergence"] == "skew_fkl" and saved["jsd_beta"] == 0.3

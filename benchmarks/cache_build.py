@@ -1,0 +1,87 @@
+"""Cache build time divided by the bare forward passes of the same checkpoints on the same data.
+
+    python benchmarks/cache_build.py [--workdir runs/bench-build]
+
+"Bare forward": each checkpoint's plain Hugging Face forward (full logits) over the
+same length-sorted batches, no_grad, models already loaded. "Build": the whole
+`build_cache` call (hashing, tokenising, three model loads, extraction, zarr writes,
+commit, manifest), and its compute phases alone. Two worlds: the demo's (vocabulary
+768) and a synthetic one at vocabulary 32000.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import synth_world  # noqa: E402
+
+from deltakd.cache.builder import CacheBuildConfig, _batches, build_cache, plan_shards  # noqa: E402
+from deltakd.cache.forward import load_model, load_tokenizer  # noqa: E402
+from deltakd.cache.records import read_records  # noqa: E402
+
+
+@torch.no_grad()
+def bare_forward_seconds(paths: dict, cfg: CacheBuildConfig) -> float:
+    tok = load_tokenizer(paths["teacher_ft"])
+    plan = plan_shards(read_records(cfg.data), tok, cfg.max_length, cfg.shard_tokens)
+    total = 0.0
+    for role in ("teacher_ft", "teacher_base", "student_base"):
+        model = load_model(paths[role], cfg.device, cfg.model_dtype)
+        t0 = time.perf_counter()
+        for seqs in plan.shards:
+            for batch in _batches(seqs, cfg.batch_size):
+                L = max(len(seqs[i].tokens) for i in batch)
+                ids = torch.zeros(len(batch), L, dtype=torch.long)
+                att = torch.zeros(len(batch), L, dtype=torch.long)
+                for r, i in enumerate(batch):
+                    ids[r, :len(seqs[i].tokens)] = torch.tensor(seqs[i].tokens)
+                    att[r, :len(seqs[i].tokens)] = 1
+                model(input_ids=ids, attention_mask=att).logits.sum().item()
+        total += time.perf_counter() - t0
+    return total
+
+
+def measure(name: str, paths: dict, out: Path, **kw) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
+                           student_base=paths["student_base"], data=paths["data"], out=str(out), top_k=64, **kw)
+    bare = bare_forward_seconds(paths, cfg)
+    t0 = time.perf_counter()
+    m = build_cache(cfg)
+    build = time.perf_counter() - t0
+    phases = sum(p["seconds"] for p in m["summary"]["phases"].values())
+    return {"world": name, "vocab": m["vocab_size"], "tokens": m["totals"]["n_tokens"], "supervised": m["totals"]["n_supervised"],
+            "bare_forward_s": bare, "build_s": build, "build_phases_s": phases,
+            "ratio_build": build / bare, "ratio_phases": phases / bare}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="runs/bench-build")
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    from deltakd.demo_cmd import DemoConfig, assets
+
+    demo = assets(DemoConfig(workdir=str(work / "demo")), work / "demo")
+    demo["data"] = demo["train"]
+    rows = [measure("demo (V=768)", demo, work / "cache-demo", max_length=128, batch_size=32, shard_tokens=32768),
+            measure("synthetic (V=32000)", synth_world.make(work / "synth"), work / "cache-synth", max_length=256,
+                    batch_size=8, shard_tokens=65536)]
+    print(f"\n{'world':<22}{'tokens':>8}{'bare fwd s':>12}{'build s':>10}{'phases s':>10}{'build/bare':>12}{'phases/bare':>13}")
+    for r in rows:
+        print(f"{r['world']:<22}{r['tokens']:>8}{r['bare_forward_s']:12.2f}{r['build_s']:10.2f}{r['build_phases_s']:10.2f}"
+              f"{r['ratio_build']:12.2f}{r['ratio_phases']:13.2f}")
+    print(json.dumps({"benchmark": "cache_build", "machine": platform.machine(), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

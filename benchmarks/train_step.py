@@ -1,0 +1,194 @@
+"""Student step time and peak memory: Delta-KD from the cache vs plain SFT vs online KD.
+
+    python benchmarks/train_step.py [--workdir runs/bench-train] [--steps 12]
+
+Synthetic world at vocabulary 32000 (benchmarks/synth_world.py): teachers 256x4,
+student 128x2, cache k = 64 float16 with student-base arrays. Every case runs in its
+own process (peak RSS is a per-process high-water mark) on the same batches:
+  sft_hf      plain SFT: Hugging Face forward with labels (full logits), AdamW
+  sft_cache   SFT through deltakd's chunked objective
+  p1_cache    Delta-KD P1 from the cache (deltakd's train_step)
+  p1_online   Delta-KD P1 with teacher_ft, teacher_base and the student base in
+              memory, full-vocabulary logits of all four models every step
+Also: the loader's throughput against the trainer's consumption, and the peak
+memory of the chunked loss against the naive full-logits loss alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup(work: Path) -> tuple[dict, Path]:
+    import synth_world
+
+    from deltakd.cache.builder import CacheBuildConfig, build_cache
+
+    paths = synth_world.make(work / "synth")
+    cache = work / "cache"
+    if not (cache / "manifest.json").exists():
+        build_cache(CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
+                                     student_base=paths["student_base"], data=paths["data"], out=str(cache),
+                                     top_k=64, max_length=256, batch_size=8))
+    return paths, cache
+
+
+def batches(cache: Path, n: int, batch_tokens: int):
+    from deltakd.cache.reader import CacheReader
+    from deltakd.student.data import StreamingLoader
+
+    out = []
+    for b in StreamingLoader(CacheReader(cache), batch_tokens=batch_tokens, with_student=True, seed=0):
+        out.append(b)
+        if len(out) == n:
+            return out
+
+
+def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from deltakd.student.objective import LossSpec, chunked_terms, terms_from_logits
+    from deltakd.student.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    paths, cache = setup(work)
+    data = batches(cache, steps, batch_tokens)
+    times = []
+    if case in ("sft_cache", "p1_cache"):
+        tr = Trainer(TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / case),
+                                 loss=case.split("_")[0], max_steps=steps, batch_tokens=batch_tokens, eval_percent=0))
+        base = rss_mb()
+        for b in data:
+            t0 = time.perf_counter()
+            tr.train_step([b])
+            times.append(time.perf_counter() - t0)
+        tokens = sum(int(b.attention_mask.sum()) for b in data)
+    elif case == "chunked_loss" or case == "naive_loss":
+        V, H, N = 32000, 512, 4096
+        g = torch.Generator().manual_seed(0)
+        lT = torch.log_softmax(torch.randn(N, V, generator=g), -1)
+        ids = lT.topk(64, -1).indices
+        tg = {"topk_ids": ids, "logp_ft": lT.gather(1, ids), "delta": torch.randn(N, 64, generator=g) * 0.1,
+              "logp_s0": lT.gather(1, ids) - 0.1, "tail_ft": torch.full((N,), -2.0), "tail_base": torch.full((N,), -2.0),
+              "tail_s0": torch.full((N,), -2.0), "next_tokens": ids[:, 0]}
+        del lT
+        h = torch.randn(N, H, requires_grad=True)
+        head = torch.nn.Linear(H, V, bias=False)
+        spec = LossSpec(weights={"p1": 1.0, "sft": 0.1}, chunk_rows=1024)
+        base = rss_mb()
+        t0 = time.perf_counter()
+        if case == "chunked_loss":
+            out = chunked_terms(h, head, tg, spec, V)
+        else:
+            out = terms_from_logits(torch.nn.functional.linear(h, head.weight).float(), tg, spec)
+        out.sum().backward()
+        times.append(time.perf_counter() - t0)
+        tokens = N
+    else:
+        student = AutoModelForCausalLM.from_pretrained(paths["student_base"], dtype=torch.float32).train()
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        frozen = []
+        if case == "p1_online":
+            frozen = [AutoModelForCausalLM.from_pretrained(paths[r], dtype=torch.float32).eval()
+                      for r in ("teacher_ft", "teacher_base", "student_base")]
+        V = student.config.vocab_size
+        base = rss_mb()
+        for b in data:
+            t0 = time.perf_counter()
+            if case == "sft_hf":
+                labels = torch.full_like(b.input_ids, -100)
+                labels[:, 1:] = torch.where(b.loss_mask[:, :-1], b.input_ids[:, 1:], -100)
+                loss = student(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
+            else:
+                with torch.no_grad():
+                    lT, lB, lS0 = (torch.log_softmax(m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float(), -1)
+                                   for m in frozen)
+                    ids = torch.arange(V).expand(lT.shape[0], V)  # full vocabulary: k = V
+                    ninf = torch.full((lT.shape[0],), float("-inf"))
+                    tg = {"topk_ids": ids, "logp_ft": lT, "delta": lT - lB, "logp_s0": lS0, "tail_ft": ninf,
+                          "tail_base": ninf, "tail_s0": ninf, "next_tokens": b.targets["next_tokens"]}
+                logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float()
+                loss = terms_from_logits(logits, tg, LossSpec(weights={"p1": 1.0}))[0] / b.n_supervised
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        tokens = sum(int(b.attention_mask.sum()) for b in data)
+    warm = times[2:] if len(times) > 4 else times
+    return {"case": case, "step_s": statistics.median(warm), "tokens_per_s": tokens / sum(times),
+            "peak_rss_mb": rss_mb(), "rss_before_steps_mb": base, "rss_growth_mb": rss_mb() - base}
+
+
+def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> float:
+    from deltakd.cache.reader import CacheReader
+    from deltakd.student.data import StreamingLoader
+
+    _, cache = setup(work)
+    loader = StreamingLoader(CacheReader(cache), batch_tokens=batch_tokens, with_student=True, seed=0)
+    tokens, t0 = 0, time.perf_counter()
+    for b in loader:
+        tokens += int(b.attention_mask.sum())
+        if time.perf_counter() - t0 > seconds:
+            break
+    loader.close()
+    return tokens / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="runs/bench-train")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    if a.case:
+        print(json.dumps(run_case(a.case, work, a.steps, a.batch_tokens)))
+        return
+    setup(work)
+    res = {}
+    for case in ("sft_hf", "sft_cache", "p1_cache", "p1_online", "chunked_loss", "naive_loss"):
+        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--steps", str(a.steps),
+                              "--batch-tokens", str(a.batch_tokens), "--case", case], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
+        res[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    loader_tps = loader_throughput(work, a.batch_tokens)
+    print(f"\n{'case':<14}{'step s':>9}{'tokens/s':>11}{'peak RSS MB':>13}{'growth MB':>11}")
+    for r in res.values():
+        print(f"{r['case']:<14}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}{r['rss_growth_mb']:11.0f}")
+    p1, sft, onl = res["p1_cache"], res["sft_hf"], res["p1_online"]
+    ratios = {
+        "p1_cache/sft_hf step": p1["step_s"] / sft["step_s"],
+        "p1_cache/sft_hf peak RSS": p1["peak_rss_mb"] / sft["peak_rss_mb"],
+        "p1_cache/sft_hf RSS growth": p1["rss_growth_mb"] / max(sft["rss_growth_mb"], 1e-9),
+        "p1_cache/p1_online step": p1["step_s"] / onl["step_s"],
+        "p1_cache/p1_online peak RSS": p1["peak_rss_mb"] / onl["peak_rss_mb"],
+        "loader/trainer tokens per s": loader_tps / p1["tokens_per_s"],
+        "chunked/naive loss RSS growth": res["chunked_loss"]["rss_growth_mb"] / max(res["naive_loss"]["rss_growth_mb"], 1e-9),
+    }
+    print(f"\nloader: {loader_tps:.0f} tokens/s")
+    for k, v in ratios.items():
+        print(f"{k:<34}{v:8.3f}")
+    print(json.dumps({"benchmark": "train_step", "machine": platform.machine(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "vocab": 32000, "batch_tokens": a.batch_tokens,
+                      "cases": res, "loader_tokens_per_s": loader_tps, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
