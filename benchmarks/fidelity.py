@@ -77,7 +77,7 @@ def loss_and_grad(z, tg, spec):
     z = z.detach().requires_grad_(True)
     v = terms_from_logits(z, tg, spec)[0]
     (g,) = torch.autograd.grad(v, z)
-    return float(v), g
+    return float(v.detach()), g
 
 
 def main():
