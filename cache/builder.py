@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema
+from . import dist, schema
 from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, logprob_chunks,
                       output_rows, support_values, supervised_hidden, tokenizer_identity)
 from .records import data_sha256, encode_record, loss_mask_for, read_records
@@ -68,20 +68,6 @@ class Sequence:
 class Plan:
     shards: list[list[Sequence]]
     n_truncated: int
-
-
-def _dist():
-    """(rank, world) from torchrun's environment; initialises the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DELTAKD_BACKEND") != "gloo" else "gloo"
-        torch.distributed.init_process_group(backend)
-    return int(os.environ.get("RANK", "0")), world
-
-
-def _barrier(world):
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def plan_shards(records, tokenizer, max_length: int, shard_tokens: int) -> Plan:
@@ -376,7 +362,7 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
 def build_cache(cfg: CacheBuildConfig) -> dict:
     import json
 
-    rank, world = _dist()
+    rank, world = dist.init()
     root = Path(cfg.out)
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}
     if cfg.student_base:
@@ -398,7 +384,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
             raise ValueError(f"{root} is not empty and holds no deltakd build: choose an empty or new --out folder")
         schema.clean_partials(root)
         schema.write_json_atomic(bfile, ident)
-    _barrier(world)
+    dist.barrier(world)
     if world > 1 and rank != 0:
         diff = _same_identity(json.loads((root / schema.BUILD_FILE).read_text()), ident)
         if diff:
@@ -423,7 +409,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
                                   tok.pad_token_id or 0, rank))
     for n in pending:
         commit_shard(root, n, shards[n], cfg, tok_id["vocab_size"], student_ident)
-    _barrier(world)
+    dist.barrier(world)
     summary = {
         "n_records": len(records), "n_truncated": plan.n_truncated, "world_size": world,
         "phases": timings if world == 1 else None, "shards_built_this_run": len(pending) if world == 1 else None,
@@ -432,5 +418,5 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     if rank == 0:
         shutil.rmtree(root / "stage", ignore_errors=True)
         manifest = write_manifest(root, ident, dataclasses.asdict(cfg), summary)
-    _barrier(world)
+    dist.barrier(world)
     return manifest or {}

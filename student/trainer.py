@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deltakd.cache import dist
 from deltakd.cache.reader import CacheReader
 from deltakd.cache.schema import CacheFormatError
 
@@ -96,20 +97,6 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
-def _dist():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("DELTAKD_BACKEND") != "gloo" else "gloo"
-        torch.distributed.init_process_group(backend)
-    return int(os.environ.get("RANK", "0")), world
-
-
-def _all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        torch.distributed.all_reduce(x)
-    return x
-
-
 def check_student(reader: CacheReader, student_dir: str, needs_s0: bool, online: str | None):
     """Refuse a student that does not fit the cache, with what to do about it."""
     from transformers import AutoConfig, AutoTokenizer
@@ -155,7 +142,7 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.spec = cfg, cfg.loss_spec()
-        self.rank, self.world = _dist()
+        self.rank, self.world = dist.init()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
         self.reader = CacheReader(cfg.cache)
         self.tok = check_student(self.reader, cfg.student, self.spec.needs_student_base, cfg.student_base_online)
@@ -200,7 +187,7 @@ class Trainer:
     def train_step(self, micro: list) -> dict:
         """One optimizer step over this rank's micro-batches; the loss is normalised once."""
         n_local = sum(b.n_supervised for b in micro)
-        n_total = int(_all_sum(torch.tensor([n_local], dtype=torch.float64), self.world).item())
+        n_total = int(dist.all_sum(torch.tensor([n_local], dtype=torch.float64), self.world).item())
         weights = torch.tensor([self.spec.weights[t] for t in self.spec.active], device=self.device)
         term_sums = torch.zeros(len(self.spec.active), device=self.device)
         self.opt.zero_grad(set_to_none=False)
@@ -220,8 +207,8 @@ class Trainer:
             g["lr"] = lr
         self.opt.step()
         self.step += 1
-        return {"term_sums": _all_sum(term_sums, self.world), "n": n_total, "grad_norm": gnorm, "lr": lr,
-                "tokens": _all_sum(torch.tensor([float(sum(int(b.attention_mask.sum()) for b in micro))]), self.world)}
+        return {"term_sums": dist.all_sum(term_sums, self.world), "n": n_total, "grad_norm": gnorm, "lr": lr,
+                "tokens": dist.all_sum(torch.tensor([float(sum(int(b.attention_mask.sum()) for b in micro))]), self.world)}
 
     def _reduce_grads(self):
         if self.world == 1:
@@ -248,8 +235,8 @@ class Trainer:
             n += b.n_supervised
         loader.close()
         self.model.train()
-        sums = _all_sum(sums, self.world)
-        n = int(_all_sum(torch.tensor([float(n)]), self.world).item())
+        sums = dist.all_sum(sums, self.world)
+        n = int(dist.all_sum(torch.tensor([float(n)]), self.world).item())
         return {f"eval_{t}": float(s) / max(n, 1) for t, s in zip(self.spec.active, sums)} | {"eval_tokens": n}
 
     # -------------------------------------------------------------- the loop
