@@ -124,14 +124,15 @@ def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan: Plan) -> dict:
 
 
 def _same_identity(a: dict, b: dict) -> list[str]:
-    """Keys whose values differ, ignoring checkpoint paths (a moved checkpoint is the same one)."""
+    """Keys whose values differ, ignoring paths (a moved checkpoint or data file is the same one)."""
+    import copy
+
     def strip(d):
-        d = dict(d)
-        d["checkpoints"] = {r: {k: v for k, v in c.items() if k != "path"} for r, c in d.get("checkpoints", {}).items()}
-        if "student_base" in d:
-            d["student_base"] = {k: v for k, v in d["student_base"].items() if k != "path"}
-        d.get("data", {}).pop("path", None) if isinstance(d.get("data"), dict) else None
+        d = copy.deepcopy(d)
+        for c in list(d.get("checkpoints", {}).values()) + [d.get("student_base") or {}, d.get("data") or {}]:
+            c.pop("path", None)
         return d
+
     sa, sb = strip(a), strip(b)
     return sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
 

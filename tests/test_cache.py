@@ -182,6 +182,8 @@ def test_validate_names_the_shard_and_array_of_a_flipped_byte(world, tmp_path):
 
 def test_refuses_a_folder_built_with_other_settings(world, tmp_path):
     build(world, tmp_path / "c")
+    m = build(world, tmp_path / "c")  # same settings: a no-op resume that keeps the provenance whole
+    assert m["data"]["path"] == str(Path(world["data"]).resolve()) and m["summary"]["shards_built_this_run"] == 0
     with pytest.raises(ValueError, match="other inputs or settings.*k"):
         build(world, tmp_path / "c", top_k=8)
 
