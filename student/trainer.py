@@ -150,7 +150,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(self.device)
         if cfg.grad_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            # transformers 5 renamed the switch; 4.x only has the old name.
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            enable()
         self.model.train()
         self.s0_model = None
         self.cache_s0 = self.spec.needs_student_base and not cfg.student_base_online

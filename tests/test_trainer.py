@@ -209,3 +209,12 @@ def test_config_file_with_command_line_override(world, cache_dir, tmp_path):
     assert rep["dry_run"] and set(rep["loss_terms"]) == {"kd"}
     saved = json.loads((tmp_path / "o" / "train_config.json").read_text())
     assert saved["divergence"] == "skew_fkl" and saved["jsd_beta"] == 0.3
+
+
+def test_gradient_checkpointing_gives_the_same_step_and_bf16_runs(world, cache_dir, tmp_path):
+    plain = train(cfg_for(world, cache_dir, tmp_path / "a", dry_run=True))
+    ckpt = train(cfg_for(world, cache_dir, tmp_path / "b", dry_run=True, grad_checkpointing=True))
+    assert ckpt["loss_terms"]["p1"] == pytest.approx(plain["loss_terms"]["p1"], rel=1e-5)
+    assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    bf16 = train(cfg_for(world, cache_dir, tmp_path / "c", dry_run=True, bf16=True))
+    assert bf16["loss_terms"]["p1"] == pytest.approx(plain["loss_terms"]["p1"], rel=0.05)
