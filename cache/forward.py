@@ -78,8 +78,8 @@ def supervised_hidden(model, input_ids, attention_mask, loss_mask) -> torch.Tens
 
 
 @torch.no_grad()
-def logprob_chunks(model, hidden, vocab_size: int, chunk_rows: int):
-    """Yield (row slice, float32 log-probs (c, vocab_size)) over the supervised rows.
+def logit_chunks(model, hidden, vocab_size: int, chunk_rows: int):
+    """Yield (row slice, float32 logits (c, vocab_size)) over the supervised rows.
 
     Embedding rows beyond the tokenizer (padding of the output layer) are cut off
     before the softmax: the tokenizer can never produce them.
@@ -87,14 +87,22 @@ def logprob_chunks(model, hidden, vocab_size: int, chunk_rows: int):
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     for s in range(0, hidden.shape[0], chunk_rows):
-        logits = head(hidden[s:s + chunk_rows]).float()[:, :vocab_size]
+        logits = head(hidden[s:s + chunk_rows])[:, :vocab_size].float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        yield slice(s, s + logits.shape[0]), torch.log_softmax(logits, dim=-1)
+        yield slice(s, s + logits.shape[0]), logits
 
 
-def support_values(lp: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs at the support ids (c, k) and the log-mass outside it (c,): -inf when k = V."""
-    vals = lp.gather(1, ids)
-    tail = lp.scatter(1, ids, float("-inf")).logsumexp(dim=1)
-    return vals, tail
+def support_values(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs at the support ids (c, k) and the log-mass outside it (c,), −inf when k = V.
+
+    Consumes `logits` (overwritten in place, no (c, V) copy) with one exp pass: the
+    normaliser and the tail are sums of positive terms exp(logit − max), so the tail
+    is exact even when the support holds nearly all the mass (no 1 − Σp cancellation).
+    """
+    top = logits.gather(1, ids)
+    m = logits.amax(dim=1, keepdim=True)
+    e = logits.sub_(m).exp_()
+    log_z = e.sum(dim=1).log() + m[:, 0]
+    tail_sum = e.scatter_(1, ids, 0.0).sum(dim=1)
+    return top - log_z[:, None], tail_sum.log() + m[:, 0] - log_z
