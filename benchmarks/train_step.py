@@ -62,7 +62,7 @@ def batches(cache: Path, n: int, batch_tokens: int):
 def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from deltakd.student.objective import LossSpec, chunked_terms, terms_from_logits
+    from deltakd.student.objective import LossSpec, chunked_loss, terms_from_logits
     from deltakd.student.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
@@ -93,10 +93,10 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
         base = rss_mb()
         t0 = time.perf_counter()
         if case == "chunked_loss":
-            out = chunked_terms(h, head, tg, spec, V)
+            out = chunked_loss(h, head, tg, spec, V)[0]
         else:
-            out = terms_from_logits(torch.nn.functional.linear(h, head.weight).float(), tg, spec)
-        out.sum().backward()
+            out = terms_from_logits(torch.nn.functional.linear(h, head.weight).float(), tg, spec).sum()
+        out.backward()
         times.append(time.perf_counter() - t0)
         tokens = N
     else:

@@ -103,13 +103,12 @@ def support(logp_k: torch.Tensor, tail: torch.Tensor, mode: str = "bucket", temp
 def tail_logmass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log Σ_{y ∉ ids} p(y) per row, (N, V), (N, k) -> (N,); −inf when ids cover the vocabulary.
 
-    Rows with an empty tail take a detour through zeros: logsumexp over only −inf
-    entries has a NaN gradient, which would poison the backward pass.
+    The ids of a row are distinct, so the tail is empty exactly when k = V; that case
+    returns a constant, because logsumexp over only −inf entries has a NaN gradient.
     """
-    x = logp.scatter(1, ids, float("-inf"))
-    empty = torch.isneginf(x).all(1, keepdim=True)
-    lse = torch.where(empty, torch.zeros((), dtype=x.dtype), x).logsumexp(1)
-    return torch.where(empty[:, 0], torch.full((), float("-inf"), dtype=x.dtype), lse)
+    if ids.shape[1] >= logp.shape[1]:
+        return torch.full(logp.shape[:1], float("-inf"), dtype=logp.dtype, device=logp.device)
+    return logp.scatter(1, ids, float("-inf")).logsumexp(1)
 
 
 def masked_sum(per_row: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,15 @@
 """The training objective from the student's final hidden states, in chunks of rows.
 
 The student's (rows x vocab) logits exist for one chunk at a time: each chunk's
-loss runs under activation checkpointing, so the backward pass recomputes that
-chunk's logits instead of keeping them. Peak extra memory is chunk_rows x vocab
-floats, independent of batch size and sequence length.
+gradient is formed during the forward pass (see _FusedHeadLoss), so the backward
+neither keeps nor recomputes logits. Peak extra memory is a few chunk_rows x vocab
+floats plus one head-sized gradient buffer, independent of batch size and length.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from . import losses as L
 
@@ -88,27 +87,69 @@ def terms_from_logits(logits: torch.Tensor, tg: dict, spec: LossSpec) -> torch.T
     return torch.stack(out)
 
 
-def _chunk(h, weight, bias, vocab, spec, *tg_values, keys):
-    logits = torch.nn.functional.linear(h, weight, bias).float()[:, :vocab]  # (c, V)
-    return terms_from_logits(logits, dict(zip(keys, tg_values)), spec)
+class _FusedHeadLoss(torch.autograd.Function):
+    """Output projection + loss, chunk by chunk, with the gradient formed in the forward.
+
+    Each chunk's logits (c, V) live only while that chunk is processed: autograd
+    differentiates the chunk's loss w.r.t. its logits at once, and the result is
+    folded into the gradients of the hidden states and the head. The backward pass
+    only scales them, so nothing is recomputed and no (N, V) tensor ever exists.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, weights, vocab, spec, keys, *tg_values):
+        n, rows = hidden.shape[0], spec.chunk_rows
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros_like(weight)
+        grad_b = torch.zeros_like(bias) if bias is not None else None
+        sums = hidden.new_zeros(len(spec.active), dtype=torch.float32)
+        w_v = weight[:vocab]  # (V, H): output rows beyond the tokenizer get no gradient
+        b_v = bias[:vocab] if bias is not None else None
+        for s in range(0, n, rows):
+            h = hidden[s:s + rows]
+            tg = {k: v[s:s + rows] for k, v in zip(keys, tg_values)}
+            with torch.enable_grad():
+                logits = torch.nn.functional.linear(h, w_v, b_v).float().requires_grad_(True)  # (c, V)
+                terms = terms_from_logits(logits, tg, spec)
+                (g,) = torch.autograd.grad((terms * weights).sum(), logits)
+            sums += terms.detach()
+            g = g.to(weight.dtype)
+            grad_h[s:s + rows] = g @ w_v
+            grad_w[:vocab] += g.T @ h
+            if grad_b is not None:
+                grad_b[:vocab] += g.sum(0)
+            del logits, g  # free the chunk's (c, V) tensors before the next one
+        ctx.save_for_backward(grad_h, grad_w, *(() if grad_b is None else (grad_b,)))
+        ctx.has_bias, ctx.n_targets = grad_b is not None, len(tg_values)
+        ctx.mark_non_differentiable(sums)
+        return (sums * weights).sum(), sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_sums):
+        grad_h, grad_w, *rest = ctx.saved_tensors
+        grad_b = grad_total * rest[0] if ctx.has_bias else None
+        # No gradients for: weights, vocab, spec, keys, and each target tensor.
+        return (grad_total * grad_h, grad_total * grad_w, grad_b) + (None,) * (4 + ctx.n_targets)
 
 
-def chunked_terms(hidden: torch.Tensor, head: torch.nn.Module, targets: dict, spec: LossSpec, vocab: int,
-                  use_checkpoint: bool = True) -> torch.Tensor:
-    """Sums of the active terms over all rows, (n_active,). hidden: (N, H) supervised rows."""
+def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict, spec: LossSpec, vocab: int):
+    """(Σ_t weight_t · sum_t, the per-term sums (n_active,)) over all rows; hidden: (N, H).
+
+    The first output carries the gradient; the per-term sums are for logging.
+    """
     n = hidden.shape[0]
     for k, v in targets.items():
         assert v.shape[0] == n, f"target {k} has {v.shape[0]} rows, hidden has {n}"
     keys = sorted(targets)
-    total = hidden.new_zeros(len(spec.active), dtype=torch.float32)
+    weights = torch.tensor([float(spec.weights[t]) for t in spec.active], device=hidden.device)
+    if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
+        return _FusedHeadLoss.apply(hidden, head.weight, head.bias, weights, vocab, spec, keys,
+                                    *[targets[k] for k in keys])
+    sums = hidden.new_zeros(len(spec.active), dtype=torch.float32)
     for s in range(0, n, spec.chunk_rows):
-        args = (hidden[s:s + spec.chunk_rows], head.weight, head.bias, vocab, spec,
-                *[targets[k][s:s + spec.chunk_rows] for k in keys])
-        if use_checkpoint and torch.is_grad_enabled():
-            total = total + checkpoint(_chunk, *args, keys=keys, use_reentrant=False)
-        else:
-            total = total + _chunk(*args, keys=keys)
-    return total
+        logits = head(hidden[s:s + spec.chunk_rows]).float()[:, :vocab]
+        sums += terms_from_logits(logits, {k: v[s:s + spec.chunk_rows] for k, v in targets.items()}, spec)
+    return (sums * weights).sum(), sums
 
 
 @torch.no_grad()

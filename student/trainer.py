@@ -27,7 +27,7 @@ from deltakd.cache.schema import CacheFormatError
 
 from .checkpointing import find_resume, load_training_state, save_final, save_training_state
 from .data import StreamingLoader
-from .objective import TERMS, LossSpec, chunked_terms, student_base_targets
+from .objective import TERMS, LossSpec, chunked_loss, student_base_targets
 
 LOSS_PRESETS = {"sft": {"sft": 1.0}, "kd": {"kd": 1.0}, "p1": {"p1": 1.0}, "p2": {"p2": 1.0},
                 "p3": {"p3": 1.0}, "kd+p3": {"kd": 1.0, "p3": 1.0}}
@@ -173,8 +173,8 @@ class Trainer:
         self.step, self.loader_state = 0, None
 
     # -------------------------------------------------------------- the step
-    def forward_terms(self, batch) -> torch.Tensor:
-        """Sums of the active loss terms over the batch's supervised tokens, (n_terms,)."""
+    def forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted sum of the loss terms, per-term sums (n_terms,)) over the batch's supervised tokens."""
         targets = dict(batch.targets)
         if self.s0_model is not None:
             targets["logp_s0"], targets["tail_s0"] = student_base_targets(
@@ -184,18 +184,17 @@ class Trainer:
             h = self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         hidden = h[batch.loss_mask].float()  # (N_sup, H)
         head = self.model.get_output_embeddings()
-        return chunked_terms(hidden, head, targets, self.spec, self.vocab)
+        return chunked_loss(hidden, head, targets, self.spec, self.vocab)
 
     def train_step(self, micro: list) -> dict:
         """One optimizer step over this rank's micro-batches; the loss is normalised once."""
         n_local = sum(b.n_supervised for b in micro)
         n_total = int(dist.all_sum(torch.tensor([n_local], dtype=torch.float64), self.world).item())
-        weights = torch.tensor([self.spec.weights[t] for t in self.spec.active], device=self.device)
         term_sums = torch.zeros(len(self.spec.active), device=self.device)
         self.opt.zero_grad(set_to_none=False)
         for b in micro:
-            sums = self.forward_terms(b.to(self.device))
-            loss = (weights * sums).sum() / max(n_total, 1)
+            weighted, sums = self.forward_loss(b.to(self.device))
+            loss = weighted / max(n_total, 1)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
                     f"non-finite loss at step {self.step + 1} (examples {b.example_ids[:8]}); the optimizer "
@@ -233,7 +232,7 @@ class Trainer:
         for i, b in enumerate(loader):
             if i >= self.cfg.eval_batches:
                 break
-            sums += self.forward_terms(b.to(self.device))
+            sums += self.forward_loss(b.to(self.device))[1]
             n += b.n_supervised
         loader.close()
         self.model.train()

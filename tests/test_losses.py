@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deltakd.student import losses as L
-from deltakd.student.objective import LossSpec, chunked_terms, terms_from_logits
+from deltakd.student.objective import LossSpec, chunked_loss, terms_from_logits
 
 V, N = 23, 9
 KINDS = ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl"]
@@ -115,29 +115,36 @@ def test_all_masked_rows_give_zero_not_nan():
         assert float(total) == 0.0 and int(count) == 0
     spec = LossSpec(weights={"kd": 1.0, "p1": 1.0, "p3": 0.5, "sft": 1.0}, chunk_rows=4)
     head = torch.nn.Linear(8, V, bias=False)
-    out = chunked_terms(torch.zeros(0, 8, requires_grad=True), head,
-                        {k: v[:0] for k, v in cached_targets(lT, lB, lS0, 5).items()}, spec, V)
-    assert torch.equal(out, torch.zeros(4))
+    total, sums = chunked_loss(torch.zeros(0, 8, requires_grad=True), head,
+                               {k: v[:0] for k, v in cached_targets(lT, lB, lS0, 5).items()}, spec, V)
+    assert torch.equal(sums, torch.zeros(4)) and float(total.detach()) == 0.0
+    total.backward()
+    assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
-def test_chunked_equals_unchunked_value_and_gradient(tail):
+def test_fused_chunked_loss_equals_plain_autograd_value_and_gradient(tail):
+    """The fused chunked path against plain autograd through full logits (the naive loss)."""
     torch.manual_seed(0)
     lT, lB, lS0 = (x.float() for x in dists(5, n=37, v=50))
     tg = cached_targets(lT, lB, lS0, 8, torch.randint(0, 50, (37,)))
     head = torch.nn.Linear(16, 60, bias=True)  # 60 rows: 10 padded beyond the vocabulary
     h = torch.randn(37, 16, requires_grad=True)
-    res = []
-    for rows, ckpt in ((1000, False), (5, True), (1, True)):
-        spec = LossSpec(weights={"sft": 0.3, "kd": 1.0, "p1": 1.0, "p2": 0.5, "p3": 0.2}, tail=tail, chunk_rows=rows,
-                        temperature=1.5, alpha=0.8)
-        out = chunked_terms(h, head, tg, spec, 50, use_checkpoint=ckpt)
-        grads = torch.autograd.grad(out.sum(), [h, head.weight, head.bias])
-        res.append((out.detach(), grads))
-    for out, grads in res[1:]:
-        torch.testing.assert_close(out, res[0][0], rtol=1e-5, atol=1e-5)
-        for g, g0 in zip(grads, res[0][1]):
+    spec = dict(weights={"sft": 0.3, "kd": 1.0, "p1": 1.0, "p2": 0.5, "p3": 0.2}, tail=tail, temperature=1.5, alpha=0.8)
+    ref_terms = terms_from_logits(head(h).float()[:, :50], tg, LossSpec(**spec))
+    ref_total = (ref_terms * torch.tensor([0.3, 1.0, 1.0, 0.5, 0.2])).sum()
+    ref_grads = torch.autograd.grad(2.5 * ref_total, [h, head.weight, head.bias])
+    for rows in (1000, 5, 1):
+        total, sums = chunked_loss(h, head, tg, LossSpec(**spec, chunk_rows=rows), 50)
+        grads = torch.autograd.grad(2.5 * total, [h, head.weight, head.bias])
+        torch.testing.assert_close(sums, ref_terms.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(total.detach(), ref_total.detach(), rtol=1e-5, atol=1e-5)
+        for g, g0 in zip(grads, ref_grads):
             torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
+        assert torch.equal(grads[1][50:], torch.zeros(10, 16))  # padded rows get no gradient
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_loss(h, head, tg, LossSpec(**spec, chunk_rows=7), 50)[1], ref_terms.detach(),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_tail_bucket_is_exact_where_renorm_is_biased():
