@@ -59,22 +59,20 @@ def student_support(logits: torch.Tensor, ids: torch.Tensor, mode: str, temperat
     return L.support(lp.gather(1, ids), L.tail_logmass(lp, ids), mode)
 
 
-def terms_from_logits(logits: torch.Tensor, tg: dict, spec: LossSpec) -> torch.Tensor:
-    """Sums of the active terms over the rows of one chunk, shape (n_active,).
-
-    logits (c, V) float32; tg holds (c, k) ids/log-probs, (c,) tails and next tokens.
-    """
-    ids, tau = tg["topk_ids"], spec.temperature
+def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> torch.Tensor:
+    """Sums of the active terms, (n_active,), from the student's only vocabulary-wide quantities:
+    log-probs at the support ids (c, k) and tail log-mass (c,) at the temperature, and the
+    log-prob of the reference next token (c,) at temperature 1 (for SFT)."""
+    tau = spec.temperature
     scale = tau * tau  # Hinton: keep gradient magnitudes comparable across temperatures
-    out = []
-    student = student_support(logits, ids, spec.tail, tau) if set(spec.active) - {"sft"} else None
+    student = L.support(s_vals, s_tail, spec.tail) if set(spec.active) - {"sft"} else None
     ft = L.support(tg["logp_ft"], tg["tail_ft"], spec.tail, tau)
     base = L.support(tg["logp_ft"] - tg["delta"], tg["tail_base"], spec.tail, tau)
     s0 = L.support(tg["logp_s0"], tg["tail_s0"], spec.tail, tau) if spec.needs_student_base else None
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
+    out = []
     for t in spec.active:
         if t == "sft":
-            lp_next = torch.log_softmax(logits, dim=-1).gather(1, tg["next_tokens"][:, None])[:, 0]
             out.append(L.sft_loss(lp_next)[0])
         elif t == "kd":
             out.append(scale * L.kd_loss(student, ft, **kw)[0])
@@ -85,6 +83,50 @@ def terms_from_logits(logits: torch.Tensor, tg: dict, spec: LossSpec) -> torch.T
         elif t == "p3":
             out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha)[0])
     return torch.stack(out)
+
+
+def terms_from_logits(logits: torch.Tensor, tg: dict, spec: LossSpec) -> torch.Tensor:
+    """Sums of the active terms over the rows of one chunk, shape (n_active,); plain autograd.
+
+    logits (c, V) float32; tg holds (c, k) ids/log-probs, (c,) tails and next tokens.
+    """
+    ids, nxt = tg["topk_ids"], tg["next_tokens"][:, None]
+    lp_t = torch.log_softmax(logits / spec.temperature, dim=-1)
+    lp_1 = lp_t if spec.temperature == 1.0 else torch.log_softmax(logits, dim=-1)
+    return terms_from_support(lp_t.gather(1, ids), L.tail_logmass(lp_t, ids), lp_1.gather(1, nxt)[:, 0], tg, spec)
+
+
+def _fused_chunk(z: torch.Tensor, tg: dict, spec: LossSpec, weights: torch.Tensor):
+    """Terms (n_active,) and d(Σ weights·terms)/dz (c, V) for temperature 1, consuming z.
+
+    With p = softmax(z), T the tail mass outside the support S, and a, a_y, b the
+    gradients of the loss w.r.t. the support log-probs, the next-token log-prob and
+    the tail log-mass (cheap: autograd on (c, k) tensors):
+        dL/dz_j = a_j·[j∈S] + a_y·[j=y] − p_j·A + (b/T)·p_j·[j∉S],  A = Σa + a_y + b.
+    This needs one exp pass over (c, V) and no (c, V) tensor besides z itself.
+    """
+    ids, nxt = tg["topk_ids"], tg["next_tokens"][:, None]
+    z_s, z_y = z.gather(1, ids), z.gather(1, nxt)[:, 0]
+    m = z.amax(dim=1)
+    e = z.sub_(m[:, None]).exp_()  # (c, V), in place
+    Z = e.sum(dim=1)
+    log_z = Z.log() + m
+    e_s = e.gather(1, ids)
+    t_sum = e.scatter_(1, ids, 0.0).sum(dim=1)  # e now holds the tail entries only
+    with torch.enable_grad():
+        leaves = [(z_s - log_z[:, None]).requires_grad_(True), (t_sum.log() + m - log_z).requires_grad_(True),
+                  (z_y - log_z).requires_grad_(True)]
+        terms = terms_from_support(*leaves, tg, spec)
+        grads = torch.autograd.grad((terms * weights).sum(), leaves, allow_unused=True)
+    a, b, a_y = (torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
+    live = t_sum > 0  # an empty tail (k = V) has no gradient to pass on
+    b = torch.where(live, b, torch.zeros((), dtype=b.dtype))
+    A = a.sum(1) + a_y + b
+    coef = (-A + torch.where(live, b * Z / torch.where(live, t_sum, 1.0), torch.zeros((), dtype=b.dtype))) / Z
+    g = e.mul_(coef[:, None])
+    g.scatter_(1, ids, a - (e_s / Z[:, None]) * A[:, None])
+    g.scatter_add_(1, nxt, a_y[:, None])
+    return terms.detach(), g
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -102,16 +144,20 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros_like(weight)
         grad_b = torch.zeros_like(bias) if bias is not None else None
-        sums = hidden.new_zeros(len(spec.active), dtype=torch.float32)
+        sums = hidden.new_zeros(len(spec.active), dtype=L._f(hidden).dtype)
         w_v = weight[:vocab]  # (V, H): output rows beyond the tokenizer get no gradient
         b_v = bias[:vocab] if bias is not None else None
         for s in range(0, n, rows):
             h = hidden[s:s + rows]
             tg = {k: v[s:s + rows] for k, v in zip(keys, tg_values)}
-            with torch.enable_grad():
-                logits = torch.nn.functional.linear(h, w_v, b_v).float().requires_grad_(True)  # (c, V)
-                terms = terms_from_logits(logits, tg, spec)
-                (g,) = torch.autograd.grad((terms * weights).sum(), logits)
+            logits = L._f(torch.nn.functional.linear(h, w_v, b_v))  # (c, V), float32 or float64
+            if spec.temperature == 1.0:
+                terms, g = _fused_chunk(logits, tg, spec, weights)
+            else:  # two softmaxes (τ and 1): plain autograd on the chunk
+                with torch.enable_grad():
+                    logits.requires_grad_(True)
+                    terms = terms_from_logits(logits, tg, spec)
+                    (g,) = torch.autograd.grad((terms * weights).sum(), logits)
             sums += terms.detach()
             g = g.to(weight.dtype)
             grad_h[s:s + rows] = g @ w_v
@@ -141,7 +187,8 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict, spe
     for k, v in targets.items():
         assert v.shape[0] == n, f"target {k} has {v.shape[0]} rows, hidden has {n}"
     keys = sorted(targets)
-    weights = torch.tensor([float(spec.weights[t]) for t in spec.active], device=hidden.device)
+    weights = torch.tensor([float(spec.weights[t]) for t in spec.active], device=hidden.device,
+                           dtype=L._f(hidden).dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
         return _FusedHeadLoss.apply(hidden, head.weight, head.bias, weights, vocab, spec, keys,
                                     *[targets[k] for k in keys])

@@ -122,15 +122,19 @@ def test_all_masked_rows_give_zero_not_nan():
     assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
 @pytest.mark.parametrize("tail", ["bucket", "renorm"])
-def test_fused_chunked_loss_equals_plain_autograd_value_and_gradient(tail):
+def test_fused_chunked_loss_equals_plain_autograd_value_and_gradient(tail, temperature):
     """The fused chunked path against plain autograd through full logits (the naive loss)."""
     torch.manual_seed(0)
     lT, lB, lS0 = (x.float() for x in dists(5, n=37, v=50))
-    tg = cached_targets(lT, lB, lS0, 8, torch.randint(0, 50, (37,)))
+    nxt = torch.randint(0, 50, (37,))
+    nxt[:5] = lT.argmax(-1)[:5]  # some next tokens inside the support, most outside
+    tg = cached_targets(lT, lB, lS0, 8, nxt)
     head = torch.nn.Linear(16, 60, bias=True)  # 60 rows: 10 padded beyond the vocabulary
     h = torch.randn(37, 16, requires_grad=True)
-    spec = dict(weights={"sft": 0.3, "kd": 1.0, "p1": 1.0, "p2": 0.5, "p3": 0.2}, tail=tail, temperature=1.5, alpha=0.8)
+    spec = dict(weights={"sft": 0.3, "kd": 1.0, "p1": 1.0, "p2": 0.5, "p3": 0.2}, tail=tail, temperature=temperature,
+                alpha=0.8)
     ref_terms = terms_from_logits(head(h).float()[:, :50], tg, LossSpec(**spec))
     ref_total = (ref_terms * torch.tensor([0.3, 1.0, 1.0, 0.5, 0.2])).sum()
     ref_grads = torch.autograd.grad(2.5 * ref_total, [h, head.weight, head.bias])
@@ -145,6 +149,24 @@ def test_fused_chunked_loss_equals_plain_autograd_value_and_gradient(tail):
     with torch.no_grad():
         torch.testing.assert_close(chunked_loss(h, head, tg, LossSpec(**spec, chunk_rows=7), 50)[1], ref_terms.detach(),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_gradient_at_k_equal_vocab_matches_full_vocabulary(kind):
+    """The analytic path with an empty tail (k = V), against the float64 reference terms."""
+    lT, lB, lS0 = dists(7)
+    h = torch.randn(N, 6, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(6, V, bias=False).double()
+    spec = LossSpec(weights={"kd": 1.0, "p1": 0.5, "p2": 0.25, "sft": 0.1}, divergence=kind, alpha=0.7, chunk_rows=4)
+    nxt = torch.randint(0, V, (N,))
+    total, _ = chunked_loss(h, head, cached_targets(lT, lB, lS0, V, nxt), spec, V)
+    lθ = torch.log_softmax(head(h), -1)
+    ref = (ref_terms(lθ, lT, lB, lS0, "kd", kind, 0.7) + 0.5 * ref_terms(lθ, lT, lB, lS0, "p1", kind, 0.7)
+           + 0.25 * ref_terms(lθ, lT, lB, lS0, "p2", kind, 0.7) - 0.1 * lθ.gather(1, nxt[:, None]).sum())
+    g, g_ref = (torch.autograd.grad(x, [h, head.weight]) for x in (total, ref))
+    torch.testing.assert_close(total.detach(), ref.detach(), rtol=1e-9, atol=1e-9)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
 def test_tail_bucket_is_exact_where_renorm_is_biased():
