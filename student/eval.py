@@ -43,11 +43,16 @@ class EvalConfig:
 
 def read_eval_examples(path: str) -> list[tuple[Record, str]]:
     """(record, reference) pairs; Self-Instruct files give one pair per instance."""
-    first = next((l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()), None) \
-        if Path(path).exists() else None
-    if first and "instances" in json.loads(first):
+    p = Path(path)
+    lines = p.read_text(encoding="utf-8").splitlines() if p.exists() else []
+    first = next((l for l in lines if l.strip()), None)
+    try:
+        self_instruct = first is not None and "instances" in json.loads(first)
+    except json.JSONDecodeError:
+        self_instruct = False  # read_records reports the bad line with its number
+    if self_instruct:
         out = []
-        for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             obj = json.loads(line)
@@ -81,7 +86,6 @@ def _scorer(mod):
 def generate(model, tok, records: list[Record], cfg: EvalConfig, seed: int, bar=None) -> list[str]:
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    outs = []
     order = sorted(range(len(records)), key=lambda i: -len(records[i].messages[-1][1]))
     prompts = {i: encode_prompt(tok, records[i])[-cfg.max_prompt_tokens:] for i in order}
     texts: dict[int, str] = {}
@@ -103,8 +107,7 @@ def generate(model, tok, records: list[Record], cfg: EvalConfig, seed: int, bar=
             texts[i] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
         if bar is not None:
             bar.update(len(idx))
-    outs = [texts[i] for i in range(len(records))]
-    return outs
+    return [texts[i] for i in range(len(records))]
 
 
 def evaluate_model(path: str, examples, cfg: EvalConfig, out_dir: Path) -> dict:
