@@ -88,6 +88,7 @@ def format_summary(s: dict, m: dict, tokenizer_path: str | None = None) -> str:
         f"(plain layout {s['raw_bytes_per_supervised_token']} B, ratio {s['bytes_per_supervised_token'] / s['raw_bytes_per_supervised_token']:.2f})",
         f"top-k mass       {q}",
         f"mean KL(ft||base) {s['mean_kl_ft_base']:.4f} nats per supervised position (top-k + tail bucket)",
+        "(token: sum over supervised positions of p_ft - p_base, on the cached top-k)",
         "SFT raised most  " + ", ".join(f"{dec(i)} {v:+.2f}" for i, v in s["raised_most"]),
         "SFT lowered most " + ", ".join(f"{dec(i)} {v:+.2f}" for i, v in s["lowered_most"]),
     ]
