@@ -25,13 +25,13 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         help_ = f.metadata.get("help", "")
         if tp is bool:
-            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=None if not required else None,
+            # default None: an option not given leaves the config file's (or dataclass's) value.
+            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"{help_} (default: {f.default})")
         else:
-            default = None
             if not required:
                 help_ += f" (default: {f.default})"
-            parser.add_argument(opt, type=tp, default=default, required=False, help=help_ + (" [required]" if required else ""),
+            parser.add_argument(opt, type=tp, default=None, required=False, help=help_ + (" [required]" if required else ""),
                                 choices=f.metadata.get("choices"))
 
 
