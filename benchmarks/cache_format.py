@@ -20,7 +20,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 

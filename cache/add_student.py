@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import schema
-from .builder import CacheBuildConfig, Sequence, commit_student_shard, ids_from_committed, run_phases, _load_stage
-from .forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows, tokenizer_identity
+from .builder import CacheBuildConfig, Sequence, commit_student_shard, run_phases, _load_stage
+from .forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows
+from .records import tokenizer_identity
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def add_student(cfg: AddStudentConfig) -> dict:
                             batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, dtype=manifest["value_dtype"],
                             model_dtype=cfg.model_dtype, device=cfg.device)
     timings = run_phases(root, todo, shards, {"s0": cfg.student_base}, bcfg, manifest["vocab_size"],
-                         tok.pad_token_id or 0, rank=0, ids_from_cache=lambda n: ids_from_committed(root, n))
+                         tok.pad_token_id or 0, rank=0)
     for n in todo:
         commit_student_shard(root, n, _load_stage(root, n, "s0"), manifest["k"], manifest["value_dtype"], ident)
         shutil.rmtree(root / "stage" / n, ignore_errors=True)

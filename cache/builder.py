@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import shutil
 import time
@@ -25,8 +26,8 @@ import torch
 
 from . import dist, schema
 from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, logit_chunks,
-                      output_rows, support_values, supervised_hidden, tokenizer_identity)
-from .records import data_sha256, encode_record, loss_mask_for, read_records
+                      output_rows, support_values, supervised_hidden)
+from .records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,7 @@ def student_arrays(s0: list[dict], k: int, value_dtype: str):
 
 
 def run_phases(root: Path, names: list[str], shards: dict[str, list[Sequence]], phases: dict[str, str],
-               cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int, ids_from_cache=None) -> dict:
+               cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int) -> dict:
     """Run each phase's checkpoint over every shard that lacks that phase's stage file."""
     timings = {}
     for phase, path in phases.items():
@@ -272,9 +273,7 @@ def run_phases(root: Path, names: list[str], shards: dict[str, list[Sequence]], 
         total = sum(len(s.tokens) for n in todo for s in shards[n])
         bar = Progress(total, f"[rank {rank}] {phase}", enabled=rank == 0)
         for n in todo:
-            ids = None
-            if phase != "ft":
-                ids = ids_from_cache(n) if ids_from_cache else _load_ids(root, n, shards[n])
+            ids = None if phase == "ft" else _load_ids(root, n)
             res = run_phase(model, phase, shards[n], ids, cfg, vocab, pad_id, bar)
             arrays = {f"{key}_{i}": d[key] for i, d in enumerate(res) for key in d}
             _save_stage(_stage(root, n) / f"{phase}.npz", n=np.int64(len(res)), **arrays)
@@ -293,7 +292,8 @@ def _load_stage(root: Path, name: str, phase: str) -> list[dict]:
     return [{key: z[f"{key}_{i}"] for key in keys} for i in range(n)]
 
 
-def _load_ids(root: Path, name: str, seqs) -> list[np.ndarray]:
+def _load_ids(root: Path, name: str) -> list[np.ndarray]:
+    """Teacher top-k ids per sequence: from this build's stage, else from the committed shard."""
     stage = _stage(root, name) / "ft.npz"
     if stage.exists():
         return [d["ids"] for d in _load_stage(root, name, "ft")]
@@ -336,8 +336,6 @@ def commit_student_shard(root: Path, name: str, s0: list[dict], k: int, value_dt
 
 
 def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> dict:
-    import json
-
     shards = []
     for i in range(ident["n_shards"]):
         meta = root / schema.TEACHER_DIR / schema.shard_name(i) / schema.SHARD_META
@@ -361,8 +359,6 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
 
 
 def build_cache(cfg: CacheBuildConfig) -> dict:
-    import json
-
     rank, world = dist.init()
     root = Path(cfg.out)
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 
-from .records import tokenizer_identity  # noqa: F401  (re-exported for the builder)
-
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +93,3 @@ def _check_arrays(label: str, a: dict, s: dict, m: dict, seen_ids: set) -> list[
     seen_ids |= set(a["example_ids"].tolist())
     return p
 
-
-def build_status(path: str | Path) -> str:
-    """A one-line description of an unfinished build, for error messages."""
-    root = Path(path)
-    b = root / schema.BUILD_FILE
-    if not b.exists():
-        return "no build found"
-    n = json.loads(b.read_text())["n_shards"]
-    done = sum(1 for d in (root / schema.TEACHER_DIR).glob("shard-*") if d.is_dir() and not d.name.endswith(schema.PARTIAL_SUFFIX))
-    return f"{done} of {n} shards committed"

@@ -53,12 +53,6 @@ class LossSpec:
         return any(t in NEEDS_S0 for t in self.active)
 
 
-def student_support(logits: torch.Tensor, ids: torch.Tensor, mode: str, temperature: float):
-    """Student log-probs on the cached support (c, k[+1]) from full logits (c, V)."""
-    lp = torch.log_softmax(logits / temperature, dim=-1)
-    return L.support(lp.gather(1, ids), L.tail_logmass(lp, ids), mode)
-
-
 def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> torch.Tensor:
     """Sums of the active terms, (n_active,), from the student's only vocabulary-wide quantities:
     log-probs at the support ids (c, k) and tail log-mass (c,) at the temperature, and the
