@@ -191,16 +191,22 @@ class Trainer:
         n_local = sum(b.n_supervised for b in micro)
         n_total = int(dist.all_sum(torch.tensor([n_local], dtype=torch.float64), self.world).item())
         term_sums = torch.zeros(len(self.spec.active), device=self.device)
+        losses = []
         self.opt.zero_grad(set_to_none=False)
         for b in micro:
             weighted, sums = self.forward_loss(b.to(self.device))
             loss = weighted / max(n_total, 1)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {self.step + 1} (examples {b.example_ids[:8]}); the optimizer "
-                    f"step was not taken; the last checkpoint in {self.out / 'checkpoints'} is intact")
             loss.backward()
+            losses.append(loss.detach())
             term_sums += sums.detach()
+        # One sync per step, shared by all ranks, so that every rank stops together
+        # (a lone rank raising would leave the others waiting in the all-reduce).
+        finite = torch.isfinite(torch.stack(losses))
+        if dist.all_sum((~finite).sum().float().reshape(1), self.world).item() > 0:
+            bad = [micro[i].example_ids[:8] for i in range(len(micro)) if not finite[i]]
+            raise NonFiniteLoss(
+                f"non-finite loss at step {self.step + 1} (examples {bad or 'on another rank'}); the optimizer "
+                f"step was not taken; the last checkpoint in {self.out / 'checkpoints'} is intact")
         self._reduce_grads()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
         lr = lr_at(self.step, self.cfg, self.total_steps)
