@@ -132,29 +132,25 @@ class StreamingLoader:
 
     # ------------------------------------------------------------ producing
     def _produce(self):
-        st = dict(self.start)
-        epoch = st["epoch"]
-        index = st["index"]
-        first = True
+        epoch, index = self.start["epoch"], self.start["index"]
+        shard0, batch0 = self.start["shard"], self.start["batch"]  # where a resumed run picks up
         while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
             names = self.reader.shard_order(shuffle=self.shuffle, seed=self.seed, epoch=epoch)
-            start_shard = st["shard"] if first else 0
-            for sp in range(start_shard, len(names)):
+            for sp in range(shard0, len(names)):
                 shard = self.reader.read_shard(names[sp], student=self.with_student)
                 plan = self._shard_plan(names[sp], sp, epoch, shard)
-                start_batch = st["batch"] if first and sp == start_shard else 0
-                first = False
-                for b in range(start_batch, len(plan)):
+                for b in range(batch0, len(plan)):
                     mine = index % self.world == self.rank
                     index += 1
-                    nxt = {"epoch": epoch, "shard": sp, "batch": b + 1, "index": index}
                     if not mine:
                         continue
                     ids, att, msk, tg, ex = collate(shard, plan[b], self.pad_id, self.with_student)
+                    nxt = {"epoch": epoch, "shard": sp, "batch": b + 1, "index": index}
                     self._put(Batch(ids, att, msk, tg, ex, nxt))
                     if self._stop.is_set():
                         return
-            first = False
+                batch0 = 0
+            shard0 = 0
             epoch += 1
         self._put(None)
 
