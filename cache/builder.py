@@ -302,9 +302,8 @@ def _load_ids(root: Path, name: str) -> list[np.ndarray]:
 
 def ids_from_committed(root: Path, name: str) -> list[np.ndarray]:
     a = schema.read_group(root / schema.TEACHER_DIR / name, ["topk_ids", "loss_mask", "seq_offsets"])
-    counts = np.add.reduceat(a["loss_mask"].astype(np.int64), a["seq_offsets"][:-1]) if len(a["seq_offsets"]) > 1 else []
-    bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return [a["topk_ids"][bounds[i]:bounds[i + 1]] for i in range(len(counts))]
+    bounds = schema.sup_offsets(a["loss_mask"], a["seq_offsets"])
+    return [a["topk_ids"][bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
 
 
 def commit_shard(root: Path, name: str, seqs, cfg: CacheBuildConfig, vocab: int, student_ident):

@@ -133,11 +133,7 @@ class CacheReader:
                 out[n] = torch.from_numpy(a.astype(bool))
             else:
                 out[n] = torch.from_numpy(a.astype(np.int64))
-        mask, off = raw["loss_mask"].astype(np.int64), raw["seq_offsets"]
-        per_seq = np.add.reduceat(mask, off[:-1]) if len(off) > 1 and len(mask) else np.zeros(len(off) - 1, np.int64)
-        # reduceat gives a wrong value for empty sequences; none are written, but guard anyway.
-        per_seq = np.where(off[1:] > off[:-1], per_seq, 0)
-        return ShardData(out, np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int64))
+        return ShardData(out, schema.sup_offsets(raw["loss_mask"], raw["seq_offsets"]))
 
     def shard_order(self, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> list[str]:
         names = self.shard_names

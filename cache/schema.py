@@ -114,6 +114,18 @@ class ShardInfo:
         return dict(self.__dict__)
 
 
+def sup_offsets(loss_mask: np.ndarray, seq_offsets: np.ndarray) -> np.ndarray:
+    """(N+1,) offsets of each sequence's rows in the per-supervised-position arrays.
+
+    Sequence i owns rows sup_offsets[i]:sup_offsets[i+1] (see Alignment in FORMAT.md).
+    """
+    mask, off = loss_mask.astype(np.int64), np.asarray(seq_offsets)
+    per_seq = np.add.reduceat(mask, off[:-1]) if len(off) > 1 and len(mask) else np.zeros(len(off) - 1, np.int64)
+    # reduceat gives a wrong value for empty sequences; none are written, but guard anyway.
+    per_seq = np.where(off[1:] > off[:-1], per_seq, 0)
+    return np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int64)
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
