@@ -2,18 +2,25 @@
 
     deltakd cache add-student --cache CACHE --student-base S0
 
-The student runs over the cached token ids and is scored at the cached top-k ids.
+The student runs over the cached token ids and is scored at the cached support ids.
 While it runs, the manifest says "no student"; a killed run resumes shard by shard.
+
+What it cannot provide: the Delta-KD target's exact tails (`tail_star`) and, for a
+union support, the new student's own top ids and the target's top ids in the
+support; both need the teachers at the same positions. P1/P3 trained from such a
+cache use the product-formula tail (see FORMAT.md); rebuild with the student base
+for exact targets.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import schema
-from .builder import CacheBuildConfig, Sequence, commit_student_shard, run_phases, _load_stage
+from .builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases
 from .forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows
 from .records import tokenizer_identity
 
@@ -51,6 +58,11 @@ def add_student(cfg: AddStudentConfig) -> dict:
         raise CheckpointError(f"{cfg.student_base}: fewer output rows than the cache's vocabulary ({manifest['vocab_size']})")
     ident = checkpoint_identity(cfg.student_base)
     same = lambda m: m and {k: v for k, v in m.items() if k != "path"} == {k: v for k, v in ident.items() if k != "path"}  # noqa: E731
+    if manifest.get("support") == "union" or (manifest.get("student") or {}).get("alphas"):
+        print(f"deltakd: note: {root} was built with {manifest.get('support')} support; add-student scores "
+              f"{cfg.student_base} on the ids already there but cannot add its own top ids or the Delta-KD target's, "
+              "nor the exact target tails (they need the teachers at the same positions): P1/P3 will use the "
+              "product-formula tail. Rebuild with --student-base for exact targets.", file=sys.stderr)
     sdir = root / schema.STUDENT_DIR
     if manifest.get("student") and not same(manifest["student"]["checkpoint"]):
         # Announce "no student" first, so a crash below never leaves a manifest that
@@ -70,15 +82,15 @@ def add_student(cfg: AddStudentConfig) -> dict:
     todo = [n for n in names if not (sdir / n).exists()]
     shards = {n: cached_sequences(root, n) for n in todo}
     bcfg = CacheBuildConfig(teacher_ft="", teacher_base="", data="", out=str(root), top_k=manifest["k"],
-                            batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows, dtype=manifest["value_dtype"],
-                            model_dtype=cfg.model_dtype, device=cfg.device)
+                            support="topk", mode="sequential", batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows,
+                            dtype=manifest["value_dtype"], model_dtype=cfg.model_dtype, device=cfg.device)
     timings = run_phases(root, todo, shards, {"s0": cfg.student_base}, bcfg, manifest["vocab_size"],
                          tok.pad_token_id or 0, rank=0)
     for n in todo:
-        commit_student_shard(root, n, _load_stage(root, n, "s0"), manifest["k"], manifest["value_dtype"], ident)
-        shutil.rmtree(root / "stage" / n, ignore_errors=True)
+        commit_student_shard(root, n, _load_stage(root, n, "s0"), manifest["value_dtype"], ident)
+    shutil.rmtree(root / "stage", ignore_errors=True)  # a finished cache has no stage
     metas = [json.loads((sdir / n / schema.SHARD_META).read_text()) for n in names]
-    manifest["student"] = {"checkpoint": ident,
+    manifest["student"] = {"checkpoint": ident, "alphas": [],
                            "shards": [{k: v for k, v in m.items() if k != "student_base"} for m in metas]}
     manifest.setdefault("summary", {})["add_student"] = timings
     schema.write_json_atomic(mpath, manifest)

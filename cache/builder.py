@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from . import dist, schema
-from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, logit_chunks,
-                      output_rows, support_values, supervised_hidden)
+from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, lockstep_rows, logit_chunks,
+                      output_rows, supervised_hidden)
+from .support import pad_ragged, support_logprobs
 from .records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
 
 
@@ -37,7 +38,11 @@ class CacheBuildConfig:
     data: str = field(metadata={"help": "JSONL with prompt/response fields or chat messages"})
     out: str = field(metadata={"help": "cache folder to create or resume"})
     student_base: str | None = field(default=None, metadata={"help": "student before distillation (optional; see `cache add-student`)"})
-    top_k: int = field(default=64, metadata={"help": "teacher ids kept per supervised position"})
+    support: str = field(default="union", metadata={"help": "union: top-k of every model and of the Delta-KD target per alpha (every objective faithful); topk: top-k of the finetuned teacher only (forward KL only; accepts add-student)", "choices": ("union", "topk")})
+    top_k: int = field(default=16, metadata={"help": "ids taken from each distribution per supervised position (topk: 64 is the usual choice)"})
+    alphas: str = field(default="0.5,1,1.5", metadata={"help": "comma-separated alpha grid of the exact Delta-KD target tails (training refuses other alphas)"})
+    floor: str = field(default="-12", metadata={"help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none'"})
+    mode: str = field(default="lockstep", metadata={"help": "lockstep: all checkpoints resident, run together on each batch (needed for union and exact target tails); sequential: one model in memory at a time (topk only)", "choices": ("lockstep", "sequential")})
     max_length: int = field(default=1024, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
     chunk_rows: int = field(default=1024, metadata={"help": "supervised rows projected to the vocabulary at once (memory peak)"})
@@ -56,6 +61,24 @@ class CacheBuildConfig:
         schema.storage_dtype(self.dtype)
         if self.model_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"--model-dtype {self.model_dtype!r}: use float32, bfloat16 or float16")
+        if self.support not in schema.SUPPORTS:
+            raise ValueError(f"--support {self.support!r}: choose one of {', '.join(schema.SUPPORTS)}")
+        if self.mode not in ("lockstep", "sequential"):
+            raise ValueError(f"--mode {self.mode!r}: choose lockstep or sequential")
+        if self.mode == "sequential" and self.support == "union":
+            raise ValueError("--support union needs --mode lockstep: the top ids of the Delta-KD target and its exact "
+                             "tail need all checkpoints at the same position at once; use --support topk for a "
+                             "one-model-at-a-time build")
+        self.alpha_grid, self.floor_value  # validates both
+
+    @property
+    def alpha_grid(self) -> tuple[float, ...]:
+        return schema.parse_alphas(self.alphas)
+
+    @property
+    def floor_value(self) -> float | None:
+        return schema.parse_floor(self.floor)
+
 
 
 @dataclass
@@ -111,17 +134,23 @@ def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan: Plan) -> dict:
     """What makes two builds produce the same cache; a resume must match it exactly."""
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}
     ident = {
-        "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": "topk",
+        "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": cfg.support,
         "checkpoints": {r: checkpoint_identity(p) for r, p in roles.items()},
         "tokenizer": tok_id,
         "data": {"path": str(Path(cfg.data).resolve()), "sha256": data_sha256(cfg.data)},
-        "k": cfg.top_k, "value_dtype": cfg.dtype, "model_dtype": cfg.model_dtype,
+        "k": cfg.top_k, "value_dtype": cfg.dtype, "model_dtype": cfg.model_dtype, "mode": cfg.mode,
+        "alphas": list(star_alphas(cfg)), "floor": cfg.floor_value,
         "max_length": cfg.max_length, "shard_tokens": cfg.shard_tokens,
         "n_shards": len(plan.shards), "n_truncated": plan.n_truncated,
     }
     if cfg.student_base:
         ident["student_base"] = checkpoint_identity(cfg.student_base)
     return ident
+
+
+def star_alphas(cfg: CacheBuildConfig) -> tuple[float, ...]:
+    """The alphas whose exact target tails this build stores: only a lockstep build with a student base has them."""
+    return cfg.alpha_grid if cfg.mode == "lockstep" and cfg.student_base else ()
 
 
 def _same_identity(a: dict, b: dict) -> list[str]:
@@ -138,7 +167,11 @@ def _same_identity(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
 
 
-# ---------------------------------------------------------------- phases
+# ---------------------------------------------------------------- running models
+# A per-sequence result is a dict of numpy arrays: row arrays (one entry per
+# supervised position: "len", "tail_<role>", "tail_star") and entry arrays (one per
+# support id: "ids", "<role>" log-probs), roles being "ft", "base" and "s0".
+ROW_KEYS = ("len", "tail_ft", "tail_base", "tail_s0", "tail_star")
 PHASES = ("ft", "base", "s0")
 
 
@@ -160,62 +193,112 @@ def _batches(seqs: list[Sequence], batch_size: int):
         yield order[s:s + batch_size]
 
 
-def run_phase(model, phase: str, seqs: list[Sequence], ids_by_seq, cfg: CacheBuildConfig, vocab: int, pad_id: int, bar):
-    """One checkpoint over one shard. Returns per-sequence dicts of float32/int arrays."""
+def _pad_batch(seqs: list[Sequence], batch: list[int], pad_id: int, device):
+    L = max(len(seqs[i].tokens) for i in batch)
+    inp = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(batch), L), dtype=torch.long)
+    msk = torch.zeros((len(batch), L), dtype=torch.long)
+    for r, i in enumerate(batch):
+        n = len(seqs[i].tokens)
+        inp[r, :n] = torch.tensor(seqs[i].tokens)
+        att[r, :n] = 1
+        msk[r, :n] = torch.tensor(seqs[i].loss_mask)
+    return inp.to(device), att.to(device), msk.to(device)
+
+
+def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, ids_flat, lengths):
+    """Results of one batch's supervised rows (flat torch tensors), chunk by chunk."""
+    roles = list(models)
+    n = next(iter(hidden.values())).shape[0]
+    parts = []
+    row_start = torch.cumsum(lengths, 0) - lengths if lengths is not None else None
+    for s in range(0, n, cfg.chunk_rows):
+        sl = slice(s, min(n, s + cfg.chunk_rows))
+        logits = {r: next(logit_chunks(models[r], hidden[r][sl], vocab, sl.stop - sl.start))[1] for r in roles}
+        if ids_flat is None and (len(roles) > 1 or cfg.support == "union"):
+            parts.append(lockstep_rows(logits, cfg.support, cfg.top_k, star_alphas(cfg), cfg.floor_value))
+            continue
+        if ids_flat is None:  # sequential "ft" phase: the top-k of πT, ids ascending
+            z = logits["ft"]
+            ids = z.topk(min(cfg.top_k, vocab), dim=1).indices.sort(dim=1).values
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            ln = torch.full((ids.shape[0],), ids.shape[1], dtype=torch.long)
+        else:  # a later phase: the ids the support already has
+            ln = lengths[sl]
+            idx, valid = pad_ragged(ln)
+            ids = ids_flat[int(row_start[sl.start]) + idx].to(logits[roles[0]].device)
+            valid = valid.to(ids.device)
+        (r,) = roles
+        vals, tail, _, _ = support_logprobs(logits[r], ids, valid)
+        out = {r: vals[valid].cpu(), f"tail_{r}": tail.cpu()}
+        if ids_flat is None:
+            out |= {"ids": ids[valid].cpu(), "len": ln}
+        parts.append(out)
+    if not parts:
+        return {}
+    return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+def run_batches(models: dict, seqs: list[Sequence], cfg: CacheBuildConfig, vocab: int, pad_id: int, bar,
+                support_of_seq=None) -> list[dict]:
+    """The given models over one shard, together on each batch. Returns per-sequence result dicts.
+
+    With `support_of_seq` (per sequence: (lengths, ids)), the models are scored on that
+    support; otherwise the support is chosen here (top-k of πT, or the union).
+    """
     out: list[dict | None] = [None] * len(seqs)
-    device = next(model.parameters()).device
+    device = next(next(iter(models.values())).parameters()).device
     for batch in _batches(seqs, cfg.batch_size):
-        L = max(len(seqs[i].tokens) for i in batch)
-        inp = torch.full((len(batch), L), pad_id, dtype=torch.long)
-        att = torch.zeros((len(batch), L), dtype=torch.long)
-        msk = torch.zeros((len(batch), L), dtype=torch.long)
-        for r, i in enumerate(batch):
-            n = len(seqs[i].tokens)
-            inp[r, :n] = torch.tensor(seqs[i].tokens)
-            att[r, :n] = 1
-            msk[r, :n] = torch.tensor(seqs[i].loss_mask)
-        hidden = supervised_hidden(model, inp.to(device), att.to(device), msk.to(device))
+        inp, att, msk = _pad_batch(seqs, batch, pad_id, device)
+        hidden = {r: supervised_hidden(m, inp, att, msk) for r, m in models.items()}
         counts = msk.sum(1).tolist()
-        if phase == "ft":
-            k = min(cfg.top_k, vocab)
-            ids_all, vals_all, tail_all = [], [], []
-            for _, logits in logit_chunks(model, hidden, vocab, cfg.chunk_rows):
-                ids = logits.topk(k, dim=1).indices  # sorted, most probable first
-                vals, tail = support_values(logits, ids)
-                ids_all.append(ids.cpu()); vals_all.append(vals.cpu()); tail_all.append(tail.cpu())
-            res = {"ids": torch.cat(ids_all) if ids_all else torch.zeros(0, k, dtype=torch.long),
-                   "vals": torch.cat(vals_all) if vals_all else torch.zeros(0, k),
-                   "tail": torch.cat(tail_all) if tail_all else torch.zeros(0)}
-        else:
-            ids = torch.cat([torch.from_numpy(ids_by_seq[i]) for i in batch]).long().to(device)
-            vals_all, tail_all = [], []
-            for sl, logits in logit_chunks(model, hidden, vocab, cfg.chunk_rows):
-                vals, tail = support_values(logits, ids[sl])
-                vals_all.append(vals.cpu()); tail_all.append(tail.cpu())
-            res = {"vals": torch.cat(vals_all) if vals_all else torch.zeros(0, ids.shape[1]),
-                   "tail": torch.cat(tail_all) if tail_all else torch.zeros(0)}
-        bad = ~torch.isfinite(res["vals"]).all(1) | torch.isnan(res["tail"]) | (res["tail"] == float("inf"))
-        if bad.any():
-            row = int(bad.nonzero()[0, 0])
-            seq_i = batch[int(np.searchsorted(np.cumsum(counts), row, side="right"))]
-            raise FloatingPointError(
-                f"{phase} checkpoint produced NaN/Inf log-probs for example {seqs[seq_i].example_id} "
-                f"(line {seqs[seq_i].example_id + 1} of the data, counting non-blank lines); "
-                "try --model-dtype float32 or check the checkpoint")
-        start = 0
+        ids_flat = lengths = None
+        if support_of_seq is not None:
+            lengths = torch.from_numpy(np.concatenate([support_of_seq[i][0] for i in batch])).long()
+            ids_flat = torch.from_numpy(np.concatenate([support_of_seq[i][1] for i in batch])).long()
+        res = _chunk_rows(models, hidden, vocab, cfg, ids_flat, lengths)
+        if support_of_seq is not None:
+            res["len"] = lengths
+        _check_finite(res, counts, batch, seqs, "+".join(models))
+        row0 = ent0 = 0
         for r, i in enumerate(batch):
             n = counts[r]
-            out[i] = {key: v[start:start + n].numpy() for key, v in res.items()}
-            start += n
+            e = int(res["len"][row0:row0 + n].sum())
+            out[i] = {key: (v[row0:row0 + n] if key in ROW_KEYS else v[ent0:ent0 + e]).numpy()
+                      for key, v in res.items() if key != "len" or support_of_seq is None}
+            row0, ent0 = row0 + n, ent0 + e
         bar.update(sum(len(seqs[i].tokens) for i in batch), len(batch))
     return out
 
 
-def _pack(per_seq: list[dict], key: str, width: int | None) -> np.ndarray:
-    parts = [d[key] for d in per_seq]
-    if parts:
-        return np.concatenate(parts)
-    return np.zeros((0, width) if width else (0,), dtype=np.float32)
+def _check_finite(res: dict, counts: list[int], batch: list[int], seqs: list[Sequence], phase: str):
+    """Stop on NaN/Inf log-probs and name the example (support log-probs are finite by construction)."""
+    if not counts or sum(counts) == 0:
+        return
+    row_bad = torch.zeros(sum(counts), dtype=torch.bool)
+    for key, v in res.items():
+        if key in ("len", "ids"):
+            continue
+        if key in ROW_KEYS:  # a tail may be -inf (the support covers the vocabulary), never NaN/+inf
+            b = torch.isnan(v) | (v == float("inf"))
+            row_bad |= b.reshape(b.shape[0], -1).any(1)
+        else:
+            ent_bad = ~torch.isfinite(v)
+            if ent_bad.any():
+                row_of_entry = torch.repeat_interleave(torch.arange(len(res["len"])), res["len"])
+                row_bad[row_of_entry[ent_bad]] = True
+    if row_bad.any():
+        row = int(row_bad.nonzero()[0, 0])
+        seq_i = batch[int(np.searchsorted(np.cumsum(counts), row, side="right"))]
+        raise FloatingPointError(
+            f"{phase} checkpoint produced NaN/Inf log-probs for example {seqs[seq_i].example_id} "
+            f"(line {seqs[seq_i].example_id + 1} of the data, counting non-blank lines); "
+            "try --model-dtype float32 or check the checkpoint")
+
+
+def _pack(per_seq: list[dict], key: str) -> np.ndarray:
+    parts = [d[key] for d in per_seq if key in d]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
 class Progress:
@@ -239,50 +322,62 @@ class Progress:
         return time.perf_counter() - self.t0
 
 
-def teacher_arrays(seqs: list[Sequence], ft: list[dict], base: list[dict], k: int, vocab: int, value_dtype: str):
-    tokens = np.concatenate([np.asarray(s.tokens) for s in seqs]).astype(schema.id_dtype(vocab))
-    mask = np.concatenate([np.asarray(s.loss_mask) for s in seqs]).astype(np.uint8)
-    offsets = np.concatenate([[0], np.cumsum([len(s.tokens) for s in seqs])]).astype(np.int64)
-    logp_ft = _pack(ft, "vals", k)
-    # Delta is formed in float32 from float32 log-probs, then rounded once.
-    delta = logp_ft - _pack(base, "vals", k)
+def teacher_arrays(seqs: list[Sequence], res: list[dict], vocab: int, value_dtype: str) -> dict[str, np.ndarray]:
     enc = lambda x: schema.encode_values(x, value_dtype)  # noqa: E731
     return {
-        "tokens": tokens, "loss_mask": mask, "seq_offsets": offsets,
+        "tokens": np.concatenate([np.asarray(s.tokens) for s in seqs]).astype(schema.id_dtype(vocab)),
+        "loss_mask": np.concatenate([np.asarray(s.loss_mask) for s in seqs]).astype(np.uint8),
+        "seq_offsets": np.concatenate([[0], np.cumsum([len(s.tokens) for s in seqs])]).astype(np.int64),
         "example_ids": np.asarray([s.example_id for s in seqs], dtype=np.int64),
-        "topk_ids": _pack(ft, "ids", k).astype(schema.id_dtype(vocab)),
-        "logp_ft": enc(logp_ft), "delta": enc(delta),
-        "tail_ft": enc(_pack(ft, "tail", None)), "tail_base": enc(_pack(base, "tail", None)),
+        "support_len": _pack(res, "len").astype(np.uint16),
+        "support_ids": _pack(res, "ids").astype(schema.id_dtype(vocab)),
+        "logp_ft": enc(_pack(res, "ft")), "logp_base": enc(_pack(res, "base")),
+        "tail_ft": enc(_pack(res, "tail_ft")), "tail_base": enc(_pack(res, "tail_base")),
     }
 
 
-def student_arrays(s0: list[dict], k: int, value_dtype: str):
-    return {"logp_s0": schema.encode_values(_pack(s0, "vals", k), value_dtype),
-            "tail_s0": schema.encode_values(_pack(s0, "tail", None), value_dtype)}
+def student_arrays(res: list[dict], value_dtype: str) -> dict[str, np.ndarray]:
+    out = {"logp_s0": schema.encode_values(_pack(res, "s0"), value_dtype),
+           "tail_s0": schema.encode_values(_pack(res, "tail_s0"), value_dtype)}
+    if res and "tail_star" in res[0]:
+        out["tail_star"] = schema.encode_values(np.concatenate([d["tail_star"] for d in res]), value_dtype)
+    return out
+
+
+def _load_models(phases: dict[str, str], cfg: CacheBuildConfig) -> dict:
+    return {r: load_model(p, cfg.device, cfg.model_dtype) for r, p in phases.items()}
+
+
+def _free(models: dict):
+    models.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_phases(root: Path, names: list[str], shards: dict[str, list[Sequence]], phases: dict[str, str],
                cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int) -> dict:
-    """Run each phase's checkpoint over every shard that lacks that phase's stage file."""
+    """Sequential mode: each phase's checkpoint over every shard that lacks that phase's stage file."""
     timings = {}
     for phase, path in phases.items():
         todo = [n for n in names if not (_stage(root, n) / f"{phase}.npz").exists()]
         if not todo:
             continue
-        model = load_model(path, cfg.device, cfg.model_dtype)
+        models = _load_models({phase: path}, cfg)
         total = sum(len(s.tokens) for n in todo for s in shards[n])
         bar = Progress(total, f"[rank {rank}] {phase}", enabled=rank == 0)
         for n in todo:
-            ids = None if phase == "ft" else _load_ids(root, n)
-            res = run_phase(model, phase, shards[n], ids, cfg, vocab, pad_id, bar)
-            arrays = {f"{key}_{i}": d[key] for i, d in enumerate(res) for key in d}
-            _save_stage(_stage(root, n) / f"{phase}.npz", n=np.int64(len(res)), **arrays)
+            sup = None if phase == "ft" else _load_support(root, n)
+            res = run_batches(models, shards[n], cfg, vocab, pad_id, bar, sup)
+            _save_stage(_stage(root, n) / f"{phase}.npz", **_flatten(res))
         timings[phase] = {"seconds": bar.close(), "tokens": total}
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free(models)
     return timings
+
+
+def _flatten(res: list[dict]) -> dict[str, np.ndarray]:
+    arrays = {f"{key}_{i}": v for i, d in enumerate(res) for key, v in d.items()}
+    return {"n": np.int64(len(res)), **arrays}
 
 
 def _load_stage(root: Path, name: str, phase: str) -> list[dict]:
@@ -292,42 +387,69 @@ def _load_stage(root: Path, name: str, phase: str) -> list[dict]:
     return [{key: z[f"{key}_{i}"] for key in keys} for i in range(n)]
 
 
-def _load_ids(root: Path, name: str) -> list[np.ndarray]:
-    """Teacher top-k ids per sequence: from this build's stage, else from the committed shard."""
-    stage = _stage(root, name) / "ft.npz"
-    if stage.exists():
-        return [d["ids"] for d in _load_stage(root, name, "ft")]
-    return ids_from_committed(root, name)
+def _load_support(root: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(lengths, ids) per sequence: from this build's stage, else from the committed shard."""
+    if (_stage(root, name) / "ft.npz").exists():
+        return [(d["len"], d["ids"]) for d in _load_stage(root, name, "ft")]
+    return support_from_committed(root, name)
 
 
-def ids_from_committed(root: Path, name: str) -> list[np.ndarray]:
-    a = schema.read_group(root / schema.TEACHER_DIR / name, ["topk_ids", "loss_mask", "seq_offsets"])
-    bounds = schema.sup_offsets(a["loss_mask"], a["seq_offsets"])
-    return [a["topk_ids"][bounds[i]:bounds[i + 1]] for i in range(len(bounds) - 1)]
+def support_from_committed(root: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(lengths, ids) per sequence of a committed shard, version 1 (k ids a row) or 2."""
+    g = root / schema.TEACHER_DIR / name
+    meta = json.loads((g / schema.SHARD_META).read_text()) if (g / schema.SHARD_META).exists() else {}
+    names = ["loss_mask", "seq_offsets"]
+    try:
+        a = schema.read_group(g, names + ["support_len", "support_ids"])
+        lengths, ids = a["support_len"].astype(np.int64), a["support_ids"]
+    except schema.CacheFormatError:
+        if "support_len" in json.dumps(meta):
+            raise
+        a = schema.read_group(g, names + ["topk_ids"])
+        lengths = np.full(a["topk_ids"].shape[0], a["topk_ids"].shape[1], dtype=np.int64)
+        ids = a["topk_ids"].reshape(-1)
+    rows = schema.sup_offsets(a["loss_mask"], a["seq_offsets"])
+    ent = np.concatenate([[0], np.cumsum(lengths)])
+    return [(lengths[rows[i]:rows[i + 1]], ids[ent[rows[i]]:ent[rows[i + 1]]]) for i in range(len(rows) - 1)]
 
 
-def commit_shard(root: Path, name: str, seqs, cfg: CacheBuildConfig, vocab: int, student_ident):
+def run_lockstep(root: Path, names: list[str], shards: dict[str, list[Sequence]], phases: dict[str, str],
+                 cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int, student_ident) -> dict:
+    """Lockstep mode: every checkpoint resident, all of them on each batch; each shard commits when done."""
+    if not names:
+        return {}
+    models = _load_models(phases, cfg)
+    total = sum(len(s.tokens) for n in names for s in shards[n])
+    bar = Progress(total, f"[rank {rank}] {'+'.join(phases)}", enabled=rank == 0)
+    for n in names:
+        res = run_batches(models, shards[n], cfg, vocab, pad_id, bar)
+        commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)
+    timing = {"+".join(phases): {"seconds": bar.close(), "tokens": total}}
+    _free(models)
+    return timing
+
+
+def commit_shard(root: Path, name: str, seqs, res: list[dict], cfg: CacheBuildConfig, vocab: int, student_ident):
     """Write the shard's zarr groups aside and rename them into place; then drop its stage."""
-    k = min(cfg.top_k, vocab)
     tdir = root / schema.TEACHER_DIR / name
     if not tdir.exists():
         part = tdir.with_name(name + schema.PARTIAL_SUFFIX)
         shutil.rmtree(part, ignore_errors=True)
-        arrays = teacher_arrays(seqs, _load_stage(root, name, "ft"), _load_stage(root, name, "base"), k, vocab, cfg.dtype)
+        arrays = teacher_arrays(seqs, res, vocab, cfg.dtype)
         schema.write_group(part, arrays)
-        meta = schema.ShardInfo(name, len(seqs), int(arrays["tokens"].shape[0]), int(arrays["topk_ids"].shape[0]),
-                                schema.group_checksums(part)).to_json()
+        meta = schema.ShardInfo(name, len(seqs), int(arrays["tokens"].shape[0]), int(arrays["support_len"].shape[0]),
+                                schema.group_checksums(part), int(arrays["support_ids"].shape[0])).to_json()
         schema.commit_group(part, tdir, meta)
     if student_ident is not None:
-        commit_student_shard(root, name, _load_stage(root, name, "s0"), k, cfg.dtype, student_ident)
+        commit_student_shard(root, name, res, cfg.dtype, student_ident)
     shutil.rmtree(_stage(root, name), ignore_errors=True)
 
 
-def commit_student_shard(root: Path, name: str, s0: list[dict], k: int, value_dtype: str, student_ident: dict):
+def commit_student_shard(root: Path, name: str, res: list[dict], value_dtype: str, student_ident: dict):
     sdir = root / schema.STUDENT_DIR / name
     part = sdir.with_name(name + schema.PARTIAL_SUFFIX)
     shutil.rmtree(part, ignore_errors=True)
-    arrays = student_arrays(s0, k, value_dtype)
+    arrays = student_arrays(res, value_dtype)
     schema.write_group(part, arrays)
     meta = {"name": name, "n_supervised": int(arrays["tail_s0"].shape[0]),
             "checksums": schema.group_checksums(part), "student_base": student_ident}
@@ -342,16 +464,17 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
     student = None
     if ident.get("student_base"):
         sh = [json.loads((root / schema.STUDENT_DIR / s["name"] / schema.SHARD_META).read_text()) for s in shards]
-        student = {"checkpoint": ident["student_base"], "shards": [{k: v for k, v in m.items() if k != "student_base"} for m in sh]}
+        student = {"checkpoint": ident["student_base"], "alphas": ident["alphas"],
+                   "shards": [{k: v for k, v in m.items() if k != "student_base"} for m in sh]}
+    vocab = ident["tokenizer"]["vocab_size"]
     manifest = {
-        "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": "topk",
-        "k": min(ident["k"], ident["tokenizer"]["vocab_size"]), "vocab_size": ident["tokenizer"]["vocab_size"],
-        "value_dtype": ident["value_dtype"], "id_dtype": str(schema.id_dtype(ident["tokenizer"]["vocab_size"])),
-        "tail": "tail_X = log of the probability mass of model X outside topk_ids (-inf when k = vocab_size)",
-        "delta": "delta = log p_teacher_ft - log p_teacher_base at topk_ids",
+        "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": ident["support"],
+        "k": min(ident["k"], vocab), "vocab_size": vocab, "alphas": ident["alphas"], "floor": ident["floor"],
+        "mode": ident["mode"], "value_dtype": ident["value_dtype"], "id_dtype": str(schema.id_dtype(vocab)),
+        "covers_vocabulary": schema.covers_vocabulary(ident["support"], ident["k"], vocab),
         "checkpoints": ident["checkpoints"], "tokenizer": ident["tokenizer"], "data": ident["data"],
         "build": build_cfg, "summary": summary, "shards": shards, "student": student,
-        "totals": {key: sum(s[key] for s in shards) for key in ("n_seqs", "n_tokens", "n_supervised")},
+        "totals": {key: sum(s[key] for s in shards) for key in ("n_seqs", "n_tokens", "n_supervised", "n_entries")},
     }
     schema.write_json_atomic(root / schema.MANIFEST, manifest)
     return manifest
@@ -397,14 +520,19 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     phases = {"ft": cfg.teacher_ft, "base": cfg.teacher_base}
     if student_ident:
         phases["s0"] = cfg.student_base
-    teacher_pending = [n for n in pending if not (root / schema.TEACHER_DIR / n).exists()]
-    timings = run_phases(root, teacher_pending, shards, {p: phases[p] for p in ("ft", "base")}, cfg,
-                         tok_id["vocab_size"], tok.pad_token_id or 0, rank)
-    if "s0" in phases:
-        timings.update(run_phases(root, pending, shards, {"s0": phases["s0"]}, cfg, tok_id["vocab_size"],
-                                  tok.pad_token_id or 0, rank))
-    for n in pending:
-        commit_shard(root, n, shards[n], cfg, tok_id["vocab_size"], student_ident)
+    vocab, pad_id = tok_id["vocab_size"], tok.pad_token_id or 0
+    if cfg.mode == "lockstep":
+        timings = run_lockstep(root, pending, shards, phases, cfg, vocab, pad_id, rank, student_ident)
+    else:
+        teacher_pending = [n for n in pending if not (root / schema.TEACHER_DIR / n).exists()]
+        timings = run_phases(root, teacher_pending, shards, {p: phases[p] for p in ("ft", "base")}, cfg,
+                             vocab, pad_id, rank)
+        if "s0" in phases:
+            timings.update(run_phases(root, pending, shards, {"s0": phases["s0"]}, cfg, vocab, pad_id, rank))
+        for n in pending:
+            staged = [_load_stage(root, n, p) for p in phases if (_stage(root, n) / f"{p}.npz").exists()]
+            res = [dict(kv for d in per_phase for kv in d.items()) for per_phase in zip(*staged)] if staged else []
+            commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)
     dist.barrier(world)
     summary = {
         "n_records": len(records), "n_truncated": plan.n_truncated, "world_size": world,

@@ -2,7 +2,9 @@
 
 The (batch x length x vocab) logits are never formed: the decoder's final hidden
 states are gathered at supervised positions, then projected to the vocabulary in
-chunks of rows, each chunk reduced to top-k values/ids and tail log-masses at once.
+chunks of rows, each chunk reduced at once to the support's ids, the log-probs on
+it and the tail log-masses (cache/support.py holds the arithmetic shared with the
+trainer).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import hashlib
 from pathlib import Path
 
 import torch
+
+from .support import floored_shift, pad_ragged, support_logprobs
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -91,16 +95,47 @@ def logit_chunks(model, hidden, vocab_size: int, chunk_rows: int):
         yield slice(s, s + logits.shape[0]), logits
 
 
-def support_values(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs at the support ids (c, k) and the log-mass outside it (c,), −inf when k = V.
+@torch.no_grad()
+def lockstep_rows(logits: dict[str, torch.Tensor], support: str, k: int, alphas: tuple[float, ...],
+                  floor: float | None) -> dict[str, torch.Tensor]:
+    """One chunk of rows from every model at once: the support and all values on it.
 
-    Consumes `logits` (overwritten in place, no (c, V) copy) with one exp pass: the
-    normaliser and the tail are sums of positive terms exp(logit − max), so the tail
-    is exact even when the support holds nearly all the mass (no 1 − Σp cancellation).
+    logits: role ("ft", "base", optional "s0") -> (c, V) float32, consumed in place.
+    The support of a row is the top-k of πT ("topk"), or the union of the top-k of πT,
+    πB, πS0 and π*_α for each α ("union"); ids ascend within a row. With the student
+    base present, `tail_star[:, a]` is the exact log Σ_{y∉S} πS0(y)·exp(α_a·Δ(y)) with
+    Δ = floored_shift(lT, lB, floor), unnormalised like the logits lS0 + α·Δ it sums.
+    Returns flat tensors: len (c,), ids/ft/base/s0 (E,), tails (c,), tail_star (c, A).
     """
-    top = logits.gather(1, ids)
-    m = logits.amax(dim=1, keepdim=True)
-    e = logits.sub_(m).exp_()
-    log_z = e.sum(dim=1).log() + m[:, 0]
-    tail_sum = e.scatter_(1, ids, 0.0).sum(dim=1)
-    return top - log_z[:, None], tail_sum.log() + m[:, 0] - log_z
+    # log_softmax in place: the logits are not needed again.
+    lp = {r: x.sub_(x.logsumexp(1, keepdim=True)) for r, x in logits.items()}
+    c, V = lp["ft"].shape
+    kk = min(k, V)
+    mask = torch.zeros((c, V), dtype=torch.bool, device=lp["ft"].device)
+    for r in (("ft",) if support == "topk" else tuple(lp)):
+        mask.scatter_(1, lp[r].topk(kk, dim=1).indices, True)
+    star = "s0" in lp and len(alphas) > 0
+    if star:
+        shift = floored_shift(lp["ft"], lp["base"], floor)  # (c, V)
+        if support == "union":
+            for a in alphas:
+                mask.scatter_(1, (lp["s0"] + a * shift).topk(kk, dim=1).indices, True)
+    lengths = mask.sum(1)
+    cols = mask.nonzero(as_tuple=True)[1]  # row-major: rows in order, ids ascending
+    del mask
+    idx, valid = pad_ragged(lengths.cpu())
+    ids = cols[idx.to(cols.device)]
+    valid = valid.to(ids.device)
+    out = {"len": lengths}
+    if star:
+        tails = []
+        for a in alphas:
+            _, t, log_z, _ = support_logprobs(lp["s0"] + a * shift, ids, valid)
+            tails.append(t + log_z)
+        out["tail_star"] = torch.stack(tails, dim=1)
+        del shift
+    out["ids"] = ids[valid]
+    for r in tuple(lp):
+        vals, tail, _, _ = support_logprobs(lp.pop(r), ids, valid)
+        out[r], out[f"tail_{r}"] = vals[valid], tail
+    return {key: v.cpu() for key, v in out.items()}

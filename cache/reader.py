@@ -2,9 +2,13 @@
 
     reader = CacheReader("cache/")
     for seq in reader.iter_sequences(rank=0, world=1, shuffle=True, seed=0):
-        seq.tokens, seq.loss_mask, seq.topk_ids, seq.logp_ft, seq.delta, ...
+        seq.tokens, seq.loss_mask, seq.support_ids, seq.valid, seq.logp_ft, seq.logp_base, ...
 
-This module and `schema` are all that the student side imports from the cache side.
+Both format versions decode to one in-memory form: per supervised position a ragged
+support (`support_len`) over flat entry arrays (`support_ids`, `logp_ft`,
+`logp_base`, `logp_s0`); version 1's fixed top-k rows are k entries each, and its
+stored Δ becomes `logp_base = logp_ft − delta`. This module, `schema` and `support`
+are all that the student side imports from the cache side.
 """
 from __future__ import annotations
 
@@ -18,45 +22,82 @@ import torch
 
 from . import schema
 from .schema import CacheFormatError
+from .support import pad_ragged
+
+ENTRY_ARRAYS = ("support_ids", "logp_ft", "logp_base", "logp_s0", "delta")  # delta: version 1 only
+ROW_ARRAYS = ("tail_ft", "tail_base", "tail_s0", "tail_star")
 
 
 @dataclass
 class CachedSequence:
     """One sequence with its targets. Row i of the (n_sup, ...) tensors belongs to the
-    i-th supervised position, i.e. `loss_mask.nonzero()[i]`."""
+    i-th supervised position, i.e. `loss_mask.nonzero()[i]`. Supports are padded to the
+    widest row of the sequence: `valid` marks real entries, padded ids repeat the row's
+    first id and padded log-probs are −inf."""
 
     example_id: int
     tokens: torch.Tensor       # (L,) int64
     loss_mask: torch.Tensor    # (L,) bool
-    topk_ids: torch.Tensor     # (n_sup, k) int64
-    logp_ft: torch.Tensor      # (n_sup, k) float32
-    delta: torch.Tensor        # (n_sup, k) float32
+    support_ids: torch.Tensor  # (n_sup, K) int64
+    valid: torch.Tensor        # (n_sup, K) bool
+    logp_ft: torch.Tensor      # (n_sup, K) float32
+    logp_base: torch.Tensor    # (n_sup, K) float32
     tail_ft: torch.Tensor      # (n_sup,) float32
     tail_base: torch.Tensor    # (n_sup,) float32
-    logp_s0: torch.Tensor | None = None  # (n_sup, k) float32
-    tail_s0: torch.Tensor | None = None  # (n_sup,) float32
+    logp_s0: torch.Tensor | None = None    # (n_sup, K) float32
+    tail_s0: torch.Tensor | None = None    # (n_sup,) float32
+    tail_star: torch.Tensor | None = None  # (n_sup, n_alphas) float32
+    stored_delta: torch.Tensor | None = None  # (n_sup, k) version 1's stored Δ, exactly as stored
+
+    @property
+    def topk_ids(self) -> torch.Tensor:
+        """Version-1 name of the support ids."""
+        return self.support_ids
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """Δ = lT − lB on the support (0 on padding)."""
+        if self.stored_delta is not None:
+            return self.stored_delta
+        return torch.where(self.valid, self.logp_ft - self.logp_base, torch.zeros(()))
 
 
 @dataclass
 class ShardData:
-    """A whole decoded shard; `sequence(i)` cuts views out of it."""
+    """A whole decoded shard: per-token, per-row and flat per-entry tensors."""
 
     arrays: dict[str, torch.Tensor]
-    sup_offsets: np.ndarray  # (n_seqs + 1,)
+    sup_offsets: np.ndarray  # (n_seqs + 1,) rows of each sequence
+    entry_offsets: torch.Tensor  # (n_rows + 1,) entries of each row
 
     @property
     def n_seqs(self) -> int:
         return len(self.sup_offsets) - 1
 
+    def rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Targets of the given supervised rows, entry arrays padded to the widest: (n, K) / (n,) / (n, A)."""
+        a = self.arrays
+        lengths = a["support_len"][rows]
+        idx, valid = pad_ragged(lengths)  # into the selected rows' entries, concatenated
+        starts = torch.cumsum(lengths, 0) - lengths
+        flat = idx - starts[:, None] + self.entry_offsets[rows][:, None]  # (n, K) into the shard's entries
+        out = {"valid": valid}
+        for n in ENTRY_ARRAYS:
+            if n in a:
+                v = a[n][flat]
+                out[n] = v if n == "support_ids" else v.masked_fill(~valid, float("-inf"))
+        for n in ROW_ARRAYS:
+            if n in a:
+                out[n] = a[n][rows]
+        return out
+
     def sequence(self, i: int) -> CachedSequence:
         a, off = self.arrays, self.arrays["seq_offsets"]
         t0, t1 = int(off[i]), int(off[i + 1])
-        s0, s1 = int(self.sup_offsets[i]), int(self.sup_offsets[i + 1])
-        opt = {n: a[n][s0:s1] for n in ("logp_s0", "tail_s0") if n in a}
-        return CachedSequence(
-            int(a["example_ids"][i]), a["tokens"][t0:t1], a["loss_mask"][t0:t1],
-            a["topk_ids"][s0:s1], a["logp_ft"][s0:s1], a["delta"][s0:s1],
-            a["tail_ft"][s0:s1], a["tail_base"][s0:s1], **opt)
+        t = self.rows(torch.arange(int(self.sup_offsets[i]), int(self.sup_offsets[i + 1])))
+        if "delta" in t:
+            t["stored_delta"] = t.pop("delta")
+        return CachedSequence(int(a["example_ids"][i]), a["tokens"][t0:t1], a["loss_mask"][t0:t1], **t)
 
 
 class CacheReader:
@@ -78,12 +119,16 @@ class CacheReader:
             raise CacheFormatError(
                 f"{mpath}: format version {m.get('format_version')} is not readable by this deltakd "
                 f"(reads {schema.READABLE_VERSIONS}); upgrade deltakd")
-        if m.get("support", "topk") not in schema.SUPPORTS:
+        if m.get("support", "topk") not in schema.SUPPORTS or (self.version == 1 and m.get("support", "topk") != "topk"):
             raise CacheFormatError(f"{mpath}: support {m.get('support')!r} is not known to this deltakd")
         for s in m["shards"]:
             if not (self.root / schema.TEACHER_DIR / s["name"]).is_dir():
                 raise CacheFormatError(f"{self.root}: shard {s['name']} listed in the manifest is missing")
         self.threads = threads
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest["format_version"])
 
     @property
     def k(self) -> int:
@@ -92,6 +137,24 @@ class CacheReader:
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
+
+    @property
+    def support(self) -> str:
+        return self.manifest.get("support", "topk")
+
+    @property
+    def floor(self) -> float | None:
+        """The floor inside Δ used for the stored target tails (None: none, or version 1)."""
+        return self.manifest.get("floor")
+
+    @property
+    def alphas(self) -> tuple[float, ...]:
+        """The alphas with exact Delta-KD target tails (`tail_star` columns); empty when none are stored."""
+        return tuple((self.manifest.get("student") or {}).get("alphas") or ())
+
+    @property
+    def covers_vocabulary(self) -> bool:
+        return schema.covers_vocabulary(self.support, self.k, self.vocab_size)
 
     @property
     def has_student(self) -> bool:
@@ -105,25 +168,31 @@ class CacheReader:
         return int(self.manifest["totals"]["n_seqs"])
 
     def read_shard(self, name: str, student: bool | None = None, arrays: list[str] | None = None) -> ShardData:
-        """Decode a whole shard; arrays are read in parallel threads (zarr's codecs release the GIL)."""
+        """Decode a whole shard; arrays are read in parallel threads (zarr's codecs release the GIL).
+
+        `arrays` limits the teacher arrays read (by their on-disk names); the per-sequence
+        arrays are always read.
+        """
         student = self.has_student if student is None else student
         if student and not self.has_student:
             raise CacheFormatError(
                 f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`")
-        names = list(arrays or schema.TEACHER_ARRAYS)
+        table = schema.arrays_of(self.version, student=False)
+        names = list(arrays or table)
         for needed in ("seq_offsets", "loss_mask", "example_ids"):
             if needed not in names:
                 names.append(needed)
         jobs = [(self.root / schema.TEACHER_DIR / name, n) for n in names]
         if student:
-            jobs += [(self.root / schema.STUDENT_DIR / name, n) for n in schema.STUDENT_ARRAYS]
+            st = schema.arrays_of(self.version, student=True)
+            jobs += [(self.root / schema.STUDENT_DIR / name, n) for n in st if n != "tail_star" or self.alphas]
         with ThreadPoolExecutor(self.threads) as ex:
             raw = dict(zip([n for _, n in jobs], ex.map(lambda j: schema.read_group(j[0], [j[1]])[j[1]], jobs)))
         return self._decode(raw)
 
     def _decode(self, raw: dict[str, np.ndarray]) -> ShardData:
         vd = self.manifest["value_dtype"]
-        spec = {**schema.TEACHER_ARRAYS, **schema.STUDENT_ARRAYS}
+        spec = {**schema.arrays_of(self.version, False), **schema.arrays_of(self.version, True)}
         out = {}
         for n, a in raw.items():
             kind = spec[n][2]
@@ -133,7 +202,13 @@ class CacheReader:
                 out[n] = torch.from_numpy(a.astype(bool))
             else:
                 out[n] = torch.from_numpy(a.astype(np.int64))
-        return ShardData(out, schema.sup_offsets(raw["loss_mask"], raw["seq_offsets"]))
+        rows = schema.sup_offsets(raw["loss_mask"], raw["seq_offsets"])
+        if self.version == 1:
+            out = _v1_to_entries(out, int(rows[-1]))
+        lengths = out.get("support_len")
+        entry_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]) \
+            if lengths is not None else torch.zeros(1, dtype=torch.long)
+        return ShardData(out, rows, entry_offsets)
 
     def shard_order(self, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> list[str]:
         names = self.shard_names
@@ -152,3 +227,20 @@ class CacheReader:
                 rows = np.random.default_rng([seed, epoch, int(name.split("-")[-1])]).permutation(shard.n_seqs)
             for i in rows:
                 yield shard.sequence(int(i))
+
+
+def _v1_to_entries(a: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.Tensor]:
+    """Version 1's (S, k) arrays as version 2's flat entries with k entries per row."""
+    out = {n: v for n, v in a.items() if n not in ("topk_ids", "logp_ft", "delta", "logp_s0")}
+    if "topk_ids" in a:
+        k = a["topk_ids"].shape[1]
+        out["support_len"] = torch.full((n_rows,), k, dtype=torch.long)
+        out["support_ids"] = a["topk_ids"].reshape(-1)
+    if "logp_ft" in a:
+        out["logp_ft"] = a["logp_ft"].reshape(-1)
+        if "delta" in a:
+            out["logp_base"] = (a["logp_ft"] - a["delta"]).reshape(-1)
+            out["delta"] = a["delta"].reshape(-1)
+    if "logp_s0" in a:
+        out["logp_s0"] = a["logp_s0"].reshape(-1)
+    return out

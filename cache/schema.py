@@ -1,4 +1,4 @@
-"""The cache format, version 1: every array, dtype, shape, file and codec in one place.
+"""The cache format, version 2 (and version 1, still read): every array, dtype, shape, file and codec in one place.
 
 A cache is a folder:
 
@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_NAME = "deltakd-cache"
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
-# Version 1 stores the teacher's top-k. "sampled" (ids drawn from pi_T with counts)
-# is reserved: a reader of version 1 must refuse a support it does not know.
-SUPPORTS = ("topk",)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# "topk": the top-k of πT (version 1's only support). "union" (version 2): the union of
+# the top-k of πT, πB, πS0 and of the Delta-KD target π*_α for every α of the grid.
+SUPPORTS = ("topk", "union")
 
 MANIFEST = "manifest.json"
 BUILD_FILE = "build.json"
@@ -38,23 +38,53 @@ PARTIAL_SUFFIX = ".partial"
 
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
 
-# name -> (rows are per "token" | "seq" | "seq+1" | "sup", has a k axis, kind)
+# name -> (rows, width, kind)
+# rows: per "token", "seq", "seq+1" (offsets), "sup" (supervised position) or "entry"
+#   (one support id of one supervised position; row i owns support_len[i] entries)
+# width: None, "k" (version 1: k ids per row) or "alphas" (one column per α of the grid)
 # kind: "id" (vocabulary ids), "value" (log-probs in the value dtype), or a numpy dtype.
-TEACHER_ARRAYS: dict[str, tuple[str, bool, str]] = {
-    "tokens": ("token", False, "id"),
-    "loss_mask": ("token", False, "uint8"),
-    "seq_offsets": ("seq+1", False, "int64"),
-    "example_ids": ("seq", False, "int64"),
-    "topk_ids": ("sup", True, "id"),
-    "logp_ft": ("sup", True, "value"),
-    "delta": ("sup", True, "value"),
-    "tail_ft": ("sup", False, "value"),
-    "tail_base": ("sup", False, "value"),
+_SEQ_ARRAYS = {
+    "tokens": ("token", None, "id"),
+    "loss_mask": ("token", None, "uint8"),
+    "seq_offsets": ("seq+1", None, "int64"),
+    "example_ids": ("seq", None, "int64"),
 }
-STUDENT_ARRAYS: dict[str, tuple[str, bool, str]] = {
-    "logp_s0": ("sup", True, "value"),
-    "tail_s0": ("sup", False, "value"),
+TEACHER_ARRAYS_V1: dict[str, tuple[str, str | None, str]] = {
+    **_SEQ_ARRAYS,
+    "topk_ids": ("sup", "k", "id"),
+    "logp_ft": ("sup", "k", "value"),
+    "delta": ("sup", "k", "value"),
+    "tail_ft": ("sup", None, "value"),
+    "tail_base": ("sup", None, "value"),
 }
+STUDENT_ARRAYS_V1: dict[str, tuple[str, str | None, str]] = {
+    "logp_s0": ("sup", "k", "value"),
+    "tail_s0": ("sup", None, "value"),
+}
+TEACHER_ARRAYS: dict[str, tuple[str, str | None, str]] = {
+    **_SEQ_ARRAYS,
+    "support_len": ("sup", None, "uint16"),
+    "support_ids": ("entry", None, "id"),
+    "logp_ft": ("entry", None, "value"),
+    "logp_base": ("entry", None, "value"),
+    "tail_ft": ("sup", None, "value"),
+    "tail_base": ("sup", None, "value"),
+}
+STUDENT_ARRAYS: dict[str, tuple[str, str | None, str]] = {
+    "logp_s0": ("entry", None, "value"),
+    "tail_s0": ("sup", None, "value"),
+    # Unnormalised log-mass of the Delta-KD target outside the support, per α:
+    # log Σ_{y ∉ S} πS0(y)·exp(α·Δ(y)); only where the build ran all three models together.
+    "tail_star": ("sup", "alphas", "value"),
+}
+
+
+def arrays_of(version: int, student: bool) -> dict[str, tuple[str, str | None, str]]:
+    """The array table of a format version (teacher group, or student group)."""
+    if version == 1:
+        return STUDENT_ARRAYS_V1 if student else TEACHER_ARRAYS_V1
+    return STUDENT_ARRAYS if student else TEACHER_ARRAYS
+
 
 # Chosen by benchmarks/cache_format.py: plain zstd beat Blosc (any shuffle) on every
 # large array, since Blosc's small blocks cut zstd's window; level 3 saves another
@@ -62,11 +92,43 @@ STUDENT_ARRAYS: dict[str, tuple[str, bool, str]] = {
 # speed; reads stay parallel across the arrays of a shard.
 SUP_CHUNK_ROWS = 16384
 TOKEN_CHUNK_ROWS = 65536
+# Flat support entries (about 20-60 per supervised position): a chunk of about the
+# same bytes as a 16384-row (S, 16) block of version 1.
+ENTRY_CHUNK_ROWS = 262144
 ZSTD_LEVEL = 3
 
 
 class CacheFormatError(ValueError):
     """The cache on disk does not match this format; the message names the file or array."""
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """'0.5,1,1.5' -> (0.5, 1.0, 1.5); refuses non-finite and repeated values."""
+    try:
+        grid = tuple(float(x) for x in str(text).split(",") if x.strip())
+    except ValueError as e:
+        raise ValueError(f"alphas {text!r}: give comma-separated numbers such as 0.5,1,1.5") from e
+    if any(not np.isfinite(a) for a in grid) or len(set(grid)) != len(grid):
+        raise ValueError(f"alphas {text!r}: every alpha must be finite and appear once")
+    return grid
+
+
+def parse_floor(text) -> float | None:
+    """'none' -> None; '-12' -> -12.0 (a log-prob, so it must be finite and negative)."""
+    if text is None or str(text).strip().lower() == "none":
+        return None
+    try:
+        f = float(text)
+    except ValueError as e:
+        raise ValueError(f"floor {text!r}: give a negative log-prob such as -12, or none") from e
+    if not (np.isfinite(f) and f < 0):
+        raise ValueError(f"floor {text!r}: give a finite negative log-prob such as -12, or none")
+    return f
+
+
+def covers_vocabulary(support: str, k: int, vocab_size: int) -> bool:
+    """Whether every row's support is the whole vocabulary (every tail is then −inf)."""
+    return k >= vocab_size  # the top-k of any distribution alone is then the whole vocabulary
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
@@ -109,6 +171,8 @@ class ShardInfo:
     n_tokens: int
     n_supervised: int
     checksums: dict[str, str]
+    n_entries: int = 0  # support entries (version 2); version 1 has n_supervised * k
+
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -150,7 +214,8 @@ def write_group(group_dir: Path, arrays: dict[str, np.ndarray]) -> None:
 
     root = zarr.open_group(zarr.storage.LocalStore(str(group_dir)), mode="w", zarr_format=3)
     for name, a in arrays.items():
-        rows = TOKEN_CHUNK_ROWS if a.ndim == 1 and name in ("tokens", "loss_mask") else SUP_CHUNK_ROWS
+        kind = TEACHER_ARRAYS.get(name) or STUDENT_ARRAYS.get(name) or ("sup",)
+        rows = {"token": TOKEN_CHUNK_ROWS, "entry": ENTRY_CHUNK_ROWS}.get(kind[0], SUP_CHUNK_ROWS)
         chunks = (max(1, min(rows, a.shape[0])),) + a.shape[1:]
         root.create_array(
             name, shape=a.shape, dtype=a.dtype, chunks=chunks,

@@ -48,23 +48,27 @@ def validate(path: str | Path) -> list[str]:
         if problems:
             continue
         try:
-            a = schema.read_group(root / schema.TEACHER_DIR / name, list(schema.TEACHER_ARRAYS))
+            a = schema.read_group(root / schema.TEACHER_DIR / name, list(schema.arrays_of(reader.version, False)))
             if m.get("student"):
-                a.update(schema.read_group(root / schema.STUDENT_DIR / name, list(schema.STUDENT_ARRAYS)))
+                names = [n for n in schema.arrays_of(reader.version, True) if n != "tail_star" or reader.alphas]
+                a.update(schema.read_group(root / schema.STUDENT_DIR / name, names))
         except schema.CacheFormatError as e:
             problems.append(str(e))
             continue
-        problems += _check_arrays(label, a, s, m, seen_ids)
+        problems += _check_arrays(label, a, s, m, seen_ids, reader)
     return problems
 
 
-def _check_arrays(label: str, a: dict, s: dict, m: dict, seen_ids: set) -> list[str]:
+def _check_arrays(label: str, a: dict, s: dict, m: dict, seen_ids: set, reader: CacheReader) -> list[str]:
     p = []
+    table = {**schema.arrays_of(reader.version, False), **schema.arrays_of(reader.version, True)}
     n_tok, n_seq, n_sup, k = s["n_tokens"], s["n_seqs"], s["n_supervised"], m["k"]
-    want = {"token": (n_tok,), "seq": (n_seq,), "seq+1": (n_seq + 1,), "sup": (n_sup,)}
+    n_ent = int(a["support_len"].astype(np.int64).sum()) if "support_len" in a else 0
+    want = {"token": (n_tok,), "seq": (n_seq,), "seq+1": (n_seq + 1,), "sup": (n_sup,), "entry": (n_ent,)}
+    width = {None: (), "k": (k,), "alphas": (len(reader.alphas),)}
     for name, arr in a.items():
-        rows, has_k, _ = {**schema.TEACHER_ARRAYS, **schema.STUDENT_ARRAYS}[name]
-        shape = want[rows] + ((k,) if has_k else ())
+        rows, w, _ = table[name]
+        shape = want[rows] + width[w]
         if tuple(arr.shape) != shape:
             p.append(f"{label}: array {name} has shape {tuple(arr.shape)}, the manifest implies {shape}")
     if p:
@@ -73,18 +77,19 @@ def _check_arrays(label: str, a: dict, s: dict, m: dict, seen_ids: set) -> list[
         p.append(f"{label}: array seq_offsets is not increasing from 0 to n_tokens")
     if int(a["loss_mask"].sum()) != n_sup:
         p.append(f"{label}: array loss_mask marks {int(a['loss_mask'].sum())} positions, the manifest says {n_sup}")
-    for name in ("tokens", "topk_ids"):
-        if a[name].size and int(a[name].max()) >= m["vocab_size"]:
+    if "support_len" in a and (a["support_len"].size and int(a["support_len"].min()) < 1):
+        p.append(f"{label}: array support_len has an empty support")
+    for name in ("tokens", "topk_ids", "support_ids"):
+        if name in a and a[name].size and int(a[name].max()) >= m["vocab_size"]:
             p.append(f"{label}: array {name} holds ids beyond the vocabulary ({m['vocab_size']})")
-    for name, (rows, has_k, kind) in {**schema.TEACHER_ARRAYS, **schema.STUDENT_ARRAYS}.items():
+    for name, (rows, w, kind) in table.items():
         if kind != "value" or name not in a:
             continue
         v = schema.decode_values(a[name], m["value_dtype"]).numpy()
-        # A tail may be -inf (no mass outside the top-k); nothing may be NaN or +inf,
-        # and the cached top-k log-probs are finite by construction.
-        bad = np.isnan(v) | (v == np.inf) | ((v == -np.inf) if has_k and name != "delta" else False)
-        if name == "delta":
-            bad |= ~np.isfinite(v)
+        # A tail may be -inf (no mass outside the support); nothing may be NaN or +inf,
+        # and the log-probs on the support (and Δ) are finite by construction.
+        on_support = rows == "entry" or w == "k"
+        bad = np.isnan(v) | (v == np.inf) | ((v == -np.inf) if on_support else False)
         if bad.any():
             p.append(f"{label}: array {name} holds {int(bad.sum())} NaN/Inf values")
     dup = seen_ids & set(a["example_ids"].tolist())

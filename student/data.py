@@ -21,8 +21,8 @@ import torch
 
 from deltakd.cache.reader import CacheReader, ShardData
 
-TARGET_KEYS = ("topk_ids", "logp_ft", "delta", "tail_ft", "tail_base")
-STUDENT_KEYS = ("logp_s0", "tail_s0")
+TARGET_KEYS = ("support_ids", "valid", "logp_ft", "logp_base", "tail_ft", "tail_base")
+STUDENT_KEYS = ("logp_s0", "tail_s0", "tail_star")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Batch:
     input_ids: torch.Tensor       # (B, L) int64, right-padded
     attention_mask: torch.Tensor  # (B, L) int64
     loss_mask: torch.Tensor       # (B, L) bool; hidden[loss_mask] lines up with the target rows
-    targets: dict                 # (N_sup, k) / (N_sup,) tensors, batch-major; next_tokens (N_sup,)
+    targets: dict                 # (N_sup, K) support / (N_sup,) tail tensors, batch-major; next_tokens (N_sup,)
     example_ids: list
     state: dict                   # loader position after this batch
 
@@ -81,8 +81,7 @@ def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) 
     att = torch.zeros((len(rows), L), dtype=torch.long)
     msk = torch.zeros((len(rows), L), dtype=torch.bool)
     nxt = torch.zeros((len(rows), L), dtype=torch.long)
-    keys = TARGET_KEYS + (STUDENT_KEYS if with_student else ())
-    parts = {k: [] for k in keys}
+    sup_rows = []
     for i, r in enumerate(rows):
         t0, t1 = int(off[r]), int(off[r + 1])
         n = t1 - t0
@@ -90,12 +89,12 @@ def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) 
         att[i, :n] = 1
         msk[i, :n] = a["loss_mask"][t0:t1]
         nxt[i, :n - 1] = a["tokens"][t0 + 1:t1]
-        s0, s1 = int(shard.sup_offsets[r]), int(shard.sup_offsets[r + 1])
-        for k in keys:
-            parts[k].append(a[k][s0:s1])
-    targets = {k: torch.cat(v) for k, v in parts.items()}
+        sup_rows.append(torch.arange(int(shard.sup_offsets[r]), int(shard.sup_offsets[r + 1])))
+    got = shard.rows(torch.cat(sup_rows))  # supports padded to the batch's widest row
+    keys = TARGET_KEYS + (STUDENT_KEYS if with_student else ())
+    targets = {k: got[k] for k in keys if k in got}
     targets["next_tokens"] = nxt[msk]
-    assert targets["topk_ids"].shape[0] == int(msk.sum()), "cached rows do not line up with the loss mask"
+    assert targets["support_ids"].shape[0] == int(msk.sum()), "cached rows do not line up with the loss mask"
     return ids, att, msk, targets, [int(a["example_ids"][r]) for r in rows]
 
 

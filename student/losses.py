@@ -1,9 +1,10 @@
 """Distillation losses as pure functions of log-prob tensors on a shared support.
 
 Every distribution at a supervised position is a row of log-probs over the same
-outcomes: the k cached ids and, with `tail="bucket"`, one last column for "every
-other token" (log of the mass outside the top-k; -inf when there is none). With
-`tail="renorm"` the tail column is dropped and each row renormalised over the k ids.
+outcomes: the cached support ids (padded rows carry −inf, which every function
+treats as "no outcome") and, with `tail="bucket"`, one last column for "every
+other token" (log of the mass outside the support; −inf when there is none). With
+`tail="renorm"` the tail column is dropped and each row renormalised over the ids.
 
 Notation (DESIGN.md): lT teacher after SFT, lB teacher before SFT, lS0 student base,
 lθ student; Δ = lT − lB. Every function returns `(sum over valid rows, number of
@@ -87,8 +88,10 @@ def support(logp_k: torch.Tensor, tail: torch.Tensor, mode: str = "bucket", temp
     """One distribution on the cached support: (N, k) log-probs + (N,) tail -> (N, k+1) or (N, k).
 
     bucket: [logp_k, tail], already normalised; renorm: log_softmax over the k ids.
-    A temperature τ ≠ 1 re-tempers the row as if its entries were logits; with the
-    tail bucket this treats the tail as one outcome (exact only when k = V).
+    A temperature τ ≠ 1 re-tempers the row as if its entries were logits. With the
+    tail bucket that is exact only when the support is the whole vocabulary (the tail
+    is a sum of many probabilities, and (Σp)^(1/τ) ≠ Σp^(1/τ)); the trainer refuses it
+    otherwise (objective.LossSpec / trainer).
     """
     x = _f(logp_k)
     if mode == "bucket":
@@ -98,17 +101,6 @@ def support(logp_k: torch.Tensor, tail: torch.Tensor, mode: str = "bucket", temp
     if temperature != 1.0 or mode == "renorm":
         x = torch.log_softmax(x / temperature, dim=-1)
     return x
-
-
-def tail_logmass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """log Σ_{y ∉ ids} p(y) per row, (N, V), (N, k) -> (N,); −inf when ids cover the vocabulary.
-
-    The ids of a row are distinct, so the tail is empty exactly when k = V; that case
-    returns a constant, because logsumexp over only −inf entries has a NaN gradient.
-    """
-    if ids.shape[1] >= logp.shape[1]:
-        return torch.full(logp.shape[:1], float("-inf"), dtype=logp.dtype, device=logp.device)
-    return logp.scatter(1, ids, float("-inf")).logsumexp(1)
 
 
 def masked_sum(per_row: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,19 +121,34 @@ def kd_loss(student_log, teacher_log, mask=None, kind="fkl", beta=0.5, skew=0.1)
     return masked_sum(divergence(teacher_log, student_log, kind, beta, skew), mask)
 
 
-def delta_target(s0_log: torch.Tensor, ft_log: torch.Tensor, base_log: torch.Tensor, alpha: float) -> torch.Tensor:
-    """log π* = log_softmax(lS0 + α·Δ) with Δ = lT − lB on the support: π* ∝ πS0·(πT/πB)^α.
+def teacher_shift(ft_log: torch.Tensor, base_log: torch.Tensor, floor: float | None = None) -> torch.Tensor:
+    """Δ = lT − lB, or max(lT, f) − max(lB, f) with a floor f; 0 where both are −inf (padding, empty tails)."""
+    ft_log, base_log = _f(ft_log), _f(base_log)
+    if floor is None:
+        return log_ratio(ft_log, base_log)
+    return ft_log.clamp_min(floor) - base_log.clamp_min(floor)
 
-    α = 0 gives πS0; with πS0 = πB and α = 1 it gives πT exactly. Empty tails
-    (−inf in both teachers) have Δ = 0, so the tail weight is T_S0·(T_T/T_B)^α.
+
+def delta_target(s0_log: torch.Tensor, ft_log: torch.Tensor, base_log: torch.Tensor, alpha: float,
+                 floor: float | None = None, tail_star: torch.Tensor | None = None) -> torch.Tensor:
+    """log π* = log_softmax(lS0 + α·Δ) on the support: π* ∝ πS0·(πT/πB)^α, Δ = teacher_shift(lT, lB, floor).
+
+    α = 0 gives πS0; with πS0 = πB, α = 1 and no floor it gives πT exactly. The tail
+    column (last, with the tail bucket) is lS0_tail + α·Δ_tail, the product formula
+    T_S0·(T_T/T_B)^α, unless the cache gives `tail_star` (N,): the exact unnormalised
+    log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it.
     """
-    logits = _f(s0_log) + alpha * log_ratio(_f(ft_log), _f(base_log))
+    logits = _f(s0_log) + alpha * teacher_shift(ft_log, base_log, floor)
+    if tail_star is not None:
+        logits = torch.cat([logits[:, :-1], _f(tail_star)[:, None]], dim=-1)
     return torch.log_softmax(logits, dim=-1)
 
 
-def delta_p1_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, kind="fkl", beta=0.5, skew=0.1):
+def delta_p1_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, kind="fkl", beta=0.5, skew=0.1,
+                  floor=None, tail_star=None):
     """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...)."""
-    return masked_sum(divergence(delta_target(s0_log, ft_log, base_log, alpha), student_log, kind, beta, skew), mask)
+    target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star)
+    return masked_sum(divergence(target, student_log, kind, beta, skew), mask)
 
 
 def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1):
@@ -150,11 +157,11 @@ def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", 
     return masked_sum(divergence(ft_log, q, kind, beta, skew), mask)
 
 
-def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None):
+def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None):
     """P3 shift-matching: Σ_y w(y)·(e(y) − ē)², e = Δθ − α·Δ, Δθ = lθ − lS0, w = π* (no gradient),
     ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant."""
-    w = delta_target(s0_log, ft_log, base_log, alpha).detach().exp()
-    e = log_ratio(_f(student_log), _f(s0_log)) - alpha * log_ratio(_f(ft_log), _f(base_log))
+    w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star).detach().exp()
+    e = log_ratio(_f(student_log), _f(s0_log)) - alpha * teacher_shift(ft_log, base_log, floor)
     zero = torch.zeros((), dtype=e.dtype)
     e = torch.where(w > 0, e, zero)
     centred = e - (w * e).sum(-1, keepdim=True)

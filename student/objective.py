@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deltakd.cache.support import masked_tail, support_logprobs
+
 from . import losses as L
 
 TERMS = ("sft", "kd", "p1", "p2", "p3")
@@ -29,6 +31,8 @@ class LossSpec:
     jsd_beta: float = 0.5
     skew: float = 0.1
     chunk_rows: int = 1024
+    floor: float | None = None     # log-prob floor inside Δ (losses.teacher_shift); part of P1/P2/P3's definition
+    star_col: int | None = None    # column of the cache's tail_star for `alpha` (exact π* tail), if it has one
 
     def __post_init__(self):
         bad = set(self.weights) - set(TERMS)
@@ -42,6 +46,10 @@ class LossSpec:
             raise ValueError(f"tail {self.tail!r}: choose bucket or renorm")
         if self.temperature <= 0 or self.chunk_rows < 1:
             raise ValueError("temperature and chunk_rows must be positive")
+        if self.divergence == "jsd" and not 0 < self.jsd_beta < 1:
+            # JSD(β) is identically zero at β = 0 and β = 1: training would silently do nothing.
+            raise ValueError(f"--jsd-beta {self.jsd_beta}: JSD needs 0 < beta < 1 (at 0 and 1 it is identically "
+                             "zero); for forward or reverse KL use --divergence fkl or rkl")
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -55,14 +63,17 @@ class LossSpec:
 
 def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> torch.Tensor:
     """Sums of the active terms, (n_active,), from the student's only vocabulary-wide quantities:
-    log-probs at the support ids (c, k) and tail log-mass (c,) at the temperature, and the
-    log-prob of the reference next token (c,) at temperature 1 (for SFT)."""
+    log-probs at the support ids (c, K; −inf on padding) and tail log-mass (c,) at the
+    temperature, and the log-prob of the reference next token (c,) at temperature 1 (for SFT)."""
     tau = spec.temperature
     scale = tau * tau  # Hinton: keep gradient magnitudes comparable across temperatures
     student = L.support(s_vals, s_tail, spec.tail) if set(spec.active) - {"sft"} else None
     ft = L.support(tg["logp_ft"], tg["tail_ft"], spec.tail, tau)
-    base = L.support(tg["logp_ft"] - tg["delta"], tg["tail_base"], spec.tail, tau)
+    base = L.support(tg["logp_base"], tg["tail_base"], spec.tail, tau)
     s0 = L.support(tg["logp_s0"], tg["tail_s0"], spec.tail, tau) if spec.needs_student_base else None
+    star = None
+    if spec.star_col is not None and spec.tail == "bucket" and "tail_star" in tg:
+        star = tg["tail_star"][:, spec.star_col]
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
     out = []
     for t in spec.active:
@@ -71,23 +82,29 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
         elif t == "kd":
             out.append(scale * L.kd_loss(student, ft, **kw)[0])
         elif t == "p1":
-            out.append(scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, **kw)[0])
+            out.append(scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, **kw)[0])
         elif t == "p2":
             out.append(scale * L.delta_p2_loss(student, s0, ft, base, **kw)[0])
         elif t == "p3":
-            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha)[0])
+            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star)[0])
     return torch.stack(out)
+
+
+def _valid(tg: dict) -> torch.Tensor:
+    v = tg.get("valid")
+    return torch.ones_like(tg["support_ids"], dtype=torch.bool) if v is None else v
 
 
 def terms_from_logits(logits: torch.Tensor, tg: dict, spec: LossSpec) -> torch.Tensor:
     """Sums of the active terms over the rows of one chunk, shape (n_active,); plain autograd.
 
-    logits (c, V) float32; tg holds (c, k) ids/log-probs, (c,) tails and next tokens.
+    logits (c, V) float32; tg holds (c, K) support ids/valid/log-probs, (c,) tails and next tokens.
     """
-    ids, nxt = tg["topk_ids"], tg["next_tokens"][:, None]
+    ids, nxt = tg["support_ids"], tg["next_tokens"][:, None]
     lp_t = torch.log_softmax(logits / spec.temperature, dim=-1)
     lp_1 = lp_t if spec.temperature == 1.0 else torch.log_softmax(logits, dim=-1)
-    return terms_from_support(lp_t.gather(1, ids), L.tail_logmass(lp_t, ids), lp_1.gather(1, nxt)[:, 0], tg, spec)
+    s_vals = lp_t.gather(1, ids).masked_fill(~_valid(tg), float("-inf"))
+    return terms_from_support(s_vals, masked_tail(lp_t, ids), lp_1.gather(1, nxt)[:, 0], tg, spec)
 
 
 def _fused_chunk(z: torch.Tensor, tg: dict, spec: LossSpec, weights: torch.Tensor):
@@ -95,30 +112,28 @@ def _fused_chunk(z: torch.Tensor, tg: dict, spec: LossSpec, weights: torch.Tenso
 
     With p = softmax(z), T the tail mass outside the support S, and a, a_y, b the
     gradients of the loss w.r.t. the support log-probs, the next-token log-prob and
-    the tail log-mass (cheap: autograd on (c, k) tensors):
+    the tail log-mass (cheap: autograd on (c, K) tensors):
         dL/dz_j = a_j·[j∈S] + a_y·[j=y] − p_j·A + (b/T)·p_j·[j∉S],  A = Σa + a_y + b.
     This needs one exp pass over (c, V) and no (c, V) tensor besides z itself.
     """
-    ids, nxt = tg["topk_ids"], tg["next_tokens"][:, None]
-    z_s, z_y = z.gather(1, ids), z.gather(1, nxt)[:, 0]
-    m = z.amax(dim=1)
-    e = z.sub_(m[:, None]).exp_()  # (c, V), in place
-    Z = e.sum(dim=1)
-    log_z = Z.log() + m
-    e_s = e.gather(1, ids)
-    t_sum = e.scatter_(1, ids, 0.0).sum(dim=1)  # e now holds the tail entries only
+    ids, nxt, valid = tg["support_ids"], tg["next_tokens"][:, None], _valid(tg)
+    z_y = z.gather(1, nxt)[:, 0]
+    s_vals, tail, log_z, parts = support_logprobs(z, ids, valid)  # z now holds the tail exps only
     with torch.enable_grad():
-        leaves = [(z_s - log_z[:, None]).requires_grad_(True), (t_sum.log() + m - log_z).requires_grad_(True),
-                  (z_y - log_z).requires_grad_(True)]
+        leaves = [s_vals.requires_grad_(True), tail.requires_grad_(True), (z_y - log_z).requires_grad_(True)]
         terms = terms_from_support(*leaves, tg, spec)
         grads = torch.autograd.grad((terms * weights).sum(), leaves, allow_unused=True)
     a, b, a_y = (torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
-    live = t_sum > 0  # an empty tail (k = V) has no gradient to pass on
-    b = torch.where(live, b, torch.zeros((), dtype=b.dtype))
+    zero = torch.zeros((), dtype=b.dtype)
+    a = torch.where(valid, a, zero)
+    live = parts.tail_sum > 0  # an empty tail (support = vocabulary) has no gradient to pass on
+    b = torch.where(live, b, zero)
+    Z = parts.Z
     A = a.sum(1) + a_y + b
-    coef = (-A + torch.where(live, b * Z / torch.where(live, t_sum, 1.0), torch.zeros((), dtype=b.dtype))) / Z
-    g = e.mul_(coef[:, None])
-    g.scatter_(1, ids, a - (e_s / Z[:, None]) * A[:, None])
+    coef = (-A + torch.where(live, b * Z / torch.where(live, parts.tail_sum, 1.0), zero)) / Z
+    g = parts.e_tail.mul_(coef[:, None])  # zero on the support (see support_logprobs)
+    # scatter_add: padded entries repeat a real id and add exactly zero.
+    g.scatter_add_(1, ids, torch.where(valid, a - (parts.e_s / Z[:, None]) * A[:, None], zero))
     g.scatter_add_(1, nxt, a_y[:, None])
     return terms.detach(), g
 
@@ -194,15 +209,15 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict, spe
 
 
 @torch.no_grad()
-def student_base_targets(model, input_ids, attention_mask, loss_mask, topk_ids, vocab: int, chunk_rows: int):
-    """lS0 on the cached support and its tail, from a frozen student-base copy (on the fly)."""
+def student_base_targets(model, input_ids, attention_mask, loss_mask, support_ids, valid, vocab: int, chunk_rows: int):
+    """lS0 on the cached support (−inf on padding) and its tail, from a frozen student-base copy (on the fly)."""
     h = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[loss_mask]
     head = model.get_output_embeddings()
     vals, tails = [], []
     for s in range(0, h.shape[0], chunk_rows):
-        lp = torch.log_softmax(head(h[s:s + chunk_rows]).float()[:, :vocab], dim=-1)
-        ids = topk_ids[s:s + chunk_rows]
-        vals.append(lp.gather(1, ids))
-        tails.append(L.tail_logmass(lp, ids))
-    k = topk_ids.shape[1]
+        ids, ok = support_ids[s:s + chunk_rows], valid[s:s + chunk_rows]
+        v, t, _, _ = support_logprobs(head(h[s:s + chunk_rows]).float()[:, :vocab], ids, ok)
+        vals.append(v)
+        tails.append(t)
+    k = support_ids.shape[1]
     return (torch.cat(vals) if vals else h.new_zeros(0, k)), (torch.cat(tails) if tails else h.new_zeros(0))

@@ -50,6 +50,7 @@ class TrainConfig:
     tail: str = field(default="bucket", metadata={"help": "bucket (tail mass as one outcome) or renorm"})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalised JSD"})
     skew: float = field(default=0.1, metadata={"help": "lambda of skew KL"})
+    floor: str = field(default="cache", metadata={"help": "log-prob floor f inside the teacher shift of P1/P2/P3, delta = max(lT,f) - max(lB,f): a number, 'none', or 'cache' (the floor the cache was built with)"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
@@ -78,6 +79,10 @@ class TrainConfig:
         if self.batch_tokens < 1 or self.grad_accum < 1:
             raise ValueError("--batch-tokens and --grad-accum must be positive")
         self.loss_spec()  # validates the loss settings
+        if self.floor != "cache":
+            from deltakd.cache.schema import parse_floor
+
+            parse_floor(self.floor)
 
     def weights(self) -> dict:
         w = dict(LOSS_PRESETS[self.loss])
@@ -95,6 +100,41 @@ class TrainConfig:
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSpec:
+    """The loss settings the cache can serve faithfully, or a refusal that says why and what to do.
+
+    - The Delta-KD target's floor is part of its definition; where the cache stores
+      exact target tails (`tail_star`), they were computed with the cache's floor and
+      its alpha grid, so training must use that floor and one of those alphas.
+    - Temperature τ ≠ 1 with the tail bucket is exact only on the whole vocabulary.
+    """
+    from deltakd.cache.schema import parse_floor
+
+    cache_floor = reader.floor
+    f = cache_floor if floor == "cache" else parse_floor(floor)
+    uses_target = any(t in ("p1", "p3") for t in spec.active)
+    star_col = None
+    if uses_target and reader.alphas and spec.tail == "bucket":
+        grid = reader.alphas
+        hits = [i for i, a in enumerate(grid) if abs(a - spec.alpha) < 1e-9]
+        if not hits:
+            raise CacheFormatError(
+                f"--alpha {spec.alpha}: {reader.root} holds the exact Delta-KD target tails for alphas "
+                f"{', '.join(f'{a:g}' for a in grid)} only; train with one of them, or rebuild the cache with "
+                f"--alphas including {spec.alpha:g}")
+        if f != cache_floor:
+            raise CacheFormatError(
+                f"--floor {floor}: the target tails in {reader.root} were computed with floor {cache_floor}; "
+                "train with --floor cache, or rebuild the cache with the floor you want")
+        star_col = hits[0]
+    if spec.temperature != 1.0 and spec.tail == "bucket" and not reader.covers_vocabulary:
+        raise CacheFormatError(
+            f"--temperature {spec.temperature} with --tail bucket: {reader.root} stores log-probs at temperature 1 on "
+            "a support smaller than the vocabulary, and the tail bucket (a sum of many probabilities) cannot be "
+            "re-tempered; train at temperature 1, use --tail renorm, or build with --top-k >= the vocabulary size")
+    return dataclasses.replace(spec, floor=f, star_col=star_col)
 
 
 def check_student(reader: CacheReader, student_dir: str, needs_s0: bool, online: str | None):
@@ -145,6 +185,7 @@ class Trainer:
         self.rank, self.world = dist.init()
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
         self.reader = CacheReader(cfg.cache)
+        self.spec = fit_spec_to_cache(self.spec, cfg.floor, self.reader)
         self.tok = check_student(self.reader, cfg.student, self.spec.needs_student_base, cfg.student_base_online)
         self.vocab = self.reader.vocab_size
         torch.manual_seed(cfg.seed)
@@ -178,7 +219,7 @@ class Trainer:
         targets = dict(batch.targets)
         if self.s0_model is not None:
             targets["logp_s0"], targets["tail_s0"] = student_base_targets(
-                self.s0_model, batch.input_ids, batch.attention_mask, batch.loss_mask, targets["topk_ids"],
+                self.s0_model, batch.input_ids, batch.attention_mask, batch.loss_mask, targets["support_ids"], targets["valid"],
                 self.vocab, self.spec.chunk_rows)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             h = self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state

@@ -38,8 +38,8 @@ def cache_content(path) -> dict:
     out = {}
     for d in (schema.TEACHER_DIR, schema.STUDENT_DIR):
         for g in sorted((root / d).glob("shard-*")):
-            names = schema.TEACHER_ARRAYS if d == schema.TEACHER_DIR else schema.STUDENT_ARRAYS
-            for n, a in schema.read_group(g, list(names)).items():
+            names = [p.name for p in g.iterdir() if p.is_dir()]
+            for n, a in schema.read_group(g, names).items():
                 out[f"{d}/{g.name}/{n}"] = a
     return out
 
@@ -59,35 +59,73 @@ def full_logprobs64(path, tokens, vocab):
         return torch.log_softmax(m(tokens[None]).logits[0, :, :vocab], -1)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, dtype):
-    build(world, tmp_path / "c", dtype=dtype)
+def reference_sources(lT, lB, lS, support, alphas, floor):
+    """The distributions whose top-k make up the support, float64 log-probs (L, V) each."""
+    if support == "topk":
+        return [lT]
+    shift = lT.clamp_min(floor) - lB.clamp_min(floor)
+    return [lT, lB, lS] + [torch.log_softmax(lS + a * shift, -1) for a in alphas]
+
+
+@pytest.mark.parametrize("support,mode,dtype", [
+    ("topk", "sequential", "float32"), ("topk", "sequential", "float16"), ("topk", "lockstep", "bfloat16"),
+    ("union", "lockstep", "float32"), ("union", "lockstep", "float16")])
+def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, mode, dtype):
+    build(world, tmp_path / "c", dtype=dtype, support=support, mode=mode)
     r = CacheReader(tmp_path / "c")
-    V, k, tol = world["vocab"], r.k, TOL[dtype]
-    assert r.vocab_size == V and r.has_student and len(r) == 24
-    n_checked = 0
+    V, k, tol, floor = world["vocab"], r.k, TOL[dtype], -12.0
+    alphas = (0.5, 1.0, 1.5)
+    assert r.vocab_size == V and r.has_student and len(r) == 24 and r.support == support
+    assert r.alphas == (alphas if mode == "lockstep" else ()) and r.floor == floor
+    n_checked = widths = 0
     for seq in r.iter_sequences():
         lT = full_logprobs64(world["teacher_ft"], seq.tokens, V)
         lB = full_logprobs64(world["teacher_base"], seq.tokens, V)
         lS = full_logprobs64(world["student_base"], seq.tokens, V)
         pos = seq.loss_mask.nonzero()[:, 0]
-        assert len(pos) == len(seq.topk_ids) > 0
+        assert len(pos) == len(seq.support_ids) > 0
         for row, t in enumerate(pos.tolist()):
-            ref_top = lT[t].topk(k)
-            ids = seq.topk_ids[row]
-            # True top-k: the cached ids carry exactly the k largest reference log-probs.
-            np.testing.assert_allclose(lT[t][ids].numpy(), ref_top.values.numpy(), rtol=1e-6, atol=1e-6)
+            ids = seq.support_ids[row][seq.valid[row]]
+            assert torch.all(ids[1:] > ids[:-1]), "ids ascend within a row, no repeats"
+            widths = max(widths, len(ids))
+            # The support is exactly the union of each source's top-k (ties within 1e-5 either way).
+            sources = reference_sources(lT[t], lB[t], lS[t], support, alphas, floor)
+            kth = [x.topk(k).values[-1] for x in sources]
+            for x, kx in zip(sources, kth):
+                assert int((x[ids] >= kx - 1e-5).sum()) >= k
+            assert all(any(x[y] >= kx - 1e-5 for x, kx in zip(sources, kth)) for y in ids.tolist())
             rest = torch.ones(V, dtype=torch.bool)
             rest[ids] = False
-            for cached, ref in ((seq.logp_ft[row], lT[t][ids]), (seq.delta[row], (lT[t] - lB[t])[ids]),
-                                (seq.logp_s0[row], lS[t][ids]), (seq.tail_ft[row], lT[t][rest].logsumexp(0)),
-                                (seq.tail_base[row], lB[t][rest].logsumexp(0)), (seq.tail_s0[row], lS[t][rest].logsumexp(0))):
+            K = len(ids)
+            pairs = [(seq.logp_ft[row][:K], lT[t][ids]), (seq.logp_base[row][:K], lB[t][ids]),
+                     (seq.logp_s0[row][:K], lS[t][ids]), (seq.tail_ft[row], lT[t][rest].logsumexp(0)),
+                     (seq.tail_base[row], lB[t][rest].logsumexp(0)), (seq.tail_s0[row], lS[t][rest].logsumexp(0))]
+            if mode == "lockstep":
+                shift = lT[t].clamp_min(floor) - lB[t].clamp_min(floor)
+                pairs += [(seq.tail_star[row, i], (lS[t] + a * shift)[rest].logsumexp(0)) for i, a in enumerate(alphas)]
+            for cached, ref in pairs:
                 np.testing.assert_allclose(cached.double().numpy(), ref.numpy(), rtol=tol, atol=tol)
+            assert torch.isneginf(seq.logp_ft[row][K:]).all()
             n_checked += 1
         # Alignment: position t predicts token t+1, which belongs to the response.
         assert not seq.loss_mask[-1]
     assert n_checked == r.manifest["totals"]["n_supervised"]
+    assert widths == k if support == "topk" else widths > k
     assert validate(tmp_path / "c") == []
+
+
+def test_lockstep_equals_sequential_for_topk(world, tmp_path):
+    build(world, tmp_path / "lock", support="topk", mode="lockstep", dtype="float32")
+    build(world, tmp_path / "seq", support="topk", mode="sequential", dtype="float32")
+    a, b = cache_content(tmp_path / "lock"), cache_content(tmp_path / "seq")
+    assert sorted(set(a) - set(b)) == [f"student/shard-{i:05d}/tail_star" for i in range(len(a) // 15)] or \
+        all(key.endswith("tail_star") for key in set(a) - set(b))
+    assert not set(b) - set(a)
+    for key in b:
+        if a[key].dtype.kind == "f":
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_k_equal_to_vocabulary_has_empty_tail(world, tmp_path):
@@ -113,12 +151,14 @@ def _build_args(world, out, **kw):
     return args
 
 
-@pytest.mark.parametrize("kill_when", ["staged", "committed"])
-def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when):
+@pytest.mark.parametrize("kill_when,mode,support", [("staged", "sequential", "topk"), ("committed", "sequential", "topk"),
+                                                   ("committed", "lockstep", "union")])
+def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when, mode, support):
     ref = tmp_path / "ref"
-    build(world, ref, shard_tokens=120, batch_size=2)
+    build(world, ref, shard_tokens=120, batch_size=2, mode=mode, support=support)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*_build_args(world, out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    args = _build_args(world, out, mode=mode, support=support)
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         staged = list((out / "stage").glob("*/*.npz")) if (out / "stage").exists() else []
@@ -130,7 +170,7 @@ def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / schema.MANIFEST).exists()
-    res = subprocess.run(_cli(*_build_args(world, out)), capture_output=True, text=True)
+    res = subprocess.run(_cli(*args), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert_same_content(ref, out)
     assert validate(out) == []
@@ -153,8 +193,8 @@ def test_two_ranks_give_the_same_content_as_one(world, tmp_path):
 
 
 def test_add_student_equals_building_with_the_student(world, tmp_path):
-    build(world, tmp_path / "with")
-    build(world, tmp_path / "later", student=False)
+    build(world, tmp_path / "with", support="topk", mode="sequential")
+    build(world, tmp_path / "later", student=False, support="topk", mode="sequential")
     assert not CacheReader(tmp_path / "later").has_student
     add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=world["student_base"], batch_size=5))
     assert_same_content(tmp_path / "with", tmp_path / "later")
@@ -164,17 +204,29 @@ def test_add_student_equals_building_with_the_student(world, tmp_path):
     m = CacheReader(tmp_path / "later").manifest
     assert m["student"]["checkpoint"]["path"] == str(Path(world["teacher_base"]).resolve())
     assert validate(tmp_path / "later") == []
+    assert not (tmp_path / "later" / "stage").exists()
+
+
+def test_add_student_on_a_union_cache_says_what_it_cannot_provide(world, tmp_path, capsys):
+    build(world, tmp_path / "u")
+    assert CacheReader(tmp_path / "u").alphas == (0.5, 1.0, 1.5)
+    add_student(AddStudentConfig(cache=str(tmp_path / "u"), student_base=world["teacher_base"]))
+    err = capsys.readouterr().err
+    assert "union support" in err and "exact target tails" in err and "Rebuild with --student-base" in err
+    r = CacheReader(tmp_path / "u")
+    assert r.alphas == () and r.has_student and validate(tmp_path / "u") == []
+    assert r.read_shard(r.shard_names[0]).arrays["logp_s0"].shape == r.read_shard(r.shard_names[0]).arrays["logp_ft"].shape
 
 
 def test_validate_names_the_shard_and_array_of_a_flipped_byte(world, tmp_path):
     build(world, tmp_path / "c")
     assert validate(tmp_path / "c") == []
-    chunk = next(p for p in (tmp_path / "c" / schema.TEACHER_DIR / "shard-00001" / "delta" / "c").rglob("*") if p.is_file())
+    chunk = next(p for p in (tmp_path / "c" / schema.TEACHER_DIR / "shard-00001" / "logp_base" / "c").rglob("*") if p.is_file())
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
     problems = validate(tmp_path / "c")
-    assert problems and "shard-00001" in problems[0] and "delta" in problems[0]
+    assert problems and "shard-00001" in problems[0] and "logp_base" in problems[0]
     res = subprocess.run(_cli("cache", "validate", str(tmp_path / "c")), capture_output=True, text=True)
     assert res.returncode == 1 and "shard-00001" in res.stderr
 

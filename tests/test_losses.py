@@ -53,7 +53,7 @@ def cached_targets(lT, lB, lS0, k, nxt=None):
     ids = lT.argsort(-1, descending=True)[:, :k]
     rest = torch.ones_like(lT, dtype=torch.bool).scatter(1, ids, False)
     tail = lambda l: torch.where(rest, l, torch.tensor(float("-inf"), dtype=l.dtype)).logsumexp(-1)  # noqa: E731
-    return {"topk_ids": ids, "logp_ft": lT.gather(1, ids), "delta": (lT - lB).gather(1, ids),
+    return {"support_ids": ids, "logp_ft": lT.gather(1, ids), "logp_base": lB.gather(1, ids),
             "logp_s0": lS0.gather(1, ids), "tail_ft": tail(lT), "tail_base": tail(lB), "tail_s0": tail(lS0),
             "next_tokens": nxt if nxt is not None else torch.zeros(lT.shape[0], dtype=torch.long)}
 
@@ -85,7 +85,7 @@ def test_delta_target_is_kd_target_when_student_base_is_teacher_base(tail):
     lT, lB, _ = dists(1)
     tg = cached_targets(lT, lB, lB, 6)
     ft = L.support(tg["logp_ft"], tg["tail_ft"], tail)
-    base = L.support(tg["logp_ft"] - tg["delta"], tg["tail_base"], tail)
+    base = L.support(tg["logp_base"], tg["tail_base"], tail)
     s0 = L.support(tg["logp_s0"], tg["tail_s0"], tail)
     torch.testing.assert_close(L.delta_target(s0, ft, base, 1.0), ft, rtol=0, atol=1e-12)
     torch.testing.assert_close(L.delta_target(s0, ft, base, 0.0), s0, rtol=0, atol=1e-12)
