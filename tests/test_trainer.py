@@ -40,7 +40,13 @@ def test_loader_aligns_targets_with_positions(cache_dir):
             m = len(pos)
             # Row r of the targets belongs to position pos[r], which predicts token pos[r] + 1.
             assert torch.equal(b.targets["next_tokens"][rows:rows + m], ref.tokens[pos + 1])
-            for key in ("topk_ids", "logp_ft", "delta", "tail_ft", "tail_base", "logp_s0", "tail_s0"):
+            K = ref.support_ids.shape[1]  # the batch pads supports to its widest row, the sequence to its own
+            assert not b.targets["valid"][rows:rows + m, K:].any()
+            assert torch.equal(b.targets["valid"][rows:rows + m, :K], ref.valid)
+            for key in ("support_ids", "logp_ft", "logp_base", "logp_s0"):
+                got = b.targets[key][rows:rows + m, :K]
+                assert torch.equal(got[ref.valid], getattr(ref, key)[ref.valid]), key
+            for key in ("tail_ft", "tail_base", "tail_s0", "tail_star"):
                 assert torch.equal(b.targets[key][rows:rows + m], getattr(ref, key)), key
             rows += m
             seen += 1
@@ -64,6 +70,15 @@ def test_loader_resumes_at_the_exact_batch(cache_dir):
     assert sorted(sum(full[:n], [])) == sorted(sum(full[n:], [])) and full[:n] != full[n:]
 
 
+def _widen(key, t, K):
+    """Pad a batch's (n, K') support tensors to width K the way the loader pads (see cache/support.py)."""
+    if key not in ("support_ids", "valid", "logp_ft", "logp_base", "logp_s0") or t.shape[1] == K:
+        return t
+    fill = {"support_ids": t[:, :1].expand(-1, K - t.shape[1]), "valid": torch.zeros(t.shape[0], K - t.shape[1], dtype=torch.bool)}
+    extra = fill.get(key, torch.full((t.shape[0], K - t.shape[1]), float("-inf")))
+    return torch.cat([t, extra], dim=1)
+
+
 def _grads(tr, micro):
     tr.opt.zero_grad()
     res = tr.train_step(micro)
@@ -79,9 +94,10 @@ def test_one_batch_of_n_equals_n_micro_batches(world, cache_dir, tmp_path):
     L = max(b.input_ids.shape[1] for b in batches)
     pad = lambda t, v: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)  # noqa: E731
     from deltakd.student.data import Batch
+    K = max(b.targets["support_ids"].shape[1] for b in batches)
     merged = Batch(torch.cat([pad(b.input_ids, 0) for b in batches]), torch.cat([pad(b.attention_mask, 0) for b in batches]),
                    torch.cat([pad(b.loss_mask, False) for b in batches]),
-                   {k: torch.cat([b.targets[k] for b in batches]) for k in batches[0].targets}, [], {})
+                   {k: torch.cat([_widen(k, b.targets[k], K) for b in batches]) for k in batches[0].targets}, [], {})
     g_n, r_n = _grads(tr, batches)
     g_1, r_1 = _grads(tr, [merged])
     torch.testing.assert_close(g_n, g_1, rtol=1e-4, atol=1e-7)
@@ -160,9 +176,17 @@ def test_dry_run_reports_and_writes_no_checkpoint(world, cache_dir, tmp_path):
     assert not (tmp_path / "d" / "checkpoints").exists()
 
 
-def test_online_student_base_equals_cached(world, cache_dir, tmp_path):
-    a = train(cfg_for(world, cache_dir, tmp_path / "a", max_steps=2, log_every=1))
-    b = train(cfg_for(world, cache_dir, tmp_path / "b", max_steps=2, student_base_online=world["student_base"]))
+def test_online_student_base_equals_cached(world, tmp_path):
+    from deltakd.cache.builder import CacheBuildConfig, build_cache
+
+    # Online, lS0 comes without the exact target tails (they need the teachers too): compare
+    # with a cache that has none either (one model at a time).
+    cache = tmp_path / "seq"
+    build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
+                                 out=str(cache), student_base=world["student_base"], support="topk", mode="sequential",
+                                 max_length=64))
+    a = train(cfg_for(world, str(cache), tmp_path / "a", max_steps=2, log_every=1))
+    b = train(cfg_for(world, str(cache), tmp_path / "b", max_steps=2, student_base_online=world["student_base"]))
     assert a["eval_p1"] == pytest.approx(b["eval_p1"], rel=2e-3)  # cache holds float16 values
 
 
