@@ -20,49 +20,67 @@ def disk_bytes(root: Path) -> int:
                for p in (root / d).rglob("*") if p.is_file())
 
 
-def raw_bytes_per_row(m: dict, student: bool) -> int:
-    """Plain uncompressed layout: ids + k-wide value arrays + tails, per supervised row."""
+def raw_bytes_per_row(m: dict, student: bool, mean_entries: float) -> float:
+    """Plain uncompressed layout per supervised row: ids + value arrays on the support + tails."""
     vb = schema.storage_dtype(m["value_dtype"]).itemsize
     ib = np.dtype(m["id_dtype"]).itemsize
-    n_k, n_tail = (3, 3) if student else (2, 2)
-    return m["k"] * (ib + n_k * vb) + n_tail * vb
+    n_vals, n_tail = (3, 3 + len((m.get("student") or {}).get("alphas") or ())) if student else (2, 2)
+    return mean_entries * (ib + n_vals * vb) + n_tail * vb + (2 if m.get("format_version", 1) >= 2 else 0)
 
 
 def summarize(path, max_shards: int | None = None, top_tokens: int = 10) -> dict:
+    """Counts, bytes, support length, and how much of each distribution the support holds."""
     r = CacheReader(path)
     m, tot = r.manifest, r.manifest["totals"]
-    cover, kls, deltas = [], [], []
+    held = {"ft": [], "base": [], "s0": []} | {f"star_{a:g}": [] for a in r.alphas}
+    kls, deltas, lengths = [], [], []
     shift = torch.zeros(r.vocab_size, dtype=torch.float64)
     for name in r.shard_names[:max_shards]:
-        a = r.read_shard(name, student=False).arrays
-        pT = a["logp_ft"].exp()
-        lB = a["logp_ft"] - a["delta"]
-        cover.append(1 - a["tail_ft"].exp())
-        # KL(T || B) on the top-k support with the tail as one more outcome.
+        sh = r.read_shard(name)
+        a = sh.arrays
+        t = sh.rows(torch.arange(len(a["support_len"])))  # (S, K) padded with -inf
+        lengths.append(a["support_len"])
+        for key in ("ft", "base", "s0"):
+            if f"tail_{key}" in a:
+                held[key].append(1 - a[f"tail_{key}"].exp())
+        # pi*_alpha on the support against its exact tail: the share of the target the support holds.
+        for i, al in enumerate(r.alphas):
+            u = t["logp_s0"] + al * (t["logp_ft"].clamp_min(r.floor) - t["logp_base"].clamp_min(r.floor)
+                                     if r.floor is not None else t["logp_ft"] - t["logp_base"])
+            u = u.masked_fill(~t["valid"], float("-inf")).logsumexp(1)
+            held[f"star_{al:g}"].append(torch.sigmoid(u - t["tail_star"][:, i]))
+        d = torch.where(t["valid"], t["logp_ft"] - t["logp_base"], torch.zeros(()))
+        pT = t["logp_ft"].exp()
+        # KL(T || B) on the support with the tail as one more outcome.
         tail_term = torch.where(torch.isfinite(a["tail_ft"]),
                                 a["tail_ft"].exp() * (a["tail_ft"] - a["tail_base"]), torch.zeros(()))
-        kls.append((pT * a["delta"]).sum(1) + tail_term)
-        deltas.append(a["delta"].flatten()[::7])
-        shift.index_add_(0, a["topk_ids"].flatten(), (pT - lB.exp()).flatten().double())
-    cover, kls = torch.cat(cover).numpy(), torch.cat(kls).numpy()
+        kls.append((pT * d).sum(1) + tail_term)
+        deltas.append(d[t["valid"]][::7])
+        shift.index_add_(0, a["support_ids"], (a["logp_ft"].exp() - a["logp_base"].exp()).double())
+    held = {k: torch.cat(v).numpy() for k, v in held.items() if v}
+    kls = torch.cat(kls).numpy() if kls else np.zeros(0)
+    lengths = torch.cat(lengths).numpy() if lengths else np.zeros(0)
     bytes_disk = disk_bytes(r.root)
-    raw = raw_bytes_per_row(m, r.has_student)
     n_sup = max(tot["n_supervised"], 1)
+    raw = raw_bytes_per_row(m, r.has_student, float(lengths.mean()) if len(lengths) else 0.0)
     order = torch.argsort(shift)
-    out = {
-        "path": str(r.root), "format_version": m["format_version"], "k": r.k, "vocab_size": r.vocab_size,
+    quant = lambda x: {str(q): float(np.quantile(x, q)) for q in QUANTILES} if len(x) else {}  # noqa: E731
+    return {
+        "path": str(r.root), "format_version": m["format_version"], "support": r.support, "k": r.k,
+        "alphas": list(r.alphas), "floor": r.floor, "vocab_size": r.vocab_size,
         "value_dtype": m["value_dtype"], "shards": len(r.shard_names), "sequences": tot["n_seqs"],
         "tokens": tot["n_tokens"], "supervised": tot["n_supervised"], "has_student": r.has_student,
         "truncated": m.get("summary", {}).get("n_truncated"),
         "bytes_on_disk": bytes_disk, "bytes_per_supervised_token": bytes_disk / n_sup,
         "raw_bytes_per_supervised_token": raw,
-        "topk_mass_quantiles": {str(q): float(np.quantile(cover, q)) for q in QUANTILES} if len(cover) else {},
+        "support_length_quantiles": quant(lengths), "support_length_mean": float(lengths.mean()) if len(lengths) else 0.0,
+        "mass_held_quantiles": {k: quant(v) for k, v in held.items()},
+        "topk_mass_quantiles": quant(held.get("ft", np.zeros(0))),
         "mean_kl_ft_base": float(kls.mean()) if len(kls) else 0.0,
         "raised_most": [(int(i), float(shift[i])) for i in order.flip(0)[:top_tokens]],
         "lowered_most": [(int(i), float(shift[i])) for i in order[:top_tokens]],
-        "_cover": cover, "_delta": torch.cat(deltas).numpy() if deltas else np.zeros(0),
+        "_cover": held.get("ft", np.zeros(0)), "_delta": torch.cat(deltas).numpy() if deltas else np.zeros(0),
     }
-    return out
 
 
 def _decoder(m: dict, tokenizer_path: str | None):
@@ -78,17 +96,21 @@ def _decoder(m: dict, tokenizer_path: str | None):
 
 def format_summary(s: dict, m: dict, tokenizer_path: str | None = None) -> str:
     dec = _decoder(m, tokenizer_path)
-    q = "  ".join(f"p{int(float(k) * 100)}={v:.3f}" for k, v in s["topk_mass_quantiles"].items())
+    fq = lambda d, f=".3f": "  ".join(f"p{int(float(k) * 100)}={v:{f}}" for k, v in d.items())  # noqa: E731
+    names = {"ft": "pi_T (teacher ft)", "base": "pi_B (teacher base)", "s0": "pi_S0 (student base)"}
+    held = [f"  {names.get(k, 'pi* alpha=' + k[5:]):<22} {fq(v)}" for k, v in s["mass_held_quantiles"].items()]
     lines = [
-        f"cache            {s['path']}  (format v{s['format_version']}, k={s['k']}, vocab={s['vocab_size']}, {s['value_dtype']})",
+        f"cache            {s['path']}  (format v{s['format_version']}, support {s['support']}, k={s['k']}, "
+        f"vocab={s['vocab_size']}, {s['value_dtype']}, alphas {s['alphas'] or 'none'}, floor {s['floor']})",
         f"sequences        {s['sequences']}  in {s['shards']} shards  (truncated: {s['truncated']})",
         f"tokens           {s['tokens']}  supervised positions: {s['supervised']}",
         f"student arrays   {'yes' if s['has_student'] else 'no (deltakd cache add-student)'}",
         f"on disk          {s['bytes_on_disk'] / 1e6:.2f} MB = {s['bytes_per_supervised_token']:.1f} B per supervised token "
         f"(plain layout {s['raw_bytes_per_supervised_token']} B, ratio {s['bytes_per_supervised_token'] / s['raw_bytes_per_supervised_token']:.2f})",
-        f"top-k mass       {q}",
-        f"mean KL(ft||base) {s['mean_kl_ft_base']:.4f} nats per supervised position (top-k + tail bucket)",
-        "(token: sum over supervised positions of p_ft - p_base, on the cached top-k)",
+        f"support length   mean {s['support_length_mean']:.1f}  {fq(s['support_length_quantiles'], '.0f')}",
+        "mass the support holds (the rest is each distribution's tail bucket):", *held,
+        f"mean KL(ft||base) {s['mean_kl_ft_base']:.4f} nats per supervised position (support + tail bucket)",
+        "(token: sum over supervised positions of p_ft - p_base, on the cached support)",
         "SFT raised most  " + ", ".join(f"{dec(i)} {v:+.2f}" for i, v in s["raised_most"]),
         "SFT lowered most " + ", ".join(f"{dec(i)} {v:+.2f}" for i, v in s["lowered_most"]),
     ]
@@ -104,14 +126,15 @@ def format_example(path, index: int, top: int = 5, tokenizer_path: str | None = 
     else:
         raise IndexError(f"--example {index}: the cache holds {len(r)} sequences")
     lines = [f"example id {seq.example_id}: {len(seq.tokens)} tokens, {int(seq.loss_mask.sum())} supervised",
-             "pos  token -> next   | top candidates: p_ft (delta = log p_ft - log p_base)"]
+             "pos  token -> next   | most probable support ids under p_ft: p_ft (delta = log p_ft - log p_base)"]
     row = 0
     for t in range(len(seq.tokens)):
         nxt = dec(seq.tokens[t + 1]) if t + 1 < len(seq.tokens) else ""
         line = f"{t:4d} {dec(seq.tokens[t]):>12} -> {nxt:<12}"
         if seq.loss_mask[t]:
-            cands = [f"{dec(seq.topk_ids[row, j])} {seq.logp_ft[row, j].exp():.3f} ({seq.delta[row, j]:+.2f})"
-                     for j in range(min(top, r.k))]
+            order = seq.logp_ft[row].argsort(descending=True)[:min(top, int(seq.valid[row].sum()))]
+            cands = [f"{dec(seq.support_ids[row, j])} {seq.logp_ft[row, j].exp():.3f} ({seq.delta[row, j]:+.2f})"
+                     for j in order.tolist()]
             line += " | " + "  ".join(cands)
             row += 1
         lines.append(line)
@@ -127,9 +150,9 @@ def plot(s: dict, out: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install 'deltakd[plot]'") from e
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].hist(s["_cover"], bins=50)
-    ax[0].set(title=f"probability mass in the top-{s['k']}", xlabel="mass", ylabel="positions")
+    ax[0].set(title="probability mass of pi_T on the support", xlabel="mass", ylabel="positions")
     ax[1].hist(np.clip(s["_delta"], -10, 10), bins=80)
-    ax[1].set(title="delta = log p_ft - log p_base on the top-k", xlabel="nats", yscale="log")
+    ax[1].set(title="delta = log p_ft - log p_base on the support", xlabel="nats", yscale="log")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

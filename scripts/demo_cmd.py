@@ -72,11 +72,11 @@ def assets(cfg: DemoConfig, work: Path) -> dict:
     return {k: str(root / k) for k in ("teacher_base", "teacher_ft", "student_base")} | data
 
 
-def build_demo_cache(work: Path, a: dict, top_k: int = 64) -> Path:
+def build_demo_cache(work: Path, a: dict, top_k: int = 16) -> Path:
     """The demo's cache (resumes or reuses a finished one)."""
     from deltakd.cache.builder import CacheBuildConfig, build_cache
 
-    cache = work / ("cache" if top_k == 64 else f"cache-k{top_k}")
+    cache = work / ("cache" if top_k == 16 else f"cache-k{top_k}")
     build_cache(CacheBuildConfig(teacher_ft=a["teacher_ft"], teacher_base=a["teacher_base"], student_base=a["student_base"],
                                  data=a["train"], out=str(cache), top_k=top_k, max_length=128, batch_size=32,
                                  shard_tokens=32768))
