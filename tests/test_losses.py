@@ -192,3 +192,92 @@ def test_unknown_settings_are_refused():
         LossSpec(weights={"kd": 0.0})
     with pytest.raises(ValueError, match="divergence"):
         LossSpec(weights={"kd": 1.0}, divergence="tv")
+
+
+def union_targets(lT, lB, lS0, k, alphas=(0.5, 1.0), floor=-12.0, nxt=None):
+    """A ragged union support (top-k of each distribution and of π*_α), padded like the loader pads it,
+    with the exact target tails: an independent float64 construction of what the cache stores."""
+    shift = lT.clamp_min(floor) - lB.clamp_min(floor)
+    mask = torch.zeros_like(lT, dtype=torch.bool)
+    for x in [lT, lB, lS0] + [lS0 + a * shift for a in alphas]:
+        mask.scatter_(1, x.topk(k, -1).indices, True)
+    rows = [m.nonzero()[:, 0] for m in mask]
+    K = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([r, r[:1].expand(K - len(r))]) for r in rows])
+    valid = torch.stack([torch.arange(K) < len(r) for r in rows])
+    ninf = torch.tensor(float("-inf"), dtype=lT.dtype)
+    on = lambda l: torch.where(valid, l.gather(1, ids), ninf)  # noqa: E731
+    tail = lambda l: torch.where(mask, ninf, l).logsumexp(-1)  # noqa: E731
+    star = torch.stack([tail(lS0 + a * shift) for a in alphas], 1)
+    return {"support_ids": ids, "valid": valid, "logp_ft": on(lT), "logp_base": on(lB), "logp_s0": on(lS0),
+            "tail_ft": tail(lT), "tail_base": tail(lB), "tail_s0": tail(lS0), "tail_star": star,
+            "next_tokens": nxt if nxt is not None else torch.zeros(lT.shape[0], dtype=torch.long)}
+
+
+def test_union_support_with_exact_tail_gives_the_exact_target():
+    """With tail_star, π* on the support and its tail bucket equal the full-vocabulary π* summed outside."""
+    lT, lB, lS0 = dists(5, v=60)
+    tg = union_targets(lT, lB, lS0, 3)
+    star_full = torch.log_softmax(lS0 + 1.0 * (lT.clamp_min(-12.0) - lB.clamp_min(-12.0)), -1)
+    s0 = L.support(tg["logp_s0"], tg["tail_s0"])
+    got = L.delta_target(s0, L.support(tg["logp_ft"], tg["tail_ft"]), L.support(tg["logp_base"], tg["tail_base"]),
+                         1.0, floor=-12.0, tail_star=tg["tail_star"][:, 1])
+    valid = tg["valid"]
+    ref_support = torch.where(valid, star_full.gather(1, tg["support_ids"]), torch.tensor(float("-inf"), dtype=lT.dtype))
+    inside = torch.zeros_like(lT, dtype=torch.bool).scatter(1, torch.where(valid, tg["support_ids"], tg["support_ids"][:, :1]), True)
+    ref_tail = torch.where(inside, torch.tensor(float("-inf"), dtype=lT.dtype), star_full).logsumexp(-1)
+    torch.testing.assert_close(got[:, :-1], ref_support, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[:, -1], ref_tail, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("term,kind", [("kd", "fkl"), ("kd", "rkl"), ("p1", "fkl"), ("p2", "fkl"), ("p3", "fkl"),
+                                       ("kd", "jsd")])
+def test_ragged_padded_support_fused_equals_autograd_and_ignores_padding(term, kind):
+    """The fused analytic gradient on a padded ragged support equals plain autograd, and widening the
+    padding changes nothing (padded entries are not outcomes)."""
+    lT, lB, lS0 = dists(6, n=17, v=50)
+    nxt = torch.randint(0, 50, (17,), generator=torch.Generator().manual_seed(1))
+    tg = union_targets(lT.float(), lB.float(), lS0.float(), 3, nxt=nxt)
+    spec = LossSpec(weights={term: 1.0, "sft": 0.3}, divergence=kind, alpha=1.0, floor=-12.0, star_col=1, chunk_rows=5)
+    wide = dict(tg)
+    extra = 4
+    wide["support_ids"] = torch.cat([tg["support_ids"], tg["support_ids"][:, :1].expand(-1, extra)], 1)
+    wide["valid"] = torch.cat([tg["valid"], torch.zeros(17, extra, dtype=torch.bool)], 1)
+    for key in ("logp_ft", "logp_base", "logp_s0"):
+        wide[key] = torch.cat([tg[key], torch.full((17, extra), float("-inf"))], 1)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(12, 50, bias=False)
+    hidden = torch.randn(17, 12, requires_grad=True)
+    results = []
+    for t in (tg, wide):
+        total, _ = chunked_loss(hidden, head, t, spec, 50)
+        gh, gw = torch.autograd.grad(total, [hidden, head.weight])
+        results.append((total.detach(), gh, gw))
+    z = (hidden @ head.weight.T).detach().double().requires_grad_(True)
+    ref = terms_from_logits(z, {k: (v.double() if v.is_floating_point() else v) for k, v in tg.items()}, spec)
+    ref_total = ref[0] + 0.3 * ref[1] if spec.active[0] != "sft" else ref[1] + 0.3 * ref[0]
+    (gz,) = torch.autograd.grad(ref_total, z)
+    for total, gh, gw in results:
+        torch.testing.assert_close(total.double(), ref_total.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gh.double(), gz @ head.weight.detach().double(), rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(gw.double(), gz.T @ hidden.detach().double(), rtol=1e-3, atol=1e-5)
+    assert torch.isfinite(results[0][1]).all()
+
+
+def test_temperature_two_on_the_full_vocabulary_matches_reference():
+    """τ = 2 is exact when the support is the whole vocabulary (the trainer refuses it otherwise)."""
+    lT, lB, lS0 = dists(7)
+    logits = torch.randn(N, V, dtype=torch.float64, requires_grad=True)
+    spec = LossSpec(weights={"kd": 1.0}, temperature=2.0)
+    got = terms_from_logits(logits, cached_targets(lT, lB, lS0, V), spec)[0]
+    ref = 4.0 * ref_div(torch.log_softmax(lT / 2, -1), torch.log_softmax(logits / 2, -1), "fkl").sum()
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    # Student equal to teacher: zero loss at τ = 2 on the full vocabulary.
+    same = terms_from_logits(lT.clone(), cached_targets(lT, lB, lS0, V), spec)[0]
+    assert float(same) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_at_the_ends_is_refused(beta):
+    with pytest.raises(ValueError, match="0 < beta < 1"):
+        LossSpec(weights={"kd": 1.0}, divergence="jsd", jsd_beta=beta)

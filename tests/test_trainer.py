@@ -242,3 +242,17 @@ def test_gradient_checkpointing_gives_the_same_step_and_bf16_runs(world, cache_d
     assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
     bf16 = train(cfg_for(world, cache_dir, tmp_path / "c", dry_run=True, bf16=True))
     assert bf16["loss_terms"]["p1"] == pytest.approx(plain["loss_terms"]["p1"], rel=0.05)
+
+
+def test_settings_the_cache_cannot_serve_are_refused(world, cache_dir, tmp_path):
+    with pytest.raises(CacheFormatError, match="alphas 0.5, 1, 1.5 only"):
+        Trainer(cfg_for(world, cache_dir, tmp_path / "a", alpha=0.7))
+    with pytest.raises(CacheFormatError, match="computed with floor -12.0"):
+        Trainer(cfg_for(world, cache_dir, tmp_path / "f", floor="-8"))
+    with pytest.raises(CacheFormatError, match="cannot be re-tempered"):
+        Trainer(cfg_for(world, cache_dir, tmp_path / "t", loss="kd", temperature=2.0))
+    with pytest.raises(ValueError, match="0 < beta < 1"):
+        cfg_for(world, cache_dir, tmp_path / "j", loss="kd", divergence="jsd", jsd_beta=1.0)
+    # Served: an alpha of the grid, the cache's floor, renormalised tails at another temperature.
+    assert Trainer(cfg_for(world, cache_dir, tmp_path / "ok", alpha=1.5)).spec.star_col == 2
+    assert Trainer(cfg_for(world, cache_dir, tmp_path / "r", loss="kd", temperature=2.0, tail="renorm")).spec.floor == -12.0
