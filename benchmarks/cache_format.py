@@ -114,16 +114,20 @@ def main():
 
 def measure(source: str, cache: Path, work: Path, threads: int) -> dict:
     r = CacheReader(cache)
-    names = list(schema.TEACHER_ARRAYS) + list(schema.STUDENT_ARRAYS)
     shards = []
     for n in r.shard_names:
-        arr = schema.read_group(cache / schema.TEACHER_DIR / n, list(schema.TEACHER_ARRAYS))
-        arr.update(schema.read_group(cache / schema.STUDENT_DIR / n, list(schema.STUDENT_ARRAYS)))
+        arr = {}
+        for d in (schema.TEACHER_DIR, schema.STUDENT_DIR):
+            g = cache / d / n
+            arr.update(schema.read_group(g, [p.name for p in g.iterdir() if p.is_dir()]))
         shards.append(arr)
-    n_sup = sum(s["topk_ids"].shape[0] for s in shards)
+    names = list(shards[0])
+    n_sup = sum(s["support_len"].shape[0] for s in shards)
     n_tok = sum(s["tokens"].shape[0] for s in shards)
-    k = r.k
-    plain = k * (2 + 3 * 2) + 3 * 2  # uint16 ids + logp_ft, delta, logp_s0 + three tails (float16)
+    k = sum(int(s["support_len"].astype("int64").sum()) for s in shards) / max(n_sup, 1)  # mean support length
+    n_tails = 3 + (shards[0]["tail_star"].shape[1] if "tail_star" in shards[0] else 0)
+    # uint16 ids + lT, lB, lS0 on the support + the tails (float16) + the uint16 length
+    plain = round(k * (2 + 3 * 2) + n_tails * 2 + 2)
     rows = []
     for label, (chunk, codecs) in LAYOUTS.items():
         d = work / "layouts" / source.split()[0] / label.replace(" ", "_").replace(",", "").replace("*", "")

@@ -84,7 +84,7 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
         # Targets built without any (N, V) tensor, so the baseline high-water mark stays low.
         ids = torch.stack([torch.randperm(V, generator=g)[:64] for _ in range(N)])
         lp = torch.log_softmax(torch.randn(N, 65, generator=g) * 2, -1)
-        tg = {"topk_ids": ids, "logp_ft": lp[:, :64], "delta": torch.randn(N, 64, generator=g) * 0.1,
+        tg = {"support_ids": ids, "logp_ft": lp[:, :64], "logp_base": lp[:, :64] - torch.randn(N, 64, generator=g) * 0.1,
               "logp_s0": lp[:, :64] - 0.1, "tail_ft": lp[:, 64], "tail_base": lp[:, 64] - 0.2,
               "tail_s0": lp[:, 64] - 0.1, "next_tokens": ids[:, 0]}
         h = torch.randn(N, H, requires_grad=True)
@@ -120,7 +120,7 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
                                    for m in frozen)
                     ids = torch.arange(V).expand(lT.shape[0], V)  # full vocabulary: k = V
                     ninf = torch.full((lT.shape[0],), float("-inf"))
-                    tg = {"topk_ids": ids, "logp_ft": lT, "delta": lT - lB, "logp_s0": lS0, "tail_ft": ninf,
+                    tg = {"support_ids": ids, "logp_ft": lT, "logp_base": lB, "logp_s0": lS0, "tail_ft": ninf,
                           "tail_base": ninf, "tail_s0": ninf, "next_tokens": b.targets["next_tokens"]}
                 logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float()
                 loss = terms_from_logits(logits, tg, LossSpec(weights={"p1": 1.0}))[0] / b.n_supervised
