@@ -14,12 +14,11 @@ for exact targets.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import schema
+from . import schema, store
 from .builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases
 from .forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows
 from .records import tokenizer_identity
@@ -43,7 +42,7 @@ def cached_sequences(root: Path, name: str) -> list[Sequence]:
 
 
 def add_student(cfg: AddStudentConfig) -> dict:
-    root = Path(cfg.cache)
+    root = store.cache_root(cfg.cache)
     mpath = root / schema.MANIFEST
     if not mpath.exists():
         raise schema.CacheFormatError(f"{root}: no {schema.MANIFEST}; finish `deltakd cache build` first")
@@ -71,15 +70,16 @@ def add_student(cfg: AddStudentConfig) -> dict:
         schema.write_json_atomic(mpath, manifest)
     schema.clean_partials(root)
     # Staged results of an interrupted run may come from another student: redo them.
-    for st in (root / "stage").glob("*/s0.npz"):
+    for st in store.local_stage(root).glob("*/s0.npz"):
         st.unlink()
     sdir.mkdir(exist_ok=True)
     names = [s["name"] for s in manifest["shards"]]
     for n in names:  # arrays of another student are dropped, this student's are kept (resume)
         meta = sdir / n / schema.SHARD_META
         if meta.exists() and not same(json.loads(meta.read_text()).get("student_base")):
-            shutil.rmtree(sdir / n)
-    todo = [n for n in names if not (sdir / n).exists()]
+            schema.uncommit_group(sdir / n)
+            store.rmtree(sdir / n)
+    todo = [n for n in names if not schema.is_committed(sdir / n)]
     shards = {n: cached_sequences(root, n) for n in todo}
     bcfg = CacheBuildConfig(teacher_ft="", teacher_base="", data="", out=str(root), top_k=manifest["k"],
                             support="topk", mode="sequential", batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows,
@@ -88,7 +88,7 @@ def add_student(cfg: AddStudentConfig) -> dict:
                          tok.pad_token_id or 0, rank=0)
     for n in todo:
         commit_student_shard(root, n, _load_stage(root, n, "s0"), manifest["value_dtype"], ident)
-    shutil.rmtree(root / "stage", ignore_errors=True)  # a finished cache has no stage
+    store.rmtree(store.local_stage(root))  # a finished cache has no stage
     metas = [json.loads((sdir / n / schema.SHARD_META).read_text()) for n in names]
     manifest["student"] = {"checkpoint": ident, "alphas": [],
                            "shards": [{k: v for k, v in m.items() if k != "student_base"} for m in metas]}

@@ -16,7 +16,6 @@ import dataclasses
 import gc
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist, schema
+from . import dist, schema, store
 from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, lockstep_rows, logit_chunks,
                       output_rows, supervised_hidden)
 from .support import pad_ragged, support_logprobs
@@ -175,8 +174,8 @@ ROW_KEYS = ("len", "tail_ft", "tail_base", "tail_s0", "tail_star")
 PHASES = ("ft", "base", "s0")
 
 
-def _stage(root: Path, name: str) -> Path:
-    return root / "stage" / name
+def _stage(root, name: str) -> Path:
+    return store.local_stage(root) / name
 
 
 def _save_stage(path: Path, **arrays):
@@ -432,9 +431,9 @@ def run_lockstep(root: Path, names: list[str], shards: dict[str, list[Sequence]]
 def commit_shard(root: Path, name: str, seqs, res: list[dict], cfg: CacheBuildConfig, vocab: int, student_ident):
     """Write the shard's zarr groups aside and rename them into place; then drop its stage."""
     tdir = root / schema.TEACHER_DIR / name
-    if not tdir.exists():
-        part = tdir.with_name(name + schema.PARTIAL_SUFFIX)
-        shutil.rmtree(part, ignore_errors=True)
+    if not schema.is_committed(tdir):
+        part = schema.partial_dir(tdir)
+        store.rmtree(part)
         arrays = teacher_arrays(seqs, res, vocab, cfg.dtype)
         schema.write_group(part, arrays)
         meta = schema.ShardInfo(name, len(seqs), int(arrays["tokens"].shape[0]), int(arrays["support_len"].shape[0]),
@@ -442,13 +441,14 @@ def commit_shard(root: Path, name: str, seqs, res: list[dict], cfg: CacheBuildCo
         schema.commit_group(part, tdir, meta)
     if student_ident is not None:
         commit_student_shard(root, name, res, cfg.dtype, student_ident)
-    shutil.rmtree(_stage(root, name), ignore_errors=True)
+    store.rmtree(_stage(root, name))
 
 
 def commit_student_shard(root: Path, name: str, res: list[dict], value_dtype: str, student_ident: dict):
     sdir = root / schema.STUDENT_DIR / name
-    part = sdir.with_name(name + schema.PARTIAL_SUFFIX)
-    shutil.rmtree(part, ignore_errors=True)
+    schema.uncommit_group(sdir)  # in place (object store): readers stop trusting the old group first
+    part = schema.partial_dir(sdir)
+    store.rmtree(part)
     arrays = student_arrays(res, value_dtype)
     schema.write_group(part, arrays)
     meta = {"name": name, "n_supervised": int(arrays["tail_s0"].shape[0]),
@@ -482,7 +482,7 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
 
 def build_cache(cfg: CacheBuildConfig) -> dict:
     rank, world = dist.init()
-    root = Path(cfg.out)
+    root = store.cache_root(cfg.out)
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}
     if cfg.student_base:
         roles["student_base"] = cfg.student_base
@@ -499,7 +499,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
                 raise ValueError(
                     f"{root} holds a cache built from other inputs or settings (differs in: {', '.join(diff)}); "
                     "use another --out folder or delete this one")
-        elif any(root.iterdir()):
+        elif not store.is_empty_or_missing(root):
             raise ValueError(f"{root} is not empty and holds no deltakd build: choose an empty or new --out folder")
         schema.clean_partials(root)
         schema.write_json_atomic(bfile, ident)
@@ -513,8 +513,8 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     shards = dict(zip(names_all, plan.shards))
     mine = [n for i, n in enumerate(names_all) if i % world == rank]
     student_ident = ident.get("student_base")
-    pending = [n for n in mine if not (root / schema.TEACHER_DIR / n).exists()
-               or (student_ident and not (root / schema.STUDENT_DIR / n).exists())]
+    pending = [n for n in mine if not schema.is_committed(root / schema.TEACHER_DIR / n)
+               or (student_ident and not schema.is_committed(root / schema.STUDENT_DIR / n))]
     (root / schema.TEACHER_DIR).mkdir(exist_ok=True)
     (root / schema.STUDENT_DIR).mkdir(exist_ok=True)
     phases = {"ft": cfg.teacher_ft, "base": cfg.teacher_base}
@@ -524,7 +524,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     if cfg.mode == "lockstep":
         timings = run_lockstep(root, pending, shards, phases, cfg, vocab, pad_id, rank, student_ident)
     else:
-        teacher_pending = [n for n in pending if not (root / schema.TEACHER_DIR / n).exists()]
+        teacher_pending = [n for n in pending if not schema.is_committed(root / schema.TEACHER_DIR / n)]
         timings = run_phases(root, teacher_pending, shards, {p: phases[p] for p in ("ft", "base")}, cfg,
                              vocab, pad_id, rank)
         if "s0" in phases:
@@ -540,7 +540,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     }
     manifest = None
     if rank == 0:
-        shutil.rmtree(root / "stage", ignore_errors=True)
+        store.rmtree(store.local_stage(root))
         manifest = write_manifest(root, ident, dataclasses.asdict(cfg), summary)
     dist.barrier(world)
     return manifest or {}

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema
+from . import schema, store
 from .schema import CacheFormatError
 from .support import pad_ragged
 
@@ -102,7 +102,7 @@ class ShardData:
 
 class CacheReader:
     def __init__(self, path: str | Path, threads: int = 4):
-        self.root = Path(path)
+        self.root = store.cache_root(path)
         mpath = self.root / schema.MANIFEST
         if not mpath.exists():
             hint = " (a build is in progress or was interrupted: rerun the same `deltakd cache build`)" \
@@ -122,7 +122,7 @@ class CacheReader:
         if m.get("support", "topk") not in schema.SUPPORTS or (self.version == 1 and m.get("support", "topk") != "topk"):
             raise CacheFormatError(f"{mpath}: support {m.get('support')!r} is not known to this deltakd")
         for s in m["shards"]:
-            if not (self.root / schema.TEACHER_DIR / s["name"]).is_dir():
+            if not schema.is_committed(self.root / schema.TEACHER_DIR / s["name"]):
                 raise CacheFormatError(f"{self.root}: shard {s['name']} listed in the manifest is missing")
         self.threads = threads
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import store
+
 FORMAT_NAME = "deltakd-cache"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -190,29 +192,30 @@ def sup_offsets(loss_mask: np.ndarray, seq_offsets: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(per_seq)]).astype(np.int64)
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def group_checksums(group_dir: Path) -> dict[str, str]:
-    """sha256 of every file of a zarr group (metadata and chunks), by relative path."""
+def group_checksums(group_dir) -> dict[str, str]:
+    """sha256 of every file (object) of a zarr group (metadata and chunks), by relative path."""
     out = {}
-    for p in sorted(group_dir.rglob("*")):
-        if p.is_file() and p.name != SHARD_META:
-            out[p.relative_to(group_dir).as_posix()] = file_sha256(p)
+    base = str(group_dir).rstrip("/") + "/"
+    for p in sorted(group_dir.rglob("*"), key=str):
+        if p.name != SHARD_META and p.is_file():
+            out[str(p)[len(base):]] = file_sha256(p)
     return out
 
 
-def write_group(group_dir: Path, arrays: dict[str, np.ndarray]) -> None:
+def write_group(group_dir, arrays: dict[str, np.ndarray]) -> None:
     """Write whole arrays into a fresh zarr v3 group (one writer per group: see FORMAT.md)."""
     import zarr
     from zarr.codecs import ZstdCodec
 
-    root = zarr.open_group(zarr.storage.LocalStore(str(group_dir)), mode="w", zarr_format=3)
+    root = zarr.open_group(store.zarr_store(group_dir, read_only=False), mode="w", zarr_format=3)
     for name, a in arrays.items():
         kind = TEACHER_ARRAYS.get(name) or STUDENT_ARRAYS.get(name) or ("sup",)
         rows = {"token": TOKEN_CHUNK_ROWS, "entry": ENTRY_CHUNK_ROWS}.get(kind[0], SUP_CHUNK_ROWS)
@@ -227,7 +230,7 @@ def read_group(group_dir: Path, names) -> dict[str, np.ndarray]:
     import zarr
 
     try:
-        root = zarr.open_group(zarr.storage.LocalStore(str(group_dir)), mode="r", zarr_format=3)
+        root = zarr.open_group(store.zarr_store(group_dir, read_only=True), mode="r", zarr_format=3)
     except Exception as e:  # zarr raises several types for a missing or broken group
         raise CacheFormatError(f"{group_dir}: not a readable zarr v3 group ({e})") from e
     out = {}
@@ -239,42 +242,60 @@ def read_group(group_dir: Path, names) -> dict[str, np.ndarray]:
     return out
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_json_atomic(path, obj) -> None:
+    store.write_json_atomic(path, obj)
 
 
-def commit_group(partial: Path, final: Path, meta: dict) -> None:
-    """Make a fully written group visible: its meta file, then one rename (atomic on POSIX)."""
+def partial_dir(final):
+    """Where a group is written before its commit: aside locally, in place in an object store."""
+    return final if store.is_remote(final) else final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def is_committed(group_dir) -> bool:
+    """A group counts once its shard.json exists (written last; locally also renamed into place)."""
+    return (group_dir / SHARD_META).exists()
+
+
+def commit_group(partial, final, meta: dict) -> None:
+    """Make a fully written group visible: its meta file last; locally then one rename (atomic on POSIX)."""
+    if store.is_remote(final):
+        assert str(partial) == str(final), "an object store has no rename: write groups in place"
+        write_json_atomic(final / SHARD_META, meta)
+        return
     write_json_atomic(partial / SHARD_META, meta)
     if final.exists():  # a replaced student group: the old one is moved aside first
         aside = final.with_name(final.name + ".old")
         os.replace(final, aside)
         os.replace(partial, final)
-        _rmtree(aside)
+        store.rmtree(aside)
     else:
         os.replace(partial, final)
 
 
-def _rmtree(p: Path) -> None:
-    import shutil
+def uncommit_group(group_dir) -> None:
+    """Before rewriting a committed group in place (object stores): readers stop trusting it first."""
+    if store.is_remote(group_dir):
+        (group_dir / SHARD_META).unlink(missing_ok=True)
+        store.rmtree(group_dir)
 
-    shutil.rmtree(p, ignore_errors=True)
 
+def clean_partials(root) -> int:
+    """Remove what a killed writer left behind; returns the count.
 
-def clean_partials(root: Path) -> int:
-    """Remove what a killed writer left behind (`*.partial`, `*.old`, `*.tmp`); returns the count."""
+    Locally: `*.partial`, `*.old`, `*.tmp`. In an object store: group prefixes without
+    their shard.json (written in place, never committed).
+    """
     n = 0
     for sub in (root / TEACHER_DIR, root / STUDENT_DIR, root):
-        if not sub.is_dir():
+        if store.is_empty_or_missing(sub):
             continue
         for p in sub.iterdir():
-            if p.name.endswith((PARTIAL_SUFFIX, ".old", ".tmp")):
-                _rmtree(p) if p.is_dir() else p.unlink()
+            if store.is_remote(root):
+                if sub is not root and not is_committed(p):
+                    store.rmtree(p)
+                    n += 1
+            elif p.name.endswith((PARTIAL_SUFFIX, ".old", ".tmp")):
+                store.rmtree(p) if p.is_dir() else p.unlink()
                 n += 1
     return n
 

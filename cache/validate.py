@@ -14,7 +14,7 @@ from .reader import CacheReader
 
 def _check_group(gdir: Path, expected: dict[str, str], label: str) -> list[str]:
     problems = []
-    if not gdir.is_dir():
+    if not schema.is_committed(gdir):
         return [f"{label}: folder {gdir} is missing"]
     actual = schema.group_checksums(gdir)
     for rel, h in expected.items():
