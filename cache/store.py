@@ -34,7 +34,11 @@ def cache_root(path):
     except ImportError as e:
         raise SystemExit(f"{path}: caches in object storage need `pip install 'deltakd[s3]'` "
                          "(universal_pathlib and s3fs, or the fsspec backend of your store)") from e
-    return UPath(str(path))
+    root = UPath(str(path))
+    # fsspec shares one filesystem object per process and caches its listings; another
+    # process (a resumed build, add-student) may have rewritten objects since.
+    root.fs.invalidate_cache()
+    return root
 
 
 def is_remote(p) -> bool:

@@ -25,6 +25,9 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "deltakd-test", "AWS_SECRET_ACCESS_KEY": "deltakd
 @pytest.fixture(scope="module")
 def s3(monkeypatch_module=None):
     """A bucket on a local S3-compatible server; the environment points boto/s3fs at it."""
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -97,6 +100,14 @@ def test_build_kill_resume_train_validate_in_s3(world, tmp_path, s3):
                           "--eval-batches", "1"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "final" / "model.safetensors").exists()
+    # Inspect and add-student work on the bucket too.
+    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "inspect", url, "--json"], capture_output=True, text=True)
+    assert res.returncode == 0 and '"bytes_per_supervised_token"' in res.stdout, res.stderr[-1000:]
+    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "add-student", "--cache", url,
+                          "--student-base", world["teacher_base"]], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = CacheReader(url).manifest
+    assert m["student"]["checkpoint"]["path"].endswith("teacher_base") and validate(url) == []
     # A flipped byte in one object is caught, with the shard and array named.
     chunk = sorted(fs.glob(f"{url[5:]}/shards/shard-00001/logp_base/c/*"))[0]
     data = bytearray(fs.cat_file(chunk))
