@@ -190,6 +190,38 @@ class CacheReader:
             raw = dict(zip([n for _, n in jobs], ex.map(lambda j: schema.read_group(j[0], [j[1]])[j[1]], jobs)))
         return self._decode(raw)
 
+    def read_rows(self, name: str, index: ShardData, rows: np.ndarray, student: bool | None = None) -> ShardData:
+        """Only the sequences `rows` (ascending) of a shard, in that order, as a compact ShardData.
+
+        `index` holds the shard's seq_offsets, loss_mask and example_ids (read already to
+        plan the batches). zarr decompresses the chunks that hold the rows; only the
+        selected rows are gathered and converted (a data-parallel rank's share, ~1/world).
+        """
+        student = self.has_student if student is None else student
+        if student and not self.has_student:
+            raise CacheFormatError(
+                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`")
+        rows = np.asarray(rows, dtype=np.int64)
+        off, sup = index.arrays["seq_offsets"].numpy(), index.sup_offsets
+        idx = {"token": _ranges(off[rows], off[rows + 1]), "sup": _ranges(sup[rows], sup[rows + 1])}
+        tdir, sdir = self.root / schema.TEACHER_DIR / name, self.root / schema.STUDENT_DIR / name
+        if self.version >= 2:  # ragged supports: row i owns support_len[i] entries
+            lens = schema.read_group(tdir, ["support_len"])["support_len"].astype(np.int64)
+            ent = np.concatenate([[0], np.cumsum(lens)])
+            idx["entry"] = _ranges(ent[idx["sup"]], ent[idx["sup"] + 1])
+        jobs = [(tdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, False).items()
+                if spec[0] in idx and n != "loss_mask"]
+        if student:
+            jobs += [(sdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, True).items()
+                     if n != "tail_star" or self.alphas]
+        with ThreadPoolExecutor(self.threads) as ex:
+            raw = dict(zip([n for _, n, _ in jobs], ex.map(lambda j: schema.read_rows(*j), jobs)))
+        lengths = off[rows + 1] - off[rows]
+        raw["seq_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        raw["loss_mask"] = index.arrays["loss_mask"].numpy()[idx["token"]].astype(np.uint8)
+        raw["example_ids"] = index.arrays["example_ids"].numpy()[rows]
+        return self._decode(raw)
+
     def _decode(self, raw: dict[str, np.ndarray]) -> ShardData:
         vd = self.manifest["value_dtype"]
         spec = {**schema.arrays_of(self.version, False), **schema.arrays_of(self.version, True)}
@@ -244,3 +276,11 @@ def _v1_to_entries(a: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.T
     if "logp_s0" in a:
         out["logp_s0"] = a["logp_s0"].reshape(-1)
     return out
+
+
+def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, e) for each pair, without a Python loop."""
+    lens = ends - starts
+    if lens.sum() == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())

@@ -242,6 +242,22 @@ def read_group(group_dir: Path, names) -> dict[str, np.ndarray]:
     return out
 
 
+def read_rows(group_dir, name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (ascending int64) of one array; zarr decodes only the chunks that hold them."""
+    import zarr
+
+    try:
+        arr = zarr.open_group(store.zarr_store(group_dir, read_only=True), mode="r", zarr_format=3)[name]
+        if len(rows) == 0:
+            return np.zeros((0,) + arr.shape[1:], dtype=arr.dtype)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        # One contiguous read of the covering range, then a numpy gather: zarr's own
+        # integer-array selection is much slower per row, and the range touches the same chunks.
+        return arr[lo:hi][rows - lo]
+    except Exception as e:
+        raise CacheFormatError(f"{group_dir}/{name}: cannot read rows ({type(e).__name__}: {e})") from e
+
+
 def write_json_atomic(path, obj) -> None:
     store.write_json_atomic(path, obj)
 

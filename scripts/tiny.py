@@ -29,15 +29,15 @@ def train_tokenizer(texts, vocab_size: int, out_dir: str | Path, chat_template: 
 
 
 def tiny_llama(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0,
-               max_positions: int = 512, tokenizer=None):
-    """A randomly initialised Llama-architecture causal LM."""
+               max_positions: int = 512, tokenizer=None, tie: bool = False):
+    """A randomly initialised Llama-architecture causal LM (`tie`: output layer = input embedding)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                      max_position_embeddings=max_positions, tie_word_embeddings=False,
+                      max_position_embeddings=max_positions, tie_word_embeddings=tie,
                       bos_token_id=getattr(tokenizer, "bos_token_id", 1), eos_token_id=getattr(tokenizer, "eos_token_id", 2),
                       pad_token_id=getattr(tokenizer, "pad_token_id", 0))
     return AutoModelForCausalLM.from_config(cfg)

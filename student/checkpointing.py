@@ -1,10 +1,12 @@
 """Training checkpoints (exact resume) and the final Hugging Face export.
 
     RUN/checkpoints/step-000100/   model.safetensors, optimizer.pt, rng.pt, state.json
+                                   (--parallel fsdp: sharded/, torch.distributed.checkpoint, every rank)
     RUN/final/                     save_pretrained (safetensors) + tokenizer + train_config.json
 
 A checkpoint is written aside and renamed into place, so a kill during a save
-leaves the previous checkpoint as the newest complete one.
+leaves the previous checkpoint as the newest complete one. Under FSDP every rank
+writes its shards into the same folder; rank 0 renames it after a barrier.
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from deltakd.cache import dist
+
+from . import parallel
 
 # Fields that may change between a run and its resume without changing the result.
 RESUME_FREE = {"out", "device", "log_every", "save_every", "eval_every", "eval_batches", "dry_run"}
@@ -44,20 +50,32 @@ def find_resume(out, cfg) -> Path | None:
 
 
 def save_training_state(tr) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
-    if tr.rank != 0:
+    sharded = parallel.is_fsdp(tr.module)
+    if tr.rank != 0 and not sharded:
         return
     d = _ckpt_dir(tr.out)
-    d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{tr.step:06d}"
-    if final.exists():
-        return
     part = final.with_name(final.name + ".partial")
-    shutil.rmtree(part, ignore_errors=True)
-    part.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tr.model.state_dict().items()}, str(part / "model.safetensors"))
-    torch.save(tr.opt.state_dict(), part / "optimizer.pt")
+    if tr.rank == 0:
+        d.mkdir(parents=True, exist_ok=True)
+        if not final.exists():
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir()
+    if sharded:
+        dist.barrier()  # the folder exists (or the step is saved already) for every rank
+        if final.exists():
+            return
+        parallel.save_sharded(tr.module, tr.opt, part / "sharded")
+        dist.barrier()  # every rank's shards are written before rank 0 commits
+        if tr.rank != 0:
+            return
+    elif final.exists():
+        return
+    else:
+        save_model(tr.model, str(part / "model.safetensors"))  # handles a tied embedding (one tensor, two names)
+        torch.save(tr.opt.state_dict(), part / "optimizer.pt")
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -70,10 +88,17 @@ def save_training_state(tr) -> None:
 
 
 def load_training_state(path: Path, tr) -> tuple[int, dict]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
-    tr.model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(tr.device)))
-    tr.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=tr.device, weights_only=False))
+    if parallel.is_fsdp(tr.module):
+        if not (path / "sharded").is_dir():
+            raise ValueError(f"{path} holds an unsharded checkpoint; resume it with --parallel ddp")
+        parallel.load_sharded(tr.module, tr.opt, path / "sharded")
+    else:
+        if not (path / "model.safetensors").exists():
+            raise ValueError(f"{path} holds a sharded (FSDP) checkpoint; resume it with --parallel fsdp")
+        load_model(tr.model, str(path / "model.safetensors"), device=str(tr.device))
+        tr.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=tr.device, weights_only=False))
     rng = torch.load(path / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -84,13 +109,41 @@ def load_training_state(path: Path, tr) -> tuple[int, dict]:
     return int(st["step"]), st["loader"]
 
 
-def save_final(tr) -> Path:
+def save_final(tr) -> Path | None:
+    """The Hugging Face export, written by rank 0; under FSDP all ranks gather the weights first."""
     out = tr.out / "final"
     part = tr.out / "final.partial"
+    if parallel.is_fsdp(tr.module):
+        state = parallel.gathered_model_state(tr.module)  # collective: full tensors on rank 0 only
+        if tr.rank != 0:
+            return None
+        model = _plain_copy(tr.model, state)
+    elif tr.rank != 0:
+        return None
+    else:
+        model = tr.model
     shutil.rmtree(part, ignore_errors=True)
-    tr.model.save_pretrained(str(part), safe_serialization=True)
+    model.save_pretrained(str(part), safe_serialization=True)
     tr.tok.save_pretrained(str(part))
     shutil.copy(tr.out / "train_config.json", part / "train_config.json")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(part, out)
     return out
+
+
+def _plain_copy(model, state: dict):
+    """An unsharded CPU model of the same class holding `state` (built on the meta device: no extra copy)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    if unexpected or missing:
+        raise RuntimeError(f"the gathered FSDP state does not fit {type(plain).__name__}: missing {sorted(missing)}, "
+                           f"unexpected {sorted(unexpected)}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        # The gathered state names the tied tensor twice; make it one again so the
+        # export is tied like the student it came from.
+        plain.tie_weights()
+        assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
+    return plain

@@ -5,7 +5,8 @@ rows are permuted, cut into windows of `window` rows, each window sorted by leng
 and packed into batches of at most `batch_tokens` padded tokens (little padding);
 the batches of a shard are then shuffled. All ranks compute the same global batch
 sequence and rank r takes batches r, r+N, r+2N, ...: a step over N ranks sees the
-same batches as one rank accumulating N micro-batches.
+same batches as one rank accumulating N micro-batches. A rank plans a shard from its
+small per-sequence arrays, then reads and converts only the rows of its own batches.
 
 The loader position {epoch, shard, batch, index} is exact: a resumed run rebuilds
 the shard's plan from the seed and skips to the batch, replaying nothing.
@@ -33,14 +34,28 @@ class Batch:
     targets: dict                 # (N_sup, K) support / (N_sup,) tail tensors, batch-major; next_tokens (N_sup,)
     example_ids: list
     state: dict                   # loader position after this batch
+    counts: tuple | None = None   # (supervised, tokens), taken on the host so that no step syncs for them
 
     @property
     def n_supervised(self) -> int:
-        return int(self.loss_mask.sum())
+        return self.counts[0] if self.counts else int(self.loss_mask.sum())
 
-    def to(self, device):
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
-                     {k: v.to(device) for k, v in self.targets.items()}, self.example_ids, self.state)
+    @property
+    def n_tokens(self) -> int:
+        return self.counts[1] if self.counts else int(self.attention_mask.sum())
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked host copies (loader thread), so that `to(cuda, non_blocking=True)` is asynchronous."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return Batch(pin(self.input_ids), pin(self.attention_mask), pin(self.loss_mask),
+                     {k: pin(v) for k, v in self.targets.items()}, self.example_ids, self.state,
+                     (self.n_supervised, self.n_tokens))
+
+    def to(self, device, non_blocking: bool = False):
+        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.loss_mask),
+                     {k: mv(v) for k, v in self.targets.items()}, self.example_ids, self.state,
+                     (self.n_supervised, self.n_tokens))
 
 
 def in_split(example_ids: np.ndarray, split: str, eval_percent: float) -> np.ndarray:
@@ -103,22 +118,25 @@ class StreamingLoader:
 
     def __init__(self, reader: CacheReader, batch_tokens: int, rank: int = 0, world: int = 1, seed: int = 0,
                  shuffle: bool = True, split: str = "train", eval_percent: float = 0.0, with_student: bool = False,
-                 pad_id: int = 0, window: int = 256, prefetch: int = 8, state: dict | None = None, epochs: int | None = None):
+                 pad_id: int = 0, window: int = 256, prefetch: int = 8, state: dict | None = None, epochs: int | None = None,
+                 pin_memory: bool = False):
         self.reader, self.batch_tokens, self.rank, self.world = reader, batch_tokens, rank, world
         self.seed, self.shuffle, self.split, self.eval_percent = seed, shuffle, split, eval_percent
         self.with_student, self.pad_id, self.window, self.epochs = with_student, pad_id, window, epochs
         self.start = dict(state or {"epoch": 0, "shard": 0, "batch": 0, "index": 0})
-        self.prefetch = prefetch
+        self.prefetch, self.pin_memory = prefetch, pin_memory
         self._q: queue.Queue | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ planning
-    def _shard_plan(self, name: str, shard_pos: int, epoch: int, shard: ShardData | None = None):
-        if shard is None:
-            shard = self.reader.read_shard(name, student=False, arrays=["seq_offsets", "loss_mask", "example_ids"])
-        a = shard.arrays
+    def _shard_index(self, name: str) -> ShardData:
+        """The small per-sequence arrays a plan needs (no per-position targets)."""
+        return self.reader.read_shard(name, student=False, arrays=["seq_offsets", "loss_mask", "example_ids"])
+
+    def _shard_plan(self, name: str, shard_pos: int, epoch: int, index: ShardData | None = None):
+        a = (index or self._shard_index(name)).arrays
         lengths = (a["seq_offsets"][1:] - a["seq_offsets"][:-1]).numpy()
         rows = np.nonzero(in_split(a["example_ids"].numpy(), self.split, self.eval_percent))[0]
         rng = np.random.default_rng([self.seed, epoch, shard_pos]) if self.shuffle else None
@@ -136,16 +154,22 @@ class StreamingLoader:
         while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
             names = self.reader.shard_order(shuffle=self.shuffle, seed=self.seed, epoch=epoch)
             for sp in range(shard0, len(names)):
-                shard = self.reader.read_shard(names[sp], student=self.with_student)
-                plan = self._shard_plan(names[sp], sp, epoch, shard)
-                for b in range(batch0, len(plan)):
-                    mine = index % self.world == self.rank
-                    index += 1
-                    if not mine:
-                        continue
-                    ids, att, msk, tg, ex = collate(shard, plan[b], self.pad_id, self.with_student)
-                    nxt = {"epoch": epoch, "shard": sp, "batch": b + 1, "index": index}
-                    self._put(Batch(ids, att, msk, tg, ex, nxt))
+                idx = self._shard_index(names[sp])
+                plan = self._shard_plan(names[sp], sp, epoch, idx)
+                # Global batch b of this shard has global index `index + (b - batch0)`.
+                mine = [b for b in range(batch0, len(plan)) if (index + b - batch0) % self.world == self.rank]
+                index += len(plan) - batch0
+                if mine:
+                    rows = np.unique(np.concatenate([plan[b] for b in mine]))
+                    shard = self.reader.read_rows(names[sp], idx, rows, student=self.with_student)
+                    at = np.full(len(idx.sup_offsets) - 1, -1, dtype=np.int64)
+                    at[rows] = np.arange(len(rows))  # shard row -> row of the compact read
+                for b in mine:
+                    ids, att, msk, tg, ex = collate(shard, at[plan[b]].tolist(), self.pad_id, self.with_student)
+                    done = index - (len(plan) - b - 1)  # global index after batch b
+                    batch = Batch(ids, att, msk, tg, ex, {"epoch": epoch, "shard": sp, "batch": b + 1, "index": done},
+                                  (int(msk.sum()), int(att.sum())))
+                    self._put(batch.pin_memory() if self.pin_memory else batch)
                     if self._stop.is_set():
                         return
                 batch0 = 0

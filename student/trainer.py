@@ -1,18 +1,17 @@
 """Train a student from a cache: `train(cfg)` with one explicit `train_step()`.
 
     deltakd train --cache CACHE --student S0 --out RUN [--loss p1 --alpha 1.0 ...]
-    torchrun --nproc_per_node N -m deltakd.cli train ...    # data parallel
+    torchrun --nproc_per_node N -m deltakd.cli train ... --device cuda [--parallel fsdp]
 
 The loss of a step is Σ_terms weight · (sum over the supervised tokens of all its
 micro-batches on all ranks) / (number of those tokens): normalised once per step.
-Gradients are summed over ranks with one all-reduce of a flat buffer.
+Data parallelism is torch's own (student/parallel.py): DDP or FSDP2 sum the gradients.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ from deltakd.cache.schema import CacheFormatError
 
 from .checkpointing import find_resume, load_training_state, save_final, save_training_state
 from .data import StreamingLoader
-from .objective import TERMS, LossSpec, chunked_loss, student_base_targets
+from . import parallel
+from .objective import TERMS, LossSpec, student_base_targets
 
 LOSS_PRESETS = {"sft": {"sft": 1.0}, "kd": {"kd": 1.0}, "p1": {"p1": 1.0}, "p2": {"p2": 1.0},
                 "p3": {"p3": 1.0}, "kd+p3": {"kd": 1.0, "p3": 1.0}}
@@ -69,13 +69,19 @@ class TrainConfig:
     chunk_rows: int = field(default=1024, metadata={"help": "supervised rows per loss chunk (memory peak)"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute transformer activations in backward"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the student forward (accelerators)"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda (one GPU per rank) or cuda:N"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N"})
+    parallel: str = field(default="ddp", metadata={
+        "help": "under torchrun: ddp (a full replica per rank) or fsdp (FSDP2, parameters, gradients and "
+                "optimizer state sharded; --bf16 then means bf16 compute with fp32 gradient reduction)",
+        "choices": parallel.PARALLEL})
     student_base_online: str | None = field(default=None, metadata={"help": "compute lS0 from this frozen checkpoint instead of the cache"})
     dry_run: bool = field(default=False, metadata={"help": "check cache vs student, run one step, report memory, exit"})
 
     def __post_init__(self):
         if self.loss not in LOSS_PRESETS:
             raise ValueError(f"--loss {self.loss!r}: choose one of {', '.join(LOSS_PRESETS)}")
+        if self.parallel not in parallel.PARALLEL:
+            raise ValueError(f"--parallel {self.parallel!r}: choose one of {', '.join(parallel.PARALLEL)}")
         if self.batch_tokens < 1 or self.grad_accum < 1:
             raise ValueError("--batch-tokens and --grad-accum must be positive")
         self.loss_spec()  # validates the loss settings
@@ -182,8 +188,8 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.spec = cfg, cfg.loss_spec()
-        self.rank, self.world = dist.init()
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cfg.device == "cuda" else cfg.device)
+        self.rank, self.world = dist.init(cfg.device)
+        self.device = dist.resolve_device(cfg.device)
         self.reader = CacheReader(cfg.cache)
         self.spec = fit_spec_to_cache(self.spec, cfg.floor, self.reader)
         self.tok = check_student(self.reader, cfg.student, self.spec.needs_student_base, cfg.student_base_online)
@@ -200,10 +206,17 @@ class Trainer:
         if cfg.student_base_online and self.spec.needs_student_base:
             self.s0_model = AutoModelForCausalLM.from_pretrained(cfg.student_base_online).to(self.device).eval()
             self.s0_model.requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # self.model stays the Hugging Face model (export, tests); self.module is what the
+        # step calls: decoder + loss in one forward, under DDP or FSDP2 when there are ranks.
+        fsdp = cfg.parallel == "fsdp"
+        self.module = parallel.wrap(parallel.StudentLoss(self.model, self.spec, self.vocab, cfg.bf16 and not fsdp),
+                                    cfg.parallel, self.device, bf16=cfg.bf16 and fsdp)
+        # Created after wrapping: FSDP2 replaces the parameters with sharded DTensors.
+        self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
         loader_kw = dict(batch_tokens=cfg.batch_tokens, seed=cfg.seed, eval_percent=cfg.eval_percent,
-                         with_student=self.cache_s0, pad_id=self.tok.pad_token_id or 0)
+                         with_student=self.cache_s0, pad_id=self.tok.pad_token_id or 0,
+                         pin_memory=self.device.type == "cuda")
         self.train_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=True, split="train")
         self.eval_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=False, split="eval", epochs=1)
         per_epoch = StreamingLoader(self.reader, **self.train_loader_kw).batches_per_epoch()
@@ -221,54 +234,42 @@ class Trainer:
             targets["logp_s0"], targets["tail_s0"] = student_base_targets(
                 self.s0_model, batch.input_ids, batch.attention_mask, batch.loss_mask, targets["support_ids"], targets["valid"],
                 self.vocab, self.spec.chunk_rows)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            h = self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        hidden = h[batch.loss_mask].float()  # (N_sup, H)
-        head = self.model.get_output_embeddings()
-        return chunked_loss(hidden, head, targets, self.spec, self.vocab)
+        return self.module(batch.input_ids, batch.attention_mask, batch.loss_mask, targets)
 
     def train_step(self, micro: list) -> dict:
         """One optimizer step over this rank's micro-batches; the loss is normalised once."""
+        # Counts are taken on the host (no device sync); every collective tensor is
+        # created on self.device, the device the process group reduces on.
         n_local = sum(b.n_supervised for b in micro)
-        n_total = int(dist.all_sum(torch.tensor([n_local], dtype=torch.float64), self.world).item())
+        n_total = int(dist.all_sum(torch.tensor([n_local], dtype=torch.float64, device=self.device)).item())
+        n_tokens = float(sum(b.n_tokens for b in micro))
         term_sums = torch.zeros(len(self.spec.active), device=self.device)
         losses = []
         self.opt.zero_grad(set_to_none=False)
-        for b in micro:
-            weighted, sums = self.forward_loss(b.to(self.device))
-            loss = weighted / max(n_total, 1)
-            loss.backward()
+        for i, b in enumerate(micro):
+            with parallel.set_sync(self.module, i == len(micro) - 1):
+                weighted, sums = self.forward_loss(b.to(self.device, non_blocking=True))
+                loss = weighted / max(n_total, 1)
+                loss.backward()
             losses.append(loss.detach())
             term_sums += sums.detach()
         # One sync per step, shared by all ranks, so that every rank stops together
         # (a lone rank raising would leave the others waiting in the all-reduce).
         finite = torch.isfinite(torch.stack(losses))
-        if dist.all_sum((~finite).sum().float().reshape(1), self.world).item() > 0:
+        if dist.all_sum((~finite).sum().float().reshape(1)).item() > 0:
             bad = [micro[i].example_ids[:8] for i in range(len(micro)) if not finite[i]]
             raise NonFiniteLoss(
                 f"non-finite loss at step {self.step + 1} (examples {bad or 'on another rank'}); the optimizer "
                 f"step was not taken; the last checkpoint in {self.out / 'checkpoints'} is intact")
-        self._reduce_grads()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
+        gnorm = parallel.full_value(
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else float("inf")))
         lr = lr_at(self.step, self.cfg, self.total_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
         self.step += 1
-        return {"term_sums": dist.all_sum(term_sums, self.world), "n": n_total, "grad_norm": gnorm, "lr": lr,
-                "tokens": dist.all_sum(torch.tensor([float(sum(int(b.attention_mask.sum()) for b in micro))]), self.world)}
-
-    def _reduce_grads(self):
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        s = 0
-        for p, g in zip(self.params, grads):
-            n = g.numel()
-            p.grad = flat[s:s + n].view_as(g).clone()
-            s += n
+        return {"term_sums": dist.all_sum(term_sums), "n": n_total, "grad_norm": gnorm, "lr": lr,
+                "tokens": dist.all_sum(torch.tensor([n_tokens], device=self.device))}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -276,15 +277,18 @@ class Trainer:
         sums = torch.zeros(len(self.spec.active), device=self.device)
         n = 0
         loader = StreamingLoader(self.reader, **self.eval_loader_kw)
-        for i, b in enumerate(loader):
-            if i >= self.cfg.eval_batches:
-                break
-            sums += self.forward_loss(b.to(self.device))[1]
-            n += b.n_supervised
+        batches = [b for _, b in zip(range(self.cfg.eval_batches), loader)]
         loader.close()
+        if parallel.is_fsdp(self.module):
+            # Every FSDP forward is a collective: all ranks run the same number of them.
+            k = -int(dist.all_max(torch.tensor([-len(batches)], device=self.device)).item())
+            batches = batches[:k]
+        for b in batches:
+            sums += self.forward_loss(b.to(self.device, non_blocking=True))[1]
+            n += b.n_supervised
         self.model.train()
-        sums = dist.all_sum(sums, self.world)
-        n = int(dist.all_sum(torch.tensor([float(n)]), self.world).item())
+        sums = dist.all_sum(sums)
+        n = int(dist.all_sum(torch.tensor([float(n)], device=self.device)).item())
         return {f"eval_{t}": float(s) / max(n, 1) for t, s in zip(self.spec.active, sums)} | {"eval_tokens": n}
 
     # -------------------------------------------------------------- the loop
@@ -350,8 +354,7 @@ class Trainer:
         ev = self.evaluate()
         self.log({"step": self.step, **ev})
         save_training_state(self)
-        if self.rank == 0:
-            save_final(self)
+        save_final(self)  # collective under FSDP (the weights are gathered); rank 0 writes
         return last | ev
 
     def _dry_report(self, res) -> dict:
