@@ -2,7 +2,8 @@
 
     deltakd cache build --teacher-ft FT --teacher-base BASE [--student-base S0] \
         --data train.jsonl --out CACHE
-    torchrun --nproc_per_node N -m deltakd.cli cache build ...   # ranks split the shards
+    torchrun --nproc_per_node N -m deltakd.cli cache build ... --device cuda   # ranks split the shards
+    ... --teacher-sharding tp|device_map    # a teacher larger than one GPU (forward.resolve_sharding)
 
 Plan: records are tokenised and grouped, in file order, into shards of about
 `shard_tokens` tokens; shard j belongs to rank j % world, so the content does not
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 
 from . import dist, schema, store
-from .forward import (CheckpointError, checkpoint_identity, load_model, load_tokenizer, lockstep_rows, logit_chunks,
-                      output_rows, supervised_hidden)
+from .forward import (SHARDING, CheckpointError, checkpoint_identity, input_device, load_model, load_tokenizer,
+                      lockstep_rows, logit_chunks, output_rows, resolve_sharding, supervised_hidden)
 from .support import pad_ragged, support_logprobs
 from .records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
 
@@ -48,7 +49,11 @@ class CacheBuildConfig:
     shard_tokens: int = field(default=65536, metadata={"help": "tokens per shard (unit of commit, resume and reading)"})
     dtype: str = field(default="float16", metadata={"help": "stored value dtype: float16, bfloat16 or float32"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the checkpoints run in (bfloat16 on accelerators)"})
-    device: str = field(default="cpu", metadata={"help": "cpu, cuda (one GPU per rank under torchrun) or cuda:N"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N"})
+    teacher_sharding: str = field(default="none", metadata={
+        "help": "spread each teacher over GPUs: tp (tensor parallel over the torchrun ranks of one node), "
+                "device_map (one process per node, layers over its GPUs), auto (tp where transformers has a plan), none",
+        "choices": SHARDING})
 
     def __post_init__(self):
         if self.top_k < 1:
@@ -214,6 +219,8 @@ def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, i
     for s in range(0, n, cfg.chunk_rows):
         sl = slice(s, min(n, s + cfg.chunk_rows))
         logits = {r: next(logit_chunks(models[r], hidden[r][sl], vocab, sl.stop - sl.start))[1] for r in roles}
+        # Models spread over GPUs (--teacher-sharding) may end on different devices.
+        logits = {r: z.to(logits[roles[0]].device) for r, z in logits.items()}
         if ids_flat is None and (len(roles) > 1 or cfg.support == "union"):
             parts.append(lockstep_rows(logits, cfg.support, cfg.top_k, star_alphas(cfg), cfg.floor_value))
             continue
@@ -246,7 +253,7 @@ def run_batches(models: dict, seqs: list[Sequence], cfg: CacheBuildConfig, vocab
     support; otherwise the support is chosen here (top-k of πT, or the union).
     """
     out: list[dict | None] = [None] * len(seqs)
-    device = next(next(iter(models.values())).parameters()).device
+    device = input_device(next(iter(models.values())))  # a spread model takes its ids where its embedding is
     for batch in _batches(seqs, cfg.batch_size):
         inp, att, msk = _pad_batch(seqs, batch, pad_id, device)
         hidden = {r: supervised_hidden(m, inp, att, msk) for r, m in models.items()}
@@ -343,8 +350,10 @@ def student_arrays(res: list[dict], value_dtype: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _load_models(phases: dict[str, str], cfg: CacheBuildConfig) -> dict:
-    return {r: load_model(p, cfg.device, cfg.model_dtype) for r, p in phases.items()}
+def _load_models(phases: dict[str, str], cfg: CacheBuildConfig, sharding: str = "none") -> dict:
+    """The phases' checkpoints; the teachers spread over GPUs when `sharding` says so (the student base never is)."""
+    dev = dist.resolve_device(cfg.device)
+    return {r: load_model(p, dev, cfg.model_dtype, sharding if r in ("ft", "base") else "none") for r, p in phases.items()}
 
 
 def _free(models: dict):
@@ -355,20 +364,26 @@ def _free(models: dict):
 
 
 def run_phases(root: Path, names: list[str], shards: dict[str, list[Sequence]], phases: dict[str, str],
-               cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int) -> dict:
-    """Sequential mode: each phase's checkpoint over every shard that lacks that phase's stage file."""
+               cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int, sharding: str = "none",
+               writer: bool = True) -> dict:
+    """Sequential mode: each phase's checkpoint over every shard that lacks that phase's stage file.
+
+    Under tensor parallelism all ranks run the same shards and only the `writer` saves.
+    """
     timings = {}
     for phase, path in phases.items():
+        dist.barrier()  # the previous phase's stage files are on disk for every rank
         todo = [n for n in names if not (_stage(root, n) / f"{phase}.npz").exists()]
         if not todo:
             continue
-        models = _load_models({phase: path}, cfg)
+        models = _load_models({phase: path}, cfg, sharding)
         total = sum(len(s.tokens) for n in todo for s in shards[n])
         bar = Progress(total, f"[rank {rank}] {phase}", enabled=rank == 0)
         for n in todo:
             sup = None if phase == "ft" else _load_support(root, n)
             res = run_batches(models, shards[n], cfg, vocab, pad_id, bar, sup)
-            _save_stage(_stage(root, n) / f"{phase}.npz", **_flatten(res))
+            if writer:
+                _save_stage(_stage(root, n) / f"{phase}.npz", **_flatten(res))
         timings[phase] = {"seconds": bar.close(), "tokens": total}
         _free(models)
     return timings
@@ -413,16 +428,18 @@ def support_from_committed(root: Path, name: str) -> list[tuple[np.ndarray, np.n
 
 
 def run_lockstep(root: Path, names: list[str], shards: dict[str, list[Sequence]], phases: dict[str, str],
-                 cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int, student_ident) -> dict:
+                 cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int, student_ident, sharding: str = "none",
+                 writer: bool = True) -> dict:
     """Lockstep mode: every checkpoint resident, all of them on each batch; each shard commits when done."""
     if not names:
         return {}
-    models = _load_models(phases, cfg)
+    models = _load_models(phases, cfg, sharding)
     total = sum(len(s.tokens) for n in names for s in shards[n])
     bar = Progress(total, f"[rank {rank}] {'+'.join(phases)}", enabled=rank == 0)
     for n in names:
         res = run_batches(models, shards[n], cfg, vocab, pad_id, bar)
-        commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)
+        if writer:
+            commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)
     timing = {"+".join(phases): {"seconds": bar.close(), "tokens": total}}
     _free(models)
     return timing
@@ -481,13 +498,16 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
 
 
 def build_cache(cfg: CacheBuildConfig) -> dict:
-    rank, world = dist.init()
+    rank, world = dist.init(cfg.device)
     root = store.cache_root(cfg.out)
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}
     if cfg.student_base:
         roles["student_base"] = cfg.student_base
     records = read_records(cfg.data)
     tok, tok_id = check_checkpoints(roles)
+    sharding = resolve_sharding(cfg.teacher_sharding, cfg.device, [cfg.teacher_ft, cfg.teacher_base])
+    # Data-parallel layout: under tp the whole (one-node) job is one teacher replica.
+    dp_rank, dp_world, writer = (0, 1, rank == 0) if sharding == "tp" else (rank, world, True)
     plan = plan_shards(records, tok, cfg.max_length, cfg.shard_tokens)
     ident = build_identity(cfg, tok_id, plan)
     if rank == 0:
@@ -511,7 +531,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
 
     names_all = [schema.shard_name(i) for i in range(len(plan.shards))]
     shards = dict(zip(names_all, plan.shards))
-    mine = [n for i, n in enumerate(names_all) if i % world == rank]
+    mine = [n for i, n in enumerate(names_all) if i % dp_world == dp_rank]
     student_ident = ident.get("student_base")
     pending = [n for n in mine if not schema.is_committed(root / schema.TEACHER_DIR / n)
                or (student_ident and not schema.is_committed(root / schema.STUDENT_DIR / n))]
@@ -522,14 +542,15 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
         phases["s0"] = cfg.student_base
     vocab, pad_id = tok_id["vocab_size"], tok.pad_token_id or 0
     if cfg.mode == "lockstep":
-        timings = run_lockstep(root, pending, shards, phases, cfg, vocab, pad_id, rank, student_ident)
+        timings = run_lockstep(root, pending, shards, phases, cfg, vocab, pad_id, rank, student_ident, sharding, writer)
     else:
         teacher_pending = [n for n in pending if not schema.is_committed(root / schema.TEACHER_DIR / n)]
         timings = run_phases(root, teacher_pending, shards, {p: phases[p] for p in ("ft", "base")}, cfg,
-                             vocab, pad_id, rank)
+                             vocab, pad_id, rank, sharding, writer)
         if "s0" in phases:
-            timings.update(run_phases(root, pending, shards, {"s0": phases["s0"]}, cfg, vocab, pad_id, rank))
-        for n in pending:
+            timings.update(run_phases(root, pending, shards, {"s0": phases["s0"]}, cfg, vocab, pad_id, rank,
+                                      sharding, writer))
+        for n in pending if writer else []:
             staged = [_load_stage(root, n, p) for p in phases if (_stage(root, n) / f"{p}.npz").exists()]
             res = [dict(kv for d in per_phase for kv in d.items()) for per_phase in zip(*staged)] if staged else []
             commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)

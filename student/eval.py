@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from deltakd.cache import dist
 from deltakd.cache.records import DataError, Record, encode_prompt, read_records
 
 
@@ -115,7 +116,7 @@ def evaluate_model(path: str, examples, cfg: EvalConfig, out_dir: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).to(cfg.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path).to(dist.resolve_device(cfg.device)).eval()
     records = [r for r, _ in examples]
     seeds = cfg.seeds if cfg.sample else (0,)
     t0 = time.perf_counter()

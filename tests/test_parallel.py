@@ -262,3 +262,68 @@ def test_a_rank_converts_only_its_rows(cache_dir, monkeypatch):
     full = sum(decoded)
     n_seqs = len(reader)
     assert full == n_seqs and part < 0.75 * n_seqs, (part, full)
+
+
+# ---------------------------------------------------------------- teachers larger than one GPU
+def test_teacher_sharding_is_refused_without_a_gpu(world, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "build", "--teacher-ft", world["teacher_ft"],
+                          "--teacher-base", world["teacher_base"], "--data", world["data"], "--out", str(tmp_path / "c"),
+                          "--device", "cuda", "--teacher-sharding", "tp"], capture_output=True, text=True)
+    assert res.returncode == 2
+    # The device is resolved first: with no GPU at all, that is what the user hears.
+    assert "no CUDA GPU is visible" in res.stderr, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "build", "--teacher-ft", world["teacher_ft"],
+                          "--teacher-base", world["teacher_base"], "--data", world["data"], "--out", str(tmp_path / "c"),
+                          "--teacher-sharding", "device_map"], capture_output=True, text=True)
+    assert res.returncode == 2 and "--teacher-sharding device_map spreads each teacher over GPUs, but no CUDA GPU" \
+        in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "c" / "shards").exists()  # refused before any model ran
+
+
+def test_teacher_sharding_choices_on_a_gpu_node(world, fake_gpus, monkeypatch):
+    from deltakd.cache.forward import resolve_sharding
+
+    teachers = [world["teacher_ft"], world["teacher_base"]]  # Llama: transformers has a TP plan
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        resolve_sharding("tp", "cpu", teachers)
+    assert resolve_sharding("auto", "cuda", teachers) == "device_map"  # one process: layers over its GPUs
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node N"):
+        resolve_sharding("tp", "cuda", teachers)
+    torchrun_env(monkeypatch, 2, 8)
+    assert resolve_sharding("auto", "cuda", teachers) == "tp"
+    assert resolve_sharding("tp", "cuda", teachers) == "tp"
+    with pytest.raises(ValueError, match="one process per node"):
+        resolve_sharding("device_map", "cuda", teachers)
+    torchrun_env(monkeypatch, 2, 8, rank=10, world=16)
+    with pytest.raises(ValueError, match="several nodes: use --teacher-sharding device_map"):
+        resolve_sharding("tp", "cuda", teachers)
+    monkeypatch.setattr("deltakd.cache.forward.has_tp_plan", lambda p: False)
+    torchrun_env(monkeypatch, 2, 8)
+    with pytest.raises(ValueError, match="no tensor-parallel plan"):
+        resolve_sharding("tp", "cuda", teachers)
+
+
+def test_sharded_loading_hands_the_choice_to_transformers(world, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from deltakd.cache.forward import load_model
+
+    seen = []
+
+    class Fake(torch.nn.Module):
+        def to(self, *a, **k):
+            seen.append(("to", a))
+            return self
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kw: seen.append(kw) or Fake())
+    load_model(world["teacher_ft"], None, "bfloat16", "device_map")
+    assert seen == [{"dtype": torch.bfloat16, "device_map": "auto"}]  # placed by accelerate, never moved after
+    seen.clear()
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    load_model(world["teacher_ft"], None, "bfloat16", "tp")
+    cfg = seen[0].get("distributed_config")
+    assert (cfg.tp_plan, cfg.tp_size) == ("auto", 8) if cfg is not None else (seen[0]["tp_plan"], seen[0]["tp_size"]) == ("auto", 8)
+    assert len(seen) == 1
+    seen.clear()
+    load_model(world["teacher_ft"], torch.device("cpu"), "float32")
+    assert seen == [{"dtype": torch.float32}, ("to", (torch.device("cpu"),))]
