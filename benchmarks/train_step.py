@@ -12,11 +12,20 @@ own process (peak RSS is a per-process high-water mark) on the same batches:
               memory, full-vocabulary logits of all four models every step
 Also: the loader's throughput against the trainer's consumption, and the peak
 memory of the chunked loss against the naive full-logits loss alone.
+
+Data parallel on CPU (gloo, 2 ranks under torchrun, same global batches):
+  ddp2 / fsdp2  deltakd's train_step with --parallel ddp / fsdp: median step time, and
+                peak RSS and its growth over the steps, maximum over the ranks
+  loader per rank at 1, 2, 4 ranks: rank 0 of N streams one epoch (it reads and
+                converts only its own rows); tokens/s it delivers and its epoch time
+
+    python benchmarks/train_step.py --only parallel   # just the data-parallel rows (~1 min)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -134,6 +143,82 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
             "peak_rss_mb": rss_mb(), "rss_before_steps_mb": base, "rss_growth_mb": rss_mb() - base}
 
 
+def run_dist_case(mode: str, work: Path, steps: int, batch_tokens: int) -> dict | None:
+    """One rank of a 2-rank gloo run of deltakd's train_step under --parallel `mode`."""
+    from deltakd.cache import dist
+    from deltakd.student.data import StreamingLoader
+    from deltakd.student.trainer import TrainConfig, Trainer
+
+    paths, cache = setup(work)
+    tr = Trainer(TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / f"dist-{mode}"),
+                             loss="p1", max_steps=steps, batch_tokens=batch_tokens, eval_percent=0, parallel=mode))
+    loader = StreamingLoader(tr.reader, **tr.train_loader_kw)
+    data = [b for _, b in zip(range(steps), loader)]
+    loader.close()
+    base = rss_mb()
+    times = []
+    for b in data:
+        t0 = time.perf_counter()
+        tr.train_step([b])
+        times.append(time.perf_counter() - t0)
+    peak = dist.all_max(torch.tensor([rss_mb(), rss_mb() - base], dtype=torch.float64))
+    tokens = dist.all_sum(torch.tensor([float(sum(b.n_tokens for b in data))]))
+    if tr.rank != 0:
+        return None
+    warm = times[2:] if len(times) > 4 else times
+    return {"case": f"{mode}2", "step_s": statistics.median(warm), "tokens_per_s": float(tokens) / sum(times),
+            "peak_rss_mb": float(peak[0]), "rss_growth_mb": float(peak[1]), "ranks": tr.world}
+
+
+def loader_per_rank(work: Path, batch_tokens: int, ranks=(1, 2, 4), repeats: int = 2) -> list[dict]:
+    """Rank 0 of N streams one epoch; with per-rank reading its time falls about as 1/N."""
+    from deltakd.cache.reader import CacheReader
+    from deltakd.student.data import StreamingLoader
+
+    _, cache = setup(work)
+    reader = CacheReader(cache)
+    rows = []
+    for n in ranks:
+        best = None
+        for _ in range(repeats):
+            t0, tokens = time.perf_counter(), 0
+            for b in StreamingLoader(reader, batch_tokens=batch_tokens, with_student=True, seed=0, epochs=1, rank=0, world=n):
+                tokens += b.n_tokens
+            dt = time.perf_counter() - t0
+            best = dt if best is None else min(best, dt)
+        rows.append({"ranks": n, "rank0_tokens": tokens, "epoch_s": best, "tokens_per_s_per_rank": tokens / best})
+    for r in rows:
+        r["epoch_s_vs_1_rank"] = r["epoch_s"] / rows[0]["epoch_s"]
+    return rows
+
+
+def parallel_rows(work: Path, steps: int, batch_tokens: int) -> dict:
+    env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                              str(29700 + len(out)), __file__, "--workdir", str(work), "--steps", str(steps),
+                              "--batch-tokens", str(batch_tokens), "--case", f"dist_{mode}"],
+                             capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            raise SystemExit(f"case {mode}2 failed:\n{res.stderr[-3000:]}")
+        out[f"{mode}2"] = json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
+    return out
+
+
+def print_parallel(par: dict, loader_rows: list[dict]) -> dict:
+    print(f"\n{'2 ranks, CPU gloo':<18}{'step s':>9}{'tokens/s':>11}{'peak RSS MB':>13}{'growth MB':>11}")
+    for r in par.values():
+        print(f"{r['case']:<18}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}{r['rss_growth_mb']:11.0f}")
+    print(f"\n{'loader ranks':<14}{'rank-0 tokens':>14}{'epoch s':>9}{'tok/s per rank':>16}{'epoch vs 1':>12}")
+    for r in loader_rows:
+        print(f"{r['ranks']:<14}{r['rank0_tokens']:>14}{r['epoch_s']:9.3f}{r['tokens_per_s_per_rank']:16.0f}"
+              f"{r['epoch_s_vs_1_rank']:12.2f}")
+    return {"fsdp2/ddp2 step": par["fsdp2"]["step_s"] / par["ddp2"]["step_s"],
+            "fsdp2/ddp2 peak RSS": par["fsdp2"]["peak_rss_mb"] / par["ddp2"]["peak_rss_mb"],
+            "fsdp2/ddp2 RSS growth": par["fsdp2"]["rss_growth_mb"] / max(par["ddp2"]["rss_growth_mb"], 1e-9)}
+
+
 def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> float:
     from deltakd.cache.reader import CacheReader
     from deltakd.student.data import StreamingLoader
@@ -154,13 +239,30 @@ def main():
     ap.add_argument("--workdir", default="runs/bench-train")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--only", choices=["all", "parallel"], default="all",
+                    help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.workdir)
+    if a.case and a.case.startswith("dist_"):
+        res = run_dist_case(a.case.removeprefix("dist_"), work, a.steps, a.batch_tokens)
+        if res is not None:
+            print(json.dumps(res))
+        return
     if a.case:
         print(json.dumps(run_case(a.case, work, a.steps, a.batch_tokens)))
         return
     setup(work)
+    par = parallel_rows(work, a.steps, a.batch_tokens)
+    loader_rows = loader_per_rank(work, a.batch_tokens)
+    if a.only == "parallel":
+        ratios = print_parallel(par, loader_rows)
+        for k, v in ratios.items():
+            print(f"{k:<34}{v:8.3f}")
+        print(json.dumps({"benchmark": "train_step", "part": "parallel", "machine": platform.machine(),
+                          "torch": torch.__version__, "threads_per_rank": 1, "vocab": 32000,
+                          "batch_tokens": a.batch_tokens, "cases": par, "loader_per_rank": loader_rows, "ratios": ratios}))
+        return
     res = {}
     for case in ("sft_hf", "sft_cache", "p1_cache", "p1_online", "chunked_loss", "naive_loss"):
         out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--steps", str(a.steps),
@@ -182,12 +284,14 @@ def main():
         "loader/trainer tokens per s": loader_tps / p1["tokens_per_s"],
         "chunked/naive loss RSS growth": res["chunked_loss"]["rss_growth_mb"] / max(res["naive_loss"]["rss_growth_mb"], 1e-9),
     }
+    ratios.update(print_parallel(par, loader_rows))
     print(f"\nloader: {loader_tps:.0f} tokens/s")
     for k, v in ratios.items():
         print(f"{k:<34}{v:8.3f}")
     print(json.dumps({"benchmark": "train_step", "machine": platform.machine(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "vocab": 32000, "batch_tokens": a.batch_tokens,
-                      "cases": res, "loader_tokens_per_s": loader_tps, "ratios": ratios}))
+                      "cases": res | par, "loader_tokens_per_s": loader_tps, "loader_per_rank": loader_rows,
+                      "ratios": ratios}))
 
 
 if __name__ == "__main__":
