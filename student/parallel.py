@@ -66,9 +66,14 @@ def wrap(module: StudentLoss, mode: str, device: torch.device, bf16: bool) -> to
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # broadcast_buffers off: the only buffers (rotary frequencies) never change, and a
-        # buffer broadcast in every forward would also put a collective in eval.
-        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        import inspect
+
+        # No buffer broadcast in forward: the only buffers (rotary frequencies) never change,
+        # and a broadcast in every forward would also put a collective in eval. (torch 2.13
+        # renamed the switch; older versions only know broadcast_buffers.)
+        no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                           else {"broadcast_buffers": False})
+        ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
         ddp.register_comm_hook(None, _sum_allreduce_hook)
         return ddp
     from torch.distributed.device_mesh import init_device_mesh
