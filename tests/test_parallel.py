@@ -163,8 +163,13 @@ def runs(world, cache_dir, tied_student, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("loss", list(LOSSES))
+# Each case is three process launches; the default suite keeps one tied and one untied
+# student per engine (with test_trainer's 2-rank kd+p3 run), the rest run with -m slow.
+CASES = [pytest.param(m, l, marks=[pytest.mark.slow] if (m, l) in {("ddp", "sft"), ("ddp", "kd"), ("fsdp", "sft")} else [])
+         for m in ("ddp", "fsdp") for l in LOSSES]
+
+
+@pytest.mark.parametrize("mode,loss", CASES)
 def test_two_ranks_equal_one_process(runs, mode, loss):
     one, two = runs("one", loss), runs(mode, loss)
     a = [m for m in _metrics(one) if "loss" in m]
