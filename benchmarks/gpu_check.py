@@ -123,7 +123,7 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
                            for m in frozen)
             V = lT.shape[1]
             ninf = torch.full((lT.shape[0],), float("-inf"), device=dev)
-            tg = {"topk_ids": torch.arange(V, device=dev).expand(lT.shape[0], V), "logp_ft": lT, "delta": lT - lB,
+            tg = {"support_ids": torch.arange(V, device=dev).expand(lT.shape[0], V), "logp_ft": lT, "logp_base": lB,
                   "logp_s0": lS0, "tail_ft": ninf, "tail_base": ninf, "tail_s0": ninf, "next_tokens": b.targets["next_tokens"]}
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float()

@@ -7,7 +7,8 @@
 #
 # 1. a random 0.9B-teacher / 0.17B-student world at vocabulary 32000 (nothing downloaded)
 # 2. `cache build` in bf16 under `torchrun --nproc_per_node 1` (NCCL process group,
-#    cuda:LOCAL_RANK), then the bare forwards of the same checkpoints for the ratio
+#    cuda:LOCAL_RANK; default union support, lockstep), then the bare forwards of the
+#    same checkpoints for the ratio
 # 3. `train` under torchrun with --parallel ddp and --parallel fsdp (bf16 compute,
 #    fp32 reduce): tokens/s, MFU, peak GPU memory
 # 4. online Delta-KD P1 with both teachers and the student base in memory (peak memory)
@@ -38,7 +39,7 @@ t "cache build under torchrun (device $DEV, $DT)"
 rm -rf "$W/cache"
 s=$(date +%s.%N)
 timeout "$TO" "${TR[@]}" -m deltakd.cli cache build --teacher-ft "$(w teacher_ft)" --teacher-base "$(w teacher_base)" \
-    --student-base "$(w student_base)" --data "$(w data)" --out "$W/cache" --top-k 64 --dtype float16 \
+    --student-base "$(w student_base)" --data "$(w data)" --out "$W/cache" --dtype float16 \
     --model-dtype "$DT" --device "$DEV" --batch-size 16 --max-length 512 --shard-tokens 65536
 "$PY" -c "import json; json.dump({'seconds': $(date +%s.%N) - $s}, open('$W/build_wall.json', 'w'))"
 timeout "$TO" "$PY" benchmarks/gpu_check.py bare --root "$W" --device "$DEV" --dtype "$DT" --batch-size 16 --max-length 512
