@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +69,17 @@ class ShardData:
     arrays: dict[str, torch.Tensor]
     sup_offsets: np.ndarray  # (n_seqs + 1,) rows of each sequence
     entry_offsets: torch.Tensor  # (n_rows + 1,) entries of each row
+    _sentinels: dict = field(default_factory=dict, repr=False)  # value arrays with a trailing −inf
 
     @property
     def n_seqs(self) -> int:
         return len(self.sup_offsets) - 1
+
+    def _with_sentinel(self, name: str) -> torch.Tensor:
+        v = self._sentinels.get(name)
+        if v is None:
+            v = self._sentinels[name] = torch.cat([self.arrays[name], torch.full((1,), float("-inf"))])
+        return v
 
     def rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Targets of the given supervised rows, entry arrays padded to the widest: (n, K) / (n,) / (n, A)."""
@@ -81,11 +88,15 @@ class ShardData:
         idx, valid = pad_ragged(lengths)  # into the selected rows' entries, concatenated
         starts = torch.cumsum(lengths, 0) - lengths
         flat = idx - starts[:, None] + self.entry_offsets[rows][:, None]  # (n, K) into the shard's entries
+        # Padded value entries read a −inf appended after the shard's last entry: one
+        # index select per array, no masking pass (this runs for every batch).
+        flat_vals = torch.where(valid, flat, self.entry_offsets[-1])
         out = {"valid": valid}
         for n in ENTRY_ARRAYS:
-            if n in a:
-                v = a[n][flat]
-                out[n] = v if n == "support_ids" else v.masked_fill(~valid, float("-inf"))
+            if n == "support_ids" and n in a:
+                out[n] = a[n][flat]
+            elif n in a:
+                out[n] = self._with_sentinel(n)[flat_vals]
         for n in ROW_ARRAYS:
             if n in a:
                 out[n] = a[n][rows]
