@@ -8,7 +8,9 @@ vocabulary 49152: SmolLM2-135M-Instruct as teacher_ft, its first 20 of 30 layers
 teacher_base and its first 10 as student_base (truncated checkpoints, stand-ins),
 over Self-Instruct prompts and answers. Each is rewritten under every layout. "Plain" is the uncompressed layout: ids
 plus three k-wide float16 arrays plus tails. Reads decode every array of every
-shard: serially on one thread, then in parallel the way `CacheReader` does.
+shard: serially on one thread, then in parallel the way `CacheReader` does. A last
+table reads whole shards through `CacheReader` with and without verification: chunks
+without and with the crc32c codec, the reader's checks (cache/verify.py) off and on.
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/bench-format")
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--verification-only", action="store_true", help="only the table of read checks (crc32c, verify.py)")
     ap.add_argument("--smollm2-wheel", help="also measure a cache of SmolLM2-135M distributions (vocabulary 49152)")
     a = ap.parse_args()
     from deltakd.demo_cmd import DemoConfig, assets, build_demo_cache
@@ -107,7 +110,8 @@ def main():
         sources["SmolLM2 (V=49152)"] = smollm2_cache(a.smollm2_wheel, work)
     out = {}
     for label, cache in sources.items():
-        out[label] = measure(label, cache, work, a.threads)
+        out[label] = {} if a.verification_only else measure(label, cache, work, a.threads)
+        out[label]["verification"] = verification(label, cache, work, a.threads)
     print(json.dumps({"benchmark": "cache_format", "machine": platform.machine(), "zarr": zarr.__version__,
                       "sources": out}))
 
@@ -149,6 +153,52 @@ def measure(source: str, cache: Path, work: Path, threads: int) -> dict:
         print(f"{x['layout']:<32}{x['bytes_per_sup_token']:10.1f}{x['ratio_to_plain']:10.2f}"
               f"{x['read_serial_tok_s']:18.0f}{x['read_parallel_tok_s']:12.0f}")
     return {"k": k, "plain_bytes": plain, "supervised": n_sup, "tokens": n_tok, "results": rows}
+
+
+def verification(source: str, cache: Path, work: Path, threads: int, rounds: int = 15) -> list[dict]:
+    """`CacheReader.read_shard` over every shard: without and with the crc32c codec, reader checks off and on."""
+    m0 = json.loads((cache / schema.MANIFEST).read_text())
+    copies = {}
+    for crc in (False, True):
+        d = work / "verify" / source.split()[0] / ("crc32c" if crc else "no-crc")
+        shutil.rmtree(d, ignore_errors=True)
+        m = json.loads(json.dumps(m0))
+        groups = [(schema.TEACHER_DIR, schema.TEACHER_ARRAYS, m["shards"]),
+                  (schema.STUDENT_DIR, schema.STUDENT_ARRAYS, (m.get("student") or {}).get("shards", []))]
+        for sub, names, entries in groups:
+            for e in entries:
+                arrays = schema.read_group(cache / sub / e["name"], list(names))
+                g = d / sub / e["name"]
+                if crc:
+                    schema.write_group(g, arrays)  # the format's codecs
+                else:
+                    write(arrays, g, schema.SUP_CHUNK_ROWS, lambda isz: [ZstdCodec(level=schema.ZSTD_LEVEL)])
+                shutil.copy(cache / sub / e["name"] / schema.SHARD_META, g / schema.SHARD_META)
+                e["checksums"] = schema.group_checksums(g)
+        (d / schema.MANIFEST).write_text(json.dumps(m))
+        copies[crc] = d
+    readers = [(crc, check, CacheReader(d, threads=threads, verify=check)) for crc, d in copies.items()
+               for check in (False, True)]
+    n_tok = sum(int(s["n_tokens"]) for s in m0["shards"])
+    best = [float("inf")] * len(readers)
+    for rnd in range(rounds + 1):  # round robin, so that a noisy moment hits every variant alike
+        for i, (_, _, r) in enumerate(readers):
+            if rnd == 0:  # warm-up: file cache and thread pools
+                [r.read_shard(n) for n in r.shard_names]
+                continue
+            t0 = time.perf_counter()
+            for n in r.shard_names:
+                r.read_shard(n)
+            best[i] = min(best[i], time.perf_counter() - t0)
+    rows = [{"crc32c": crc, "reader_checks": check, "read_tok_s": n_tok / b} for (crc, check, _), b in zip(readers, best)]
+    base = rows[0]["read_tok_s"]
+    print(f"\n{source}: CacheReader.read_shard over all shards ({threads} threads), best of {rounds} rounds")
+    print(f"{'chunks':<18}{'reader checks':>15}{'read tok/s':>14}{'vs unverified':>15}")
+    for x in rows:
+        x["ratio_to_unverified"] = x["read_tok_s"] / base
+        print(f"{'zstd-3 + crc32c' if x['crc32c'] else 'zstd-3':<18}{'on' if x['reader_checks'] else 'off':>15}"
+              f"{x['read_tok_s']:14.0f}{x['ratio_to_unverified']:15.2f}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ from pathlib import Path
 from . import schema, store
 from .builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases
 from .forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows
+from .lock import locked
+from .options import check_fields
 from .records import tokenizer_identity
+from .stop import stops_cleanly
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class AddStudentConfig:
     model_dtype: str = field(default="float32", metadata={"help": "dtype the student runs in"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
 
+    def __post_init__(self):
+        check_fields(self, {"batch_size": (">=1",), "chunk_rows": (">=1",)})
+        if self.model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--model-dtype {self.model_dtype!r}: use float32, bfloat16 or float16")
+
 
 def cached_sequences(root: Path, name: str) -> list[Sequence]:
     a = schema.read_group(root / schema.TEACHER_DIR / name, ["tokens", "loss_mask", "seq_offsets", "example_ids"])
@@ -41,6 +49,8 @@ def cached_sequences(root: Path, name: str) -> list[Sequence]:
                      a["loss_mask"][off[i]:off[i + 1]].astype(int).tolist()) for i in range(len(off) - 1)]
 
 
+@locked(lambda cfg: cfg.cache, "cache add-student", option="--cache", create=False)
+@stops_cleanly("cache add-student", lambda cfg: store.cache_root(cfg.cache))
 def add_student(cfg: AddStudentConfig) -> dict:
     root = store.cache_root(cfg.cache)
     mpath = root / schema.MANIFEST

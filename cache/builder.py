@@ -27,6 +27,9 @@ import torch
 from . import dist, schema, store
 from .forward import (SHARDING, CheckpointError, checkpoint_identity, input_device, load_model, load_tokenizer,
                       lockstep_rows, logit_chunks, output_rows, resolve_sharding, supervised_hidden)
+from .lock import is_lock_file, locked
+from .options import check_fields
+from .stop import stops_cleanly
 from .support import pad_ragged, support_logprobs
 from .records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
 
@@ -56,6 +59,7 @@ class CacheBuildConfig:
         "choices": SHARDING})
 
     def __post_init__(self):
+        check_fields(self)
         if self.top_k < 1:
             raise ValueError("--top-k must be at least 1")
         if self.max_length < 2:
@@ -473,12 +477,42 @@ def commit_student_shard(root: Path, name: str, res: list[dict], value_dtype: st
     schema.commit_group(part, sdir, meta)
 
 
+def _same_checkpoint(a: dict | None, b: dict | None) -> bool:
+    return bool(a and b) and {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+
+
+def _reconcile_student(root: Path, want: dict | None) -> None:
+    """A re-run after `cache add-student` put another student's arrays here: with --student-base,
+    those arrays are dropped (the manifest first says "no student") and this build's are made."""
+    if not want:
+        return  # without --student-base, write_manifest keeps what add-student added
+    mpath = root / schema.MANIFEST
+    if mpath.exists():
+        m = json.loads(mpath.read_text())
+        if m.get("student") and not _same_checkpoint(m["student"]["checkpoint"], want):
+            m["student"] = None
+            schema.write_json_atomic(mpath, m)
+    for meta in sorted((root / schema.STUDENT_DIR).glob(f"*/{schema.SHARD_META}")):
+        if not _same_checkpoint(json.loads(meta.read_text()).get("student_base"), want):
+            store.rmtree(meta.parent)
+
+
+def _kept_student(root: Path, shards: list[dict]) -> dict | None:
+    """The student entry of the previous manifest (from add-student), when all its shards are still there."""
+    mpath = root / schema.MANIFEST
+    old = json.loads(mpath.read_text()).get("student") if mpath.exists() else None
+    if old and [s["name"] for s in old["shards"]] == [s["name"] for s in shards] and \
+            all(schema.is_committed(root / schema.STUDENT_DIR / s["name"]) for s in old["shards"]):
+        return old
+    return None
+
+
 def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> dict:
     shards = []
     for i in range(ident["n_shards"]):
         meta = root / schema.TEACHER_DIR / schema.shard_name(i) / schema.SHARD_META
         shards.append(json.loads(meta.read_text()))
-    student = None
+    student = _kept_student(root, shards)
     if ident.get("student_base"):
         sh = [json.loads((root / schema.STUDENT_DIR / s["name"] / schema.SHARD_META).read_text()) for s in shards]
         student = {"checkpoint": ident["student_base"], "alphas": ident["alphas"],
@@ -497,6 +531,8 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
     return manifest
 
 
+@locked(lambda cfg: cfg.out, "cache build")
+@stops_cleanly("cache build", lambda cfg: store.cache_root(cfg.out))
 def build_cache(cfg: CacheBuildConfig) -> dict:
     rank, world = dist.init(cfg.device)
     root = store.cache_root(cfg.out)
@@ -519,9 +555,10 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
                 raise ValueError(
                     f"{root} holds a cache built from other inputs or settings (differs in: {', '.join(diff)}); "
                     "use another --out folder or delete this one")
-        elif not store.is_empty_or_missing(root):
+        elif not store.is_empty_or_missing(root) and any(not is_lock_file(p) for p in root.iterdir()):
             raise ValueError(f"{root} is not empty and holds no deltakd build: choose an empty or new --out folder")
         schema.clean_partials(root)
+        _reconcile_student(root, ident.get("student_base"))
         schema.write_json_atomic(bfile, ident)
     dist.barrier(world)
     if world > 1 and rank != 0:

@@ -8,7 +8,6 @@ trainer).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -16,38 +15,15 @@ import torch
 
 from .support import floored_shift, pad_ragged, support_logprobs
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used for this cache; the message names it."""
-
-
-def checkpoint_identity(path: str | Path) -> dict:
-    """Identity of a local Hugging Face checkpoint: hashes of its config and weight files."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise CheckpointError(f"{path}: not a Hugging Face checkpoint folder (no config.json)")
-    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not weights:
-        raise CheckpointError(f"{path}: no weight files (*.safetensors or *.bin)")
-    h = hashlib.sha256()
-    for p in weights:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return {
-        "path": str(path.resolve()),
-        "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest(),
-        "weights_sha256": h.hexdigest(),
-    }
+# Checkpoint identity lives with the other input checks, where the student side can use it too.
+from .options import WEIGHT_SUFFIXES, CheckpointError, checkpoint_identity  # noqa: E402,F401
 
 
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():  # never let a mistyped folder become a model hub lookup
+        raise CheckpointError(f"{path}: no such checkpoint folder (the cache side reads local checkpoints only)")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:

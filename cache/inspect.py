@@ -119,12 +119,14 @@ def format_summary(s: dict, m: dict, tokenizer_path: str | None = None) -> str:
 
 def format_example(path, index: int, top: int = 5, tokenizer_path: str | None = None) -> str:
     r = CacheReader(path)
+    if not 0 <= index < len(r):
+        raise ValueError(f"--example {index}: the cache holds {len(r)} sequences (0 to {len(r) - 1})")
     dec = _decoder(r.manifest, tokenizer_path)
     for i, seq in enumerate(r.iter_sequences()):
         if i == index:
             break
     else:
-        raise IndexError(f"--example {index}: the cache holds {len(r)} sequences")
+        raise ValueError(f"--example {index}: the cache holds {len(r)} sequences")
     lines = [f"example id {seq.example_id}: {len(seq.tokens)} tokens, {int(seq.loss_mask.sum())} supervised",
              "pos  token -> next   | most probable support ids under p_ft: p_ft (delta = log p_ft - log p_base)"]
     row = 0

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema, store
+from . import schema, store, verify
 from .schema import CacheFormatError
 from .support import pad_ragged
 
@@ -112,7 +112,7 @@ class ShardData:
 
 
 class CacheReader:
-    def __init__(self, path: str | Path, threads: int = 4):
+    def __init__(self, path: str | Path, threads: int = 4, verify: bool = True):
         self.root = store.cache_root(path)
         mpath = self.root / schema.MANIFEST
         if not mpath.exists():
@@ -136,6 +136,7 @@ class CacheReader:
             if not schema.is_committed(self.root / schema.TEACHER_DIR / s["name"]):
                 raise CacheFormatError(f"{self.root}: shard {s['name']} listed in the manifest is missing")
         self.threads = threads
+        self.verify = verify  # see verify.py; off only to measure its cost
 
     @property
     def version(self) -> int:
@@ -197,9 +198,19 @@ class CacheReader:
         if student:
             st = schema.arrays_of(self.version, student=True)
             jobs += [(self.root / schema.STUDENT_DIR / name, n) for n in st if n != "tail_star" or self.alphas]
-        with ThreadPoolExecutor(self.threads) as ex:
-            raw = dict(zip([n for _, n in jobs], ex.map(lambda j: schema.read_group(j[0], [j[1]])[j[1]], jobs)))
-        return self._decode(raw)
+        if self.verify:
+            verify.check_files(self.root, self.manifest, name, names, student)
+        try:
+            with ThreadPoolExecutor(self.threads) as ex:
+                raw = dict(zip([n for _, n in jobs], ex.map(lambda j: schema.read_group(j[0], [j[1]])[j[1]], jobs)))
+        except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
+            raise CacheFormatError(f"{e}; {verify.hint(self.root)}") from e
+        if self.verify:
+            verify.check_raw(self.root, self.manifest, name, raw)
+        data = self._decode(raw)
+        if self.verify:
+            verify.check_values(self.root, name, data.arrays, self.version)
+        return data
 
     def read_rows(self, name: str, index: ShardData, rows: np.ndarray, student: bool | None = None) -> ShardData:
         """Only the sequences `rows` (ascending) of a shard, in that order, as a compact ShardData.

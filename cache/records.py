@@ -38,9 +38,15 @@ def data_sha256(path: str | Path) -> str:
 def read_records(path: str | Path, require_response: bool = True) -> list[Record]:
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read data file ({e})") from e
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read data file ({e.strerror or e})") from e
+    try:
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                        "re-encode the file as UTF-8") from e
     records = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -63,6 +69,10 @@ def _parse(obj: dict, example_id: int, where: str, require_response: bool) -> Re
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
             raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+        for i, m in enumerate(msgs):
+            for key in ("role", "content"):
+                if not isinstance(m[key], str):
+                    raise DataError(f"{where}: messages[{i}].{key} must be a string, got {type(m[key]).__name__}")
         turns = [(m["role"], m["content"]) for m in msgs]
         if turns and turns[-1][0] == "assistant":
             prompt, response = turns[:-1], turns[-1][1]
@@ -70,6 +80,9 @@ def _parse(obj: dict, example_id: int, where: str, require_response: bool) -> Re
             prompt, response = turns, None
     elif "prompt" in obj:
         prompt, response = [("user", obj["prompt"])], obj.get("response")
+        for key in ("prompt", "response"):
+            if obj.get(key) is not None and not isinstance(obj[key], str):
+                raise DataError(f"{where}: '{key}' must be a string, got {type(obj[key]).__name__}")
     else:
         raise DataError(f"{where}: record has neither 'prompt' nor 'messages' (keys: {sorted(obj)})")
     if require_response and (not isinstance(response, str) or not response.strip()):

@@ -213,16 +213,20 @@ def group_checksums(group_dir) -> dict[str, str]:
 def write_group(group_dir, arrays: dict[str, np.ndarray]) -> None:
     """Write whole arrays into a fresh zarr v3 group (one writer per group: see FORMAT.md)."""
     import zarr
-    from zarr.codecs import ZstdCodec
+    from zarr.codecs import Crc32cCodec, ZstdCodec
 
     root = zarr.open_group(store.zarr_store(group_dir, read_only=False), mode="w", zarr_format=3)
     for name, a in arrays.items():
         kind = TEACHER_ARRAYS.get(name) or STUDENT_ARRAYS.get(name) or ("sup",)
         rows = {"token": TOKEN_CHUNK_ROWS, "entry": ENTRY_CHUNK_ROWS}.get(kind[0], SUP_CHUNK_ROWS)
         chunks = (max(1, min(rows, a.shape[0])),) + a.shape[1:]
+        # crc32c after zstd: zarr checks each chunk's stored bytes at decode (a flipped
+        # byte is an error, not a wrong value). Every chunk is written, even one equal to
+        # the fill value, so that a missing chunk file always means damage (see verify.py).
         root.create_array(
             name, shape=a.shape, dtype=a.dtype, chunks=chunks,
-            compressors=[ZstdCodec(level=ZSTD_LEVEL)],
+            compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
+            config={"write_empty_chunks": True},
         )[...] = a
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import schema
+from . import schema, verify
 from .reader import CacheReader
 
 
@@ -34,29 +34,58 @@ def validate(path: str | Path) -> list[str]:
     except (schema.CacheFormatError, KeyError) as e:
         return [str(e)]
     root, m = reader.root, reader.manifest
-    problems, seen_ids = [], set()
+    problems, seen_ids = _check_listing(root, m), set()
     student_meta = {s["name"]: s for s in (m.get("student") or {}).get("shards", [])}
     for s in m["shards"]:
         name = s["name"]
         label = f"shard {name}"
-        problems += _check_group(root / schema.TEACHER_DIR / name, s["checksums"], label)
+        found = _check_group(root / schema.TEACHER_DIR / name, s["checksums"], label)
         if m.get("student"):
             if name not in student_meta:
-                problems.append(f"{label}: the manifest lists no student arrays for it")
+                found.append(f"{label}: the manifest lists no student arrays for it")
             else:
-                problems += _check_group(root / schema.STUDENT_DIR / name, student_meta[name]["checksums"], f"{label} (student)")
-        if problems:
+                found += _check_group(root / schema.STUDENT_DIR / name, student_meta[name]["checksums"], f"{label} (student)")
+        problems += found
+        if found:  # the files are not the ones written: their contents say nothing more
             continue
         try:
+            verify.check_files(root, m, name, list(schema.arrays_of(reader.version, False)), bool(m.get("student")))
             a = schema.read_group(root / schema.TEACHER_DIR / name, list(schema.arrays_of(reader.version, False)))
             if m.get("student"):
                 names = [n for n in schema.arrays_of(reader.version, True) if n != "tail_star" or reader.alphas]
                 a.update(schema.read_group(root / schema.STUDENT_DIR / name, names))
+            verify.check_raw(root, m, name, a)
         except schema.CacheFormatError as e:
-            problems.append(str(e))
+            problems.append(str(e).split("; run `deltakd cache validate")[0])
             continue
         problems += _check_arrays(label, a, s, m, seen_ids, reader)
+        if name in student_meta and student_meta[name].get("n_supervised") != s["n_supervised"]:
+            problems.append(f"{label} (student): {student_meta[name].get('n_supervised')} supervised rows, "
+                            f"the teacher shard has {s['n_supervised']}")
     return problems
+
+
+def _check_listing(root: Path, m: dict) -> list[str]:
+    """totals against the shards; every shard folder on disk is listed, and the student list matches."""
+    p = []
+    for key in ("n_seqs", "n_tokens", "n_supervised"):
+        total = sum(int(s.get(key, 0)) for s in m["shards"])
+        if int((m.get("totals") or {}).get(key, -1)) != total:
+            p.append(f"manifest: totals.{key} is {(m.get('totals') or {}).get(key)}, the shards add up to {total}")
+    listed = {s["name"] for s in m["shards"]}
+    for sub in (schema.TEACHER_DIR, schema.STUDENT_DIR):
+        d = root / sub
+        for g in sorted(d.iterdir()) if d.is_dir() else ():
+            if g.name.endswith((schema.PARTIAL_SUFFIX, ".old", ".tmp")):
+                continue  # an interrupted writer's leftover, removed by the next build
+            if g.name not in listed:
+                p.append(f"{sub}/{g.name}: a shard folder the manifest does not list")
+    if m.get("student"):
+        names = [s["name"] for s in m["student"].get("shards", [])]
+        extra = sorted(set(names) - listed)
+        if extra or len(names) != len(set(names)):
+            p.append(f"manifest: the student list names shards the teacher list does not hold, or twice ({extra})")
+    return p
 
 
 def _check_arrays(label: str, a: dict, s: dict, m: dict, seen_ids: set, reader: CacheReader) -> list[str]:

@@ -7,8 +7,10 @@
 """
 from __future__ import annotations
 
+import errno
 import json
 import sys
+from pathlib import Path
 
 from .dataclass_args import add_dataclass_args, config_from_args
 
@@ -42,7 +44,12 @@ def _build(ns) -> int:
     from deltakd.cache.builder import CacheBuildConfig, build_cache
 
     cfg = config_from_args(CacheBuildConfig, ns)
-    m = build_cache(cfg)
+    try:
+        m = build_cache(cfg)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            e.deltakd_need = _shard_need(cfg, e.filename or cfg.out)
+        raise
     if m:
         t = m["totals"]
         print(f"cache ready: {cfg.out}  {t['n_seqs']} sequences, {t['n_tokens']} tokens, "
@@ -50,6 +57,21 @@ def _build(ns) -> int:
         for phase, d in (m["summary"].get("phases") or {}).items():
             print(f"  {phase:5s} {d['tokens']} tokens in {d['seconds']:.1f}s = {d['tokens'] / max(d['seconds'], 1e-9):.0f} tok/s")
     return 0
+
+
+def _shard_need(cfg, path) -> str:
+    """Upper bound of the disk space one more shard takes: float32 stage files plus its zarr groups."""
+    import shutil
+
+    from deltakd.cache import schema
+
+    k, vb = cfg.top_k, schema.storage_dtype(cfg.dtype).itemsize
+    per_row = (8 + 4 * 3) * k + 12 + k * (4 + 3 * vb) + 3 * vb  # stage: ids + 3 value sets; groups: raw size
+    need = cfg.shard_tokens * per_row
+    if "://" in str(cfg.out):  # the local disk that filled holds the stage files
+        return f"; the next shard needs up to {_size(need)}"
+    free = shutil.disk_usage(next((p for p in Path(path).parents if p.exists()), Path("."))).free
+    return f" ({path}); the next shard needs up to {need / 2**20:.0f} MB, {free / 2**20:.0f} MB are free"
 
 
 def _add_student(ns) -> int:

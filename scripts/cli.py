@@ -25,18 +25,46 @@ def main(argv=None) -> int:
             continue
         mod.register(sub)
     ns = parser.parse_args(argv)
-    from deltakd.cache.forward import CheckpointError
-    from deltakd.cache.records import DataError
-    from deltakd.cache.schema import CacheFormatError
+    return run_verb(ns)
+
+
+def run_verb(ns) -> int:
+    """Run the verb; what users cause becomes one line on stderr, never a traceback.
+
+    Exit codes: 2 for refusals and errors, 128 + signal number for a graceful stop
+    (130 Ctrl-C, 143 SIGTERM). DELTAKD_DEBUG=1 shows the traceback instead.
+    """
+    import errno
+    import os
+
+    from deltakd.cache.lock import LockedError
+    from deltakd.cache.stop import Stopped
+
+    def fail(msg: str, code: int = 2) -> int:
+        if os.environ.get("DELTAKD_DEBUG"):
+            raise
+        print(f"deltakd: error: {msg}", file=sys.stderr)
+        return code
 
     try:
         return ns.func(ns) or 0
-    except (DataError, CheckpointError, CacheFormatError, FloatingPointError) as e:
-        print(f"deltakd: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"deltakd: error: {e}", file=sys.stderr)
-        return 2
+    except Stopped as e:
+        print(f"deltakd: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        return fail("interrupted (Ctrl-C); a killed run resumes when started again with the same command", 130)
+    except (ValueError, LockedError, FloatingPointError) as e:  # DataError, CheckpointError, CacheFormatError, ...
+        return fail(str(e))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            return fail(f"no space left on the device while writing {e.filename or 'the output'}"
+                        f"{getattr(e, 'deltakd_need', '')}; free space (or choose another folder) and run the same "
+                        "command again: finished work is kept")
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            return fail(f"cannot write {e.filename or 'the output'} ({e.strerror}): choose a folder you can write to")
+        if e.errno == errno.ENOENT:
+            return fail(f"{e.filename or e}: no such file or folder")
+        return fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
 
 
 if __name__ == "__main__":

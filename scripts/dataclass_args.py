@@ -35,22 +35,28 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
                                 choices=f.metadata.get("choices"))
 
 
-def config_from_args(cls, ns: argparse.Namespace, base: dict | None = None, **extra):
-    """Fields from a config file (`base`), overridden by the options given on the command line."""
+def config_from_args(cls, ns: argparse.Namespace, base: dict | None = None, source: str | None = None, **extra):
+    """Fields from a config file (`base`, read from `source`), overridden by the options given on the command line.
+
+    Errors are ValueErrors naming the field (and the file), shown by the CLI as one line.
+    """
     values = dict(base or {})
+    where = f"{source}: " if source else ""
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name, None)
         if v is not None:
             values[f.name] = v
     values.update(extra)
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"{where}unknown config field(s): {', '.join(sorted(unknown))}")
     missing = [f.name for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:
-        raise SystemExit("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise SystemExit(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        raise ValueError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"invalid configuration: {e}") from e
+        field_name = str(e).split(" ", 1)[0]
+        from_file = field_name in (base or {}) and getattr(ns, field_name, None) is None
+        raise ValueError(f"{where if from_file else ''}invalid configuration: {e}") from e

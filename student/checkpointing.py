@@ -25,7 +25,7 @@ from deltakd.cache import dist
 from . import parallel
 
 # Fields that may change between a run and its resume without changing the result.
-RESUME_FREE = {"out", "device", "log_every", "save_every", "eval_every", "eval_batches", "dry_run"}
+RESUME_FREE = {"out", "device", "log_every", "save_every", "eval_every", "eval_batches", "dry_run", "strict"}
 KEEP = 2
 
 

@@ -22,15 +22,29 @@ import torch
 
 from deltakd.cache import dist
 from deltakd.cache.reader import CacheReader
+from deltakd.cache.options import check_fields
 from deltakd.cache.schema import CacheFormatError
+from deltakd.cache.stop import Stopped, signal_name, stop_requested
 
 from .checkpointing import find_resume, load_training_state, save_final, save_training_state
 from .data import StreamingLoader
 from . import parallel
 from .objective import TERMS, LossSpec, student_base_targets
+from .run_guard import guarded
 
 LOSS_PRESETS = {"sft": {"sft": 1.0}, "kd": {"kd": 1.0}, "p1": {"p1": 1.0}, "p2": {"p2": 1.0},
                 "p3": {"p3": 1.0}, "kd+p3": {"kd": 1.0, "p3": 1.0}}
+
+
+# Range of each numeric option (types and finiteness are checked for every field).
+TRAIN_RULES = {
+    "w_sft": (">=0",), "w_kd": (">=0",), "w_p1": (">=0",), "w_p2": (">=0",), "w_p3": (">=0",),
+    "temperature": (">0",), "jsd_beta": (">0", "<1"), "skew": (">=0", "<1"), "lr": (">=0",),
+    "weight_decay": (">=0",), "warmup_steps": (">=0",), "min_lr_ratio": (">=0", "<=1"), "batch_tokens": (">=1",),
+    "grad_accum": (">=1",), "clip": (">=0",), "max_steps": (">=1",), "epochs": (">0",), "eval_every": (">=0",),
+    "eval_percent": (">=0", "<100"), "eval_batches": (">=1",), "log_every": (">=1",), "save_every": (">=1",),
+    "seed": (">=0",), "chunk_rows": (">=1",),
+}
 
 
 @dataclass(frozen=True)
@@ -76,8 +90,10 @@ class TrainConfig:
         "choices": parallel.PARALLEL})
     student_base_online: str | None = field(default=None, metadata={"help": "compute lS0 from this frozen checkpoint instead of the cache"})
     dry_run: bool = field(default=False, metadata={"help": "check cache vs student, run one step, report memory, exit"})
+    strict: bool = field(default=False, metadata={"help": "make warnings errors (e.g. a student that is not the cache's student base)"})
 
     def __post_init__(self):
+        check_fields(self, TRAIN_RULES)
         if self.loss not in LOSS_PRESETS:
             raise ValueError(f"--loss {self.loss!r}: choose one of {', '.join(LOSS_PRESETS)}")
         if self.parallel not in parallel.PARALLEL:
@@ -346,6 +362,11 @@ class Trainer:
                     self.log({"step": self.step, **self.evaluate()})
                 if self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     save_training_state(self)
+                sig = stop_requested(self.world)  # SIGTERM / Ctrl-C: stop at this step boundary
+                if sig and self.step < self.total_steps:
+                    save_training_state(self)
+                    raise Stopped(f"train stopped by {signal_name(sig)} after step {self.step}: checkpoint saved in "
+                                  f"{self.out / 'checkpoints'}; run the same command to resume", sig)
         finally:
             loader.close()
             bar.close()
@@ -374,6 +395,7 @@ def _truncate_metrics(path: Path, step: int):
     path.write_text("".join(l + "\n" for l in keep))
 
 
+@guarded
 def train(cfg: TrainConfig) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
