@@ -60,18 +60,25 @@ def _build(ns) -> int:
 
 
 def _shard_need(cfg, path) -> str:
-    """Upper bound of the disk space one more shard takes: float32 stage files plus its zarr groups."""
+    """Upper bound of the disk space one more shard takes (its float32 stage files or zarr groups)."""
     import shutil
 
-    from deltakd.cache import schema
-
-    k, vb = cfg.top_k, schema.storage_dtype(cfg.dtype).itemsize
-    per_row = (8 + 4 * 3) * k + 12 + k * (4 + 3 * vb) + 3 * vb  # stage: ids + 3 value sets; groups: raw size
+    A = len(cfg.alpha_grid)
+    entries = cfg.top_k * (3 + A) if cfg.support == "union" else cfg.top_k  # support ids per supervised row
+    per_row = entries * (4 + 3 * 4) + (4 + A) * 4  # id + three log-probs per entry; tails per row
     need = cfg.shard_tokens * per_row
     if "://" in str(cfg.out):  # the local disk that filled holds the stage files
         return f"; the next shard needs up to {_size(need)}"
     free = shutil.disk_usage(next((p for p in Path(path).parents if p.exists()), Path("."))).free
-    return f" ({path}); the next shard needs up to {need / 2**20:.0f} MB, {free / 2**20:.0f} MB are free"
+    return f"; the next shard needs up to {_size(need)}, {_size(free)} are free"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
 
 
 def _add_student(ns) -> int:

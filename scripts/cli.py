@@ -43,12 +43,14 @@ def run_verb(ns) -> int:
     def fail(msg: str, code: int = 2) -> int:
         if os.environ.get("DELTAKD_DEBUG"):
             raise
+        _close_progress_bars()
         print(f"deltakd: error: {msg}", file=sys.stderr)
         return code
 
     try:
         return ns.func(ns) or 0
     except Stopped as e:
+        _close_progress_bars()
         print(f"deltakd: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
@@ -65,6 +67,16 @@ def run_verb(ns) -> int:
         if e.errno == errno.ENOENT:
             return fail(f"{e.filename or e}: no such file or folder")
         return fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+
+
+def _close_progress_bars() -> None:
+    """An exception left a tqdm bar open mid-line: end it, so that the message starts a line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

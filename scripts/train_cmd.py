@@ -58,7 +58,7 @@ def _checkpoint_need(cfg, path) -> str:
         sum(f.stat().st_size for f in Path(cfg.student).glob("*.bin"))
     need = 4 * weights
     free = shutil.disk_usage(next((p for p in Path(path).parents if p.exists()), Path("."))).free
-    return f" ({path}); a checkpoint needs about {need / 2**20:.0f} MB, {free / 2**20:.0f} MB are free"
+    return f"; a checkpoint needs about {need / 2**20:.1f} MB, {free / 2**20:.0f} MB are free"
 
 
 def register(sub) -> None:

@@ -79,11 +79,11 @@ def _first_chunk(cache: Path, sub: str, shard: str, array: str) -> Path:
 
 
 def _flip(cache):
-    p = _first_chunk(cache, schema.TEACHER_DIR, "shard-00001", "delta")
+    p = _first_chunk(cache, schema.TEACHER_DIR, "shard-00001", "logp_base")
     b = bytearray(p.read_bytes())
     b[len(b) // 2] ^= 0x40
     p.write_bytes(bytes(b))
-    return "shard-00001", "delta", "checksum"
+    return "shard-00001", "logp_base", "checksum"
 
 
 def _delete(cache):
@@ -189,7 +189,9 @@ def test_build_rerun_after_add_student_keeps_the_student(world, tmp_path):
     assert snapshot(out / schema.STUDENT_DIR) == before and validate(out) == []
     # Built with S0, then another student added, then the build re-run: S0's arrays come back, labelled S0.
     assert cli(*build_args(world, other))[0] == 0
+    before = snapshot(other / schema.STUDENT_DIR)
     assert cli("cache", "add-student", "--cache", other, "--student-base", world["teacher_base"])[0] == 0
+    assert snapshot(other / schema.STUDENT_DIR) != before
     code, _, err = cli(*build_args(world, other))
     assert code == 0, err
     m = json.loads((other / schema.MANIFEST).read_text())
@@ -329,14 +331,14 @@ def test_full_disk_names_the_path_and_the_space_needed_and_resumes(world, tmp_pa
     def full(group_dir, arrays):
         calls.append(group_dir)
         if len(calls) > 2:  # two shards fit, the third does not
-            raise OSError(errno.ENOSPC, "No space left on device", str(Path(group_dir) / "delta" / "c" / "0"))
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(group_dir) / "logp_ft" / "c" / "0"))
         real(group_dir, arrays)
 
     monkeypatch.setattr(schema, "write_group", full)
     code, _, err = cli(*build_args(world, out))
     line = one_error_line(err)
     assert code == 2 and "no space left on the device while writing" in line and str(out) in line, line
-    assert "the next shard needs up to" in line and "MB are free" in line
+    assert "the next shard needs up to" in line and "B are free" in line
     monkeypatch.setattr(schema, "write_group", real)
     code, _, err = cli(*build_args(world, out))  # space freed: the same command resumes
     assert code == 0, err
@@ -393,13 +395,14 @@ def test_build_stops_gracefully_and_resumes(world, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "deltakd.cli", *map(str, build_args(world, out))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(out.glob("stage/*/*.npz")):
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("shards/shard-?????")):
         time.sleep(0.01)
     assert proc.poll() is None, "the build finished before it could be stopped"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "cache build stopped by SIGTERM" in err and "run the same command to resume" in err and "Traceback" not in err
+    assert 1 <= len(list(out.glob("shards/shard-?????"))) < len(list(ref.glob("shards/shard-?????")))
     assert not list(out.rglob("*.partial")) and not (out / schema.MANIFEST).exists()
     code, _, err = cli(*build_args(world, out))
     assert code == 0, err
