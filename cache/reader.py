@@ -236,13 +236,23 @@ class CacheReader:
         if student:
             jobs += [(sdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, True).items()
                      if n != "tail_star" or self.alphas]
-        with ThreadPoolExecutor(self.threads) as ex:
-            raw = dict(zip([n for _, n, _ in jobs], ex.map(lambda j: schema.read_rows(*j), jobs)))
+        if self.verify:
+            verify.check_files(self.root, self.manifest, name, [n for d, n, _ in jobs if d == tdir], student)
+        try:
+            with ThreadPoolExecutor(self.threads) as ex:
+                raw = dict(zip([n for _, n, _ in jobs], ex.map(lambda j: schema.read_rows(*j), jobs)))
+        except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
+            raise CacheFormatError(f"{e}; {verify.hint(self.root)}") from e
+        if self.verify:
+            verify.check_raw(self.root, self.manifest, name, raw, rows=False)
         lengths = off[rows + 1] - off[rows]
         raw["seq_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         raw["loss_mask"] = index.arrays["loss_mask"].numpy()[idx["token"]].astype(np.uint8)
         raw["example_ids"] = index.arrays["example_ids"].numpy()[rows]
-        return self._decode(raw)
+        data = self._decode(raw)
+        if self.verify:
+            verify.check_values(self.root, name, data.arrays, self.version)
+        return data
 
     def _decode(self, raw: dict[str, np.ndarray]) -> ShardData:
         vd = self.manifest["value_dtype"]

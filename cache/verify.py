@@ -82,10 +82,10 @@ def _shard_entry(entries: list[dict], name: str) -> dict | None:
     return next((e for e in entries if e.get("name") == name), None)
 
 
-def check_raw(root: Path, manifest: dict, name: str, raw: dict[str, np.ndarray]) -> None:
-    """Stored dtypes and row counts against the manifest, before decoding."""
+def check_raw(root: Path, manifest: dict, name: str, raw: dict[str, np.ndarray], rows: bool = True) -> None:
+    """Stored dtypes and (for whole arrays, `rows`) row counts against the manifest, before decoding."""
     entry = _shard_entry(manifest["shards"], name) or {}
-    rows = {"token": entry.get("n_tokens"), "seq": entry.get("n_seqs"), "sup": entry.get("n_supervised"),
+    counts = {"token": entry.get("n_tokens"), "seq": entry.get("n_seqs"), "sup": entry.get("n_supervised"),
             "seq+1": entry["n_seqs"] + 1 if "n_seqs" in entry else None, "entry": entry.get("n_entries")}
     table = _table(int(manifest["format_version"]))
     want_dtype = {"value": schema.storage_dtype(manifest["value_dtype"]), "id": np.dtype(manifest.get("id_dtype", "uint16"))}
@@ -98,8 +98,8 @@ def check_raw(root: Path, manifest: dict, name: str, raw: dict[str, np.ndarray])
         if a.dtype != want:
             raise bad_shard(root, name, n, f"stored as {a.dtype}, the manifest implies {want} "
                                            f"(value_dtype {manifest['value_dtype']}, id_dtype {manifest.get('id_dtype')})")
-        if rows.get(per) is not None and a.shape[0] != rows[per]:
-            raise bad_shard(root, name, n, f"has {a.shape[0]} rows, the manifest implies {rows[per]}")
+        if rows and counts.get(per) is not None and a.shape[0] != counts[per]:
+            raise bad_shard(root, name, n, f"has {a.shape[0]} rows, the manifest implies {counts[per]}")
 
 
 def check_values(root: Path, name: str, arrays: dict[str, torch.Tensor], version: int) -> None:

@@ -23,8 +23,11 @@ def register(sub) -> None:
 
 
 def _eval(ns) -> int:
+    from deltakd.cache.options import local_checkpoint
     from deltakd.student.eval import EvalConfig, format_table, run_eval
 
+    for m in ns.model:  # a mistyped folder fails now, not after a model hub lookup
+        local_checkpoint(m, "--model")
     cfg = EvalConfig(models=tuple(ns.model), data=ns.data, out=ns.out, max_new_tokens=ns.max_new_tokens,
                      batch_size=ns.batch_size, max_examples=ns.max_examples, max_prompt_tokens=ns.max_prompt_tokens,
                      sample=ns.sample, temperature=ns.temperature, top_p=ns.top_p, seeds=tuple(ns.seeds), device=ns.device)

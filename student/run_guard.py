@@ -115,9 +115,9 @@ def guarded(train_fn):
 
     @functools.wraps(train_fn)
     def inner(cfg):
+        reader = CacheReader(cfg.cache)
         local_checkpoint(cfg.student, "--student")
         local_checkpoint(cfg.student_base_online, "--student-base-online")
-        reader = CacheReader(cfg.cache)
         if int(os.environ.get("RANK", "0")) != 0:
             return _run(train_fn, cfg, reader)
         with folder_lock(cfg.out, "train"):

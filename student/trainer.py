@@ -39,7 +39,7 @@ LOSS_PRESETS = {"sft": {"sft": 1.0}, "kd": {"kd": 1.0}, "p1": {"p1": 1.0}, "p2":
 # Range of each numeric option (types and finiteness are checked for every field).
 TRAIN_RULES = {
     "w_sft": (">=0",), "w_kd": (">=0",), "w_p1": (">=0",), "w_p2": (">=0",), "w_p3": (">=0",),
-    "temperature": (">0",), "jsd_beta": (">0", "<1"), "skew": (">=0", "<1"), "lr": (">=0",),
+    "temperature": (">0",), "skew": (">=0", "<1"), "lr": (">=0",),  # jsd_beta: LossSpec, for JSD
     "weight_decay": (">=0",), "warmup_steps": (">=0",), "min_lr_ratio": (">=0", "<=1"), "batch_tokens": (">=1",),
     "grad_accum": (">=1",), "clip": (">=0",), "max_steps": (">=1",), "epochs": (">0",), "eval_every": (">=0",),
     "eval_percent": (">=0", "<100"), "eval_batches": (">=1",), "log_every": (">=1",), "save_every": (">=1",),
