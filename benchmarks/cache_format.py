@@ -163,11 +163,11 @@ def verification(source: str, cache: Path, work: Path, threads: int, rounds: int
         d = work / "verify" / source.split()[0] / ("crc32c" if crc else "no-crc")
         shutil.rmtree(d, ignore_errors=True)
         m = json.loads(json.dumps(m0))
-        groups = [(schema.TEACHER_DIR, schema.TEACHER_ARRAYS, m["shards"]),
-                  (schema.STUDENT_DIR, schema.STUDENT_ARRAYS, (m.get("student") or {}).get("shards", []))]
-        for sub, names, entries in groups:
+        groups = [(schema.TEACHER_DIR, m["shards"]), (schema.STUDENT_DIR, (m.get("student") or {}).get("shards", []))]
+        for sub, entries in groups:
             for e in entries:
-                arrays = schema.read_group(cache / sub / e["name"], list(names))
+                src = cache / sub / e["name"]
+                arrays = schema.read_group(src, [p.name for p in src.iterdir() if p.is_dir()])
                 g = d / sub / e["name"]
                 if crc:
                     schema.write_group(g, arrays)  # the format's codecs
