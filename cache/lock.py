@@ -10,7 +10,8 @@ on `kill -9`, so a lock can never outlive its process on the same host). Next to
 `FOLDER/.deltakd.lock.json` names the holder (host, pid, command, start time) so that a
 refused writer can say who is in the way, and so that a lock left by a dead process is
 reported when it is taken over. Under torchrun only rank 0 takes the lock: the ranks of
-one job are one writer.
+one job are one writer. An object store has no locks: for a cache at a URL the writers
+of this host are serialised by a local lock named after the URL.
 """
 from __future__ import annotations
 
