@@ -212,6 +212,13 @@ def group_checksums(group_dir) -> dict[str, str]:
 
 def write_group(group_dir, arrays: dict[str, np.ndarray]) -> None:
     """Write whole arrays into a fresh zarr v3 group (one writer per group: see FORMAT.md)."""
+    from .stop import deferred
+
+    with deferred():  # SIGTERM / Ctrl-C during a build: the group is finished first (stop.py)
+        _write_arrays(group_dir, arrays)
+
+
+def _write_arrays(group_dir, arrays: dict[str, np.ndarray]) -> None:
     import zarr
     from zarr.codecs import Crc32cCodec, ZstdCodec
 

@@ -6,9 +6,10 @@
 `boundary`: the first signal only records the request; the training loop checks it at
 each step boundary, saves a checkpoint and raises `Stopped`. A second Ctrl-C aborts at
 once (KeyboardInterrupt), for a user who cannot wait for the step to end.
-`once`: the signal raises `Stopped` in the main thread. A build's writes are atomic
-(write aside, rename), so the shard in progress is abandoned as cleanly as by `kill -9`
-and its leftovers are removed; committed shards are kept and a re-run resumes.
+`once`: the signal raises `Stopped` in the main thread, except inside a zarr group
+write (`deferred()`), which is finished first. A build's writes are atomic (write
+aside, rename), so the shard in progress is abandoned as cleanly as by `kill -9` and its
+leftovers are removed; committed shards are kept and a re-run resumes.
 Shared by the builder and the trainer; runs no model.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import threading
 from contextlib import contextmanager
 
 _requested: list[int] = []
+_deferring: list[int] = [0]  # depth of deferred() blocks
+_pending: list[tuple[str, int]] = []  # a `once` signal that arrived inside one
 
 
 class Stopped(Exception):
@@ -32,15 +35,18 @@ def signal_name(signum: int) -> str:
     return {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}.get(signum, f"signal {signum}")
 
 
-def stop_requested(world: int = 1) -> int | None:
-    """The signal number asked for, else None; under torchrun, any rank's request stops all ranks."""
+def stop_requested(world: int = 1, device=None) -> int | None:
+    """The signal number asked for, else None; under torchrun, any rank's request stops all ranks.
+
+    `device`: the rank's compute device (NCCL reduces only tensors on the rank's GPU).
+    """
     sig = _requested[0] if _requested else 0
     if world > 1:
         import torch
 
         from . import dist
 
-        t = dist.all_sum(torch.tensor([float(sig)]), world)  # one tiny all-reduce per step
+        t = dist.all_sum(torch.tensor([float(sig)], device=device), world)  # one tiny all-reduce per step
         sig = int(t.item()) and (sig or signal.SIGTERM)
     return sig or None
 
@@ -54,6 +60,9 @@ def graceful_stop(what: str, at: str = "boundary"):
 
     def handler(signum, frame):
         if at == "once":
+            if _deferring[0]:
+                _pending.append((what, signum))
+                return
             raise Stopped(f"{what} stopped by {signal_name(signum)}", signum)
         if _requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -73,6 +82,21 @@ def graceful_stop(what: str, at: str = "boundary"):
         for s, h in old.items():
             signal.signal(s, h)
         _requested.clear()
+
+
+@contextmanager
+def deferred():
+    """A `once` stop that arrives inside takes effect at its end: a zarr group write runs to
+    completion (its IO thread would otherwise keep writing into a folder being removed)."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+    if not _deferring[0] and _pending:
+        what, signum = _pending.pop()
+        _pending.clear()
+        raise Stopped(f"{what} stopped by {signal_name(signum)}", signum)
 
 
 def stops_cleanly(what: str, root_of):

@@ -362,7 +362,7 @@ class Trainer:
                     self.log({"step": self.step, **self.evaluate()})
                 if self.step % cfg.save_every == 0 and self.step < self.total_steps:
                     save_training_state(self)
-                sig = stop_requested(self.world)  # SIGTERM / Ctrl-C: stop at this step boundary
+                sig = stop_requested(self.world, self.device)  # SIGTERM / Ctrl-C: stop at this step boundary
                 if sig and self.step < self.total_steps:
                     save_training_state(self)
                     raise Stopped(f"train stopped by {signal_name(sig)} after step {self.step}: checkpoint saved in "
