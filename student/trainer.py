@@ -47,13 +47,26 @@ TRAIN_RULES = {
 }
 
 
+def _nonzero(w: dict) -> dict:
+    return {t: v for t, v in w.items() if v}
+
+
+def describe_mix(weights: dict) -> str:
+    """{'sft': 0.5, 'kd': 0.5} -> '0.5*sft + 0.5*kd', in TERMS order."""
+    return " + ".join(f"{weights[t]:g}*{t}" for t in TERMS if t in weights)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     cache: str = field(metadata={"help": "teacher cache folder (deltakd cache build)"})
     student: str = field(metadata={"help": "student checkpoint to start from (Hugging Face folder)"})
     out: str = field(metadata={"help": "run folder: checkpoints, metrics.jsonl, final/"})
-    loss: str = field(default="p1", metadata={"help": f"preset: {', '.join(LOSS_PRESETS)} (weights below override)"})
-    w_sft: float | None = field(default=None, metadata={"help": "weight of SFT cross-entropy"})
+    loss: str | None = field(default=None, metadata={"help": (
+        f"preset: {', '.join(LOSS_PRESETS)} (default p1). Not combinable with --w-*: named weights are the "
+        "whole mix. With --lam it names the distillation term D")})
+    lam: float | None = field(default=None, metadata={"help": (
+        "the paper's recipe lam*SFT + (1-lam)*D, D = the --loss preset (kd, p1, p2, p3, kd+p3); lam in [0, 1]")})
+    w_sft: float | None = field(default=None, metadata={"help": "weight of SFT cross-entropy (any --w-*: the named weights are the whole mix)"})
     w_kd: float | None = field(default=None, metadata={"help": "weight of KD D(pT||p_theta)"})
     w_p1: float | None = field(default=None, metadata={"help": "weight of Delta-KD P1 D(pi*||p_theta)"})
     w_p2: float | None = field(default=None, metadata={"help": "weight of Delta-KD P2 D(pT||norm(pB p_theta/pS0))"})
@@ -94,7 +107,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self, TRAIN_RULES)
-        if self.loss not in LOSS_PRESETS:
+        if self.loss is not None and self.loss not in LOSS_PRESETS:
             raise ValueError(f"--loss {self.loss!r}: choose one of {', '.join(LOSS_PRESETS)}")
         if self.parallel not in parallel.PARALLEL:
             raise ValueError(f"--parallel {self.parallel!r}: choose one of {', '.join(parallel.PARALLEL)}")
@@ -107,12 +120,42 @@ class TrainConfig:
             parse_floor(self.floor)
 
     def weights(self) -> dict:
-        w = dict(LOSS_PRESETS[self.loss])
-        for t in TERMS:
-            v = getattr(self, f"w_{t}")
-            if v is not None:
-                w[t] = v
-        return {t: v for t, v in w.items() if v}
+        """The loss mix, from exactly one of: a preset (--loss, default p1), explicit --w-* weights
+        (the named terms and nothing else), or the recipe lam*SFT + (1-lam)*D with D = the preset."""
+        explicit = {t: getattr(self, f"w_{t}") for t in TERMS if getattr(self, f"w_{t}") is not None}
+        preset = LOSS_PRESETS[self.loss or "p1"]
+        if explicit and self.lam is not None:
+            raise ValueError(f"--lam sets every weight itself ({describe_mix(explicit)} was also given): "
+                             "use --lam with --loss, or --w-* alone")
+        if explicit and self.loss is not None:
+            # Before, the preset stayed in the mix at its own weight; say what that was, since a
+            # user who names weights rarely means it.
+            raise ValueError(f"--loss {self.loss} with --w-* weights: that would train "
+                             f"{describe_mix(_nonzero({**preset, **explicit}))}. Named weights are the whole mix: "
+                             f"drop --loss to train {describe_mix(_nonzero(explicit)) or 'nothing'}, or name every "
+                             "term you want as --w-*")
+        if explicit:
+            return _nonzero(explicit)
+        if self.lam is None:
+            return dict(preset)
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"--lam {self.lam}: must lie in [0, 1] (lam*SFT + (1-lam)*D)")
+        if "sft" in preset:
+            raise ValueError(f"--lam mixes SFT with a distillation term: --loss must be one of "
+                             f"{', '.join(p for p in LOSS_PRESETS if 'sft' not in LOSS_PRESETS[p])}, not {self.loss}")
+        return _nonzero({"sft": self.lam, **{t: (1.0 - self.lam) * w for t, w in preset.items()}})
+
+    def objective(self) -> str:
+        """The resolved mix in one line, with the settings that change its terms."""
+        w = self.weights()
+        extra = []
+        if set(w) & {"kd", "p1", "p2"}:
+            extra.append(f"divergence {self.divergence}")
+        if set(w) & {"p1", "p3"}:
+            extra.append(f"alpha {self.alpha:g}")
+        if set(w) - {"sft"}:
+            extra += [f"tail {self.tail}"] + ([f"temperature {self.temperature:g}"] if self.temperature != 1.0 else [])
+        return describe_mix(w) + (f" ({', '.join(extra)})" if extra else "")
 
     def loss_spec(self) -> LossSpec:
         return LossSpec(weights=self.weights(), divergence=self.divergence, alpha=self.alpha,
@@ -321,11 +364,15 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {
-                "resolved_weights": self.spec.weights, "total_steps": self.total_steps, "world_size": self.world}, indent=1))
+                "resolved_weights": self.spec.weights, "objective": cfg.objective(), "total_steps": self.total_steps,
+                "world_size": self.world}, indent=1))
             if resume is None and not cfg.dry_run:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                # The first line says what is being optimised (a resume keeps it: step 0 survives truncation).
+                self.log({"step": 0, "objective": cfg.objective(), "weights": self.spec.weights})
             elif resume is not None:
                 _truncate_metrics(self.out / "metrics.jsonl", self.step)
+            print(f"objective: {cfg.objective()}" + (f"  (resuming at step {self.step})" if resume else ""), flush=True)
         loader = StreamingLoader(self.reader, state=self.loader_state, **self.train_loader_kw)
         it = iter(loader)
         from tqdm import tqdm
@@ -379,7 +426,7 @@ class Trainer:
         return last | ev
 
     def _dry_report(self, res) -> dict:
-        rec = {"dry_run": True, "loss_terms": {t: float(s) / max(res["n"], 1) for t, s in zip(self.spec.active, res["term_sums"])},
+        rec = {"dry_run": True, "objective": self.cfg.objective(), "loss_terms": {t: float(s) / max(res["n"], 1) for t, s in zip(self.spec.active, res["term_sums"])},
                "grad_norm": float(res["grad_norm"]), "peak_mem_mb": peak_memory_mb(self.device),
                "cache_sequences": len(self.reader), "k": self.reader.k, "vocab": self.vocab,
                "student_base_arrays": "cache" if self.cache_s0 else ("online" if self.s0_model else "not needed"),

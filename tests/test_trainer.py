@@ -87,7 +87,7 @@ def _grads(tr, micro):
 
 def test_one_batch_of_n_equals_n_micro_batches(world, cache_dir, tmp_path):
     """Normalisation is per step: a 1xN and an Nx1 split give the same gradient."""
-    tr = Trainer(cfg_for(world, cache_dir, tmp_path / "a", loss="kd+p3", w_sft=0.5, lr=0.0, warmup_steps=0))
+    tr = Trainer(cfg_for(world, cache_dir, tmp_path / "a", loss=None, w_kd=1.0, w_p3=1.0, w_sft=0.5, lr=0.0, warmup_steps=0))
     batches = [b for _, b in zip(range(4), StreamingLoader(tr.reader, batch_tokens=120, with_student=True, seed=0))]
     assert len({b.n_supervised for b in batches}) > 1  # unequal token counts make the test meaningful
     # Merge the four micro-batches into one padded batch.
@@ -165,9 +165,59 @@ def test_final_student_loads_with_from_pretrained(world, cache_dir, tmp_path):
     m = AutoModelForCausalLM.from_pretrained(final)
     AutoTokenizer.from_pretrained(final)
     assert m.config.vocab_size == AutoModelForCausalLM.from_pretrained(world["student_base"]).config.vocab_size
-    rec = _metrics(tmp_path / "r")[0]
+    rec = _metrics(tmp_path / "r")[1]  # [0] names the objective (test_the_mix_is_printed_and_logged_first)
     for key in ("step", "lr", "grad_norm", "loss", "kd", "tokens_per_s", "peak_mem_mb", "eta_s"):
         assert key in rec
+
+
+def _mix(**kw):
+    return TrainConfig(cache="c", student="s", out="o", **kw).weights()
+
+
+def test_weight_resolution():
+    """A preset alone, named weights alone (the whole mix), the lam recipe; everything else refused."""
+    assert _mix() == {"p1": 1.0}
+    assert _mix(loss="kd+p3") == {"kd": 1.0, "p3": 1.0}
+    # Named weights are the whole mix: the default preset p1 does not creep in.
+    assert _mix(w_sft=0.5, w_kd=0.5) == {"sft": 0.5, "kd": 0.5}
+    assert _mix(w_kd=1.0, w_p3=0.0) == {"kd": 1.0}
+    assert _mix(loss="kd", lam=0.2) == {"sft": 0.2, "kd": pytest.approx(0.8)}
+    assert _mix(lam=0.5) == {"sft": 0.5, "p1": 0.5}  # D defaults to the default preset, p1
+    assert _mix(loss="kd+p3", lam=0.25) == {"sft": 0.25, "kd": 0.75, "p3": 0.75}
+    assert _mix(loss="p1", lam=0.0) == {"p1": 1.0} and _mix(loss="p1", lam=1.0) == {"sft": 1.0}
+    with pytest.raises(ValueError, match=r"would train 0\.5\*sft \+ 0\.5\*kd \+ 1\*p1.*drop --loss to train 0\.5\*sft \+ 0\.5\*kd"):
+        _mix(loss="p1", w_sft=0.5, w_kd=0.5)
+    with pytest.raises(ValueError, match="--lam sets every weight"):
+        _mix(loss="kd", lam=0.5, w_sft=0.1)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+            _mix(loss="kd", lam=bad)
+    with pytest.raises(ValueError, match="--loss must be one of kd, p1"):
+        _mix(loss="sft", lam=0.5)
+    with pytest.raises(ValueError, match="every loss weight is zero"):
+        _mix(w_sft=0.0)
+    cfg = TrainConfig(cache="c", student="s", out="o", loss="p1", lam=0.5, alpha=1.5)
+    assert cfg.objective() == "0.5*sft + 0.5*p1 (divergence fkl, alpha 1.5, tail bucket)"
+
+
+def test_the_mix_is_printed_and_logged_first(world, cache_dir, tmp_path):
+    cfg = cfg_for(world, cache_dir, tmp_path / "m", loss=None, w_sft=0.5, w_kd=0.5, max_steps=2)
+    args = [sys.executable, "-m", "deltakd.cli", "train"]
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if v is not None and not isinstance(v, bool):
+            args += ["--" + f.name.replace("_", "-"), str(v)]
+    res = subprocess.run(args, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "objective: 0.5*sft + 0.5*kd (divergence fkl, tail bucket)" in res.stdout
+    rows = _metrics(cfg.out)
+    assert rows[0] == {"step": 0, "objective": "0.5*sft + 0.5*kd (divergence fkl, tail bucket)",
+                       "weights": {"sft": 0.5, "kd": 0.5}}
+    assert {"sft", "kd"} <= set(rows[1]) and "p1" not in rows[1]  # the terms trained are the terms named
+    # The same options with a preset are refused before anything runs, showing the mix they would have trained.
+    bad = subprocess.run(args + ["--loss", "p1", "--out", str(tmp_path / "m2")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "would train 0.5*sft + 0.5*kd + 1*p1" in bad.stderr
+    assert not (tmp_path / "m2").exists()
 
 
 def test_dry_run_reports_and_writes_no_checkpoint(world, cache_dir, tmp_path):
