@@ -66,14 +66,26 @@ def test_quick_demo_end_to_end(tmp_path):
     for f in ("summary.md", "loss_curves.png", "cache_histograms.png", "cache_inspect.txt", "rouge.json"):
         assert (report / f).stat().st_size > 0, f
     rouge = json.loads((report / "rouge.json").read_text())
-    assert set(rouge) == {"teacher_ft", "student_base", "sft", "kd", "delta_p1"}
+    assert set(rouge) == {"teacher_ft", "student_base", "sft", "kd", "delta_p1", "recipe_kd", "recipe_p1"}
     assert all(0 <= v <= 100 for v in rouge.values())
     # The shipped teacher was finetuned on this task: it must beat its own untuned student base.
     assert rouge["teacher_ft"] > rouge["student_base"]
-    for name in ("sft", "kd", "delta_p1"):
+    for name in ("sft", "kd", "delta_p1", "recipe_kd", "recipe_p1"):
         rows = [json.loads(l) for l in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert any("loss" in r for r in rows) and any("eval_tokens" in r for r in rows)
         assert (work / "runs" / name / "final" / "model.safetensors").exists()
+    assert json.loads((work / "runs" / "recipe_p1" / "metrics.jsonl").read_text().splitlines()[0])["weights"] == \
+        {"sft": 0.5, "p1": 0.5}
+    summary = (report / "summary.md").read_text()
+    # The paragraph names the winner and compares the two recipes with the numbers of the table.
+    assert "best student is" in summary and f"{rouge['recipe_p1']:.1f} against {rouge['recipe_kd']:.1f}" in summary
+    assert "0.5*sft + 0.5*kd (divergence fkl, tail bucket)" in summary
+    # The paragraph's "why" figures: alpha = 0 gives back the student base as the Delta-KD target.
+    from deltakd.demo_cmd import target_agreement
+
+    a0 = target_agreement(work / "cache", 0.0)
+    assert a0["delta_target_top1"] == a0["student_base_top1"] < a0["teacher_top1"] <= 1
+    assert a0["delta_target_p_ref"] == pytest.approx(a0["student_base_p_ref"], rel=1e-5)
     per_example = [json.loads(l) for l in (work / "eval" / "delta_p1-final.jsonl").read_text().splitlines()]
     assert len(per_example) == 12 and {"prompt", "reference", "output", "rougeL"} <= set(per_example[0])
     # A second run reuses every finished stage.
