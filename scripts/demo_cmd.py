@@ -175,28 +175,35 @@ def target_agreement(cache: Path, alpha: float) -> dict:
     """How often each training target's most likely token is the reference next token, and the
     mean probability it gives that token, over the cache's supervised positions.
 
-    For the teacher (pi_T), the student base (pi_S0) and the Delta-KD target
-    pi* = norm(pi_S0 * (pi_T / pi_B)^alpha), on the cached support with the tail as one outcome
-    (a reference token outside the support counts as a miss with probability 0).
+    For the teacher (pi_T), the student base (pi_S0) and the Delta-KD target pi* that P1 trains
+    on (pi* = norm(pi_S0 * (pi_T / pi_B)^alpha), with the cache's floor and exact tail when it
+    has them), on the cached support with the tail as one outcome (a reference token outside
+    the support counts as a miss with probability 0).
     """
     import torch
 
     from deltakd.cache.reader import CacheReader
     from deltakd.student import losses as L
     from deltakd.student.data import StreamingLoader
+    from deltakd.student.objective import LossSpec
+    from deltakd.student.trainer import fit_spec_to_cache
 
+    reader = CacheReader(cache)
+    spec = fit_spec_to_cache(LossSpec(weights={"p1": 1.0}, alpha=alpha), "cache", reader)
     hits = {"teacher": 0.0, "student_base": 0.0, "delta_target": 0.0}
     mass, n = dict.fromkeys(hits, 0.0), 0
-    loader = StreamingLoader(CacheReader(cache), batch_tokens=1 << 15, with_student=True, shuffle=False, epochs=1)
+    loader = StreamingLoader(reader, batch_tokens=1 << 15, with_student=True, shuffle=False, epochs=1)
     for b in loader:
         tg = b.targets
-        ft = L.support(tg["logp_ft"], tg["tail_ft"])  # (N, k+1)
-        base = L.support(tg["logp_ft"] - tg["delta"], tg["tail_base"])
+        ft = L.support(tg["logp_ft"], tg["tail_ft"])  # (N, K+1), -inf on padding
+        base = L.support(tg["logp_base"], tg["tail_base"])
         s0 = L.support(tg["logp_s0"], tg["tail_s0"])
-        is_ref = tg["topk_ids"] == tg["next_tokens"][:, None]  # (N, k)
+        star = tg["tail_star"][:, spec.star_col] if spec.star_col is not None else None
+        target = L.delta_target(s0, ft, base, alpha, spec.floor, star)
+        is_ref = (tg["support_ids"] == tg["next_tokens"][:, None]) & tg["valid"]  # (N, K)
         in_support = is_ref.any(1)
         col = is_ref.float().argmax(1)
-        for name, d in (("teacher", ft), ("student_base", s0), ("delta_target", L.delta_target(s0, ft, base, alpha))):
+        for name, d in (("teacher", ft), ("student_base", s0), ("delta_target", target)):
             p_ref = d.gather(1, col[:, None])[:, 0].exp()
             hits[name] += float(((d[:, :-1].argmax(1) == col) & in_support).sum())
             mass[name] += float(torch.where(in_support, p_ref, torch.zeros(())).sum())
