@@ -80,12 +80,14 @@ def test_quick_demo_end_to_end(tmp_path):
     # The paragraph names the winner and compares the two recipes with the numbers of the table.
     assert "best student is" in summary and f"{rouge['recipe_p1']:.1f} against {rouge['recipe_kd']:.1f}" in summary
     assert "0.5*sft + 0.5*kd (divergence fkl, tail bucket)" in summary
-    # The paragraph's "why" figures: alpha = 0 gives back the student base as the Delta-KD target.
+    # The paragraph's "why" figures cover every supervised position; the finetuned teacher knows the task
+    # better than the untuned student base.
     from deltakd.demo_cmd import target_agreement
 
-    a0 = target_agreement(work / "cache", 0.0)
-    assert a0["delta_target_top1"] == a0["student_base_top1"] < a0["teacher_top1"] <= 1
-    assert a0["delta_target_p_ref"] == pytest.approx(a0["student_base_p_ref"], rel=1e-5)
+    agree = target_agreement(work / "cache", 1.0)
+    assert agree["positions"] == json.loads((work / "cache" / "manifest.json").read_text())["totals"]["n_supervised"]
+    assert 0 <= agree["student_base_top1"] < agree["teacher_top1"] <= 1
+    assert 0 < agree["delta_target_p_ref"] <= 1 and 0 <= agree["delta_target_top1"] <= 1
     per_example = [json.loads(l) for l in (work / "eval" / "delta_p1-final.jsonl").read_text().splitlines()]
     assert len(per_example) == 12 and {"prompt", "reference", "output", "rougeL"} <= set(per_example[0])
     # A second run reuses every finished stage.
