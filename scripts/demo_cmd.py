@@ -236,8 +236,8 @@ def what_it_means(rouge: dict, agree: dict) -> str:
         + f"The Delta-KD target π* ∝ π_S0·(π_T/π_B)^α (α = {ALPHA:g}) starts from the student base, which ranks the "
         f"reference first at {100 * agree['student_base_top1']:.1f}% of the positions; after the teacher's shift "
         f"π* does so at {100 * agree['delta_target_top1']:.1f}% (mean probability {agree['delta_target_p_ref']:.2f})"
-        + (". Where the small student base and the teacher base disagree, the shift measured on the teacher does "
-           "not carry the teacher's answer over, and a student that learns π* learns those misses"
+        + (". π* departs from the teacher where the small student base and the teacher base disagree (at α = 1, "
+           "π* ∝ π_T·π_S0/π_B), and a student that learns π* learns those departures"
            if agree["delta_target_top1"] < agree["teacher_top1"] else "")
         + ("; the SFT part of the recipe pulls it back toward the reference." if rouge["recipe_p1"] > rouge["delta_p1"]
            else "."),

@@ -153,6 +153,8 @@ class TrainConfig:
             extra.append(f"divergence {self.divergence}")
         if set(w) & {"p1", "p3"}:
             extra.append(f"alpha {self.alpha:g}")
+        if set(w) & {"p1", "p2", "p3"} and self.floor != "cache":
+            extra.append(f"floor {self.floor}")
         if set(w) - {"sft"}:
             extra += [f"tail {self.tail}"] + ([f"temperature {self.temperature:g}"] if self.temperature != 1.0 else [])
         return describe_mix(w) + (f" ({', '.join(extra)})" if extra else "")
@@ -426,7 +428,8 @@ class Trainer:
         return last | ev
 
     def _dry_report(self, res) -> dict:
-        rec = {"dry_run": True, "objective": self.cfg.objective(), "loss_terms": {t: float(s) / max(res["n"], 1) for t, s in zip(self.spec.active, res["term_sums"])},
+        rec = {"dry_run": True, "objective": self.cfg.objective(),
+               "loss_terms": {t: float(s) / max(res["n"], 1) for t, s in zip(self.spec.active, res["term_sums"])},
                "grad_norm": float(res["grad_norm"]), "peak_mem_mb": peak_memory_mb(self.device),
                "cache_sequences": len(self.reader), "k": self.reader.k, "vocab": self.vocab,
                "student_base_arrays": "cache" if self.cache_s0 else ("online" if self.s0_model else "not needed"),
