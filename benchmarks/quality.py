@@ -1,6 +1,7 @@
 """ROUGE-L of students trained from one cache with SFT, KD and Delta-KD variants, over seeds.
 
     python benchmarks/quality.py [--steps 800] [--seeds 0 1 2] [--workdir runs/quality] [--variants sft lam0.5_kd ...]
+    python benchmarks/quality.py online [--world bpe] [--supports topk64 union16] [--variants ...]   # cache vs online
 
 Beside the pure objectives it runs the paper's recipe lam*SFT + (1-lam)*D (`deltakd
 train --loss D --lam LAM`) with D = KD and D = P1 (alpha 1 and 1.5), at lam 0.5 and
@@ -82,5 +83,127 @@ def main():
                       "seconds": time.perf_counter() - t0}))
 
 
+# ------------------------------------------------------------------ cache vs online full-vocabulary reference
+# Supports compared against the online reference: format v1's top-64 of piT, and v2's default union.
+SUPPORTS = {"topk64": dict(support="topk", top_k=64, mode="sequential"), "union16": dict(support="union", top_k=16)}
+ONLINE_VARIANTS = ("sft", "kd_fkl", "kd_rkl", "p1_a0.5", "p1_a1.0", "p1_a1.5", "p3_a1.0", "kd+p3")
+
+
+def _mean_std(v: list[float]) -> tuple[float, float]:
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def world_paths(world: str, work: Path) -> dict:
+    """Checkpoints and data of the world the comparison runs on (built on first use, then reused)."""
+    if world == "demo":
+        return assets(DemoConfig(workdir=str(work)), work)
+    import bpe_world  # benchmarks/ is the script's folder, hence on sys.path
+
+    return bpe_world.build(work.parent / "bpe_world" if world == "bpe" else Path(world))
+
+
+def build_support_cache(paths: dict, out: Path, support: str) -> Path:
+    from deltakd.cache.builder import CacheBuildConfig, build_cache
+
+    build_cache(CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
+                                 student_base=paths["student_base"], data=paths["train"], out=str(out),
+                                 max_length=128, batch_size=32, shard_tokens=32768, **SUPPORTS[support]))
+    return out
+
+
+def main_online(argv=None):
+    """ROUGE-L of students trained from caches (per support) and from the online full-vocabulary reference."""
+    import sys
+
+    from deltakd.cache.inspect import summarize
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from online_ref import train_online
+
+    ap = argparse.ArgumentParser(prog="quality.py online", description=main_online.__doc__)
+    ap.add_argument("--world", default="bpe", help="bpe (benchmarks/bpe_world.py, V = 8192), demo, or a bpe_world folder")
+    ap.add_argument("--workdir", default="runs/quality-online")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(ONLINE_VARIANTS), choices=ONLINE_VARIANTS, metavar="NAME",
+                    help=f"subset to run (default: all): {', '.join(ONLINE_VARIANTS)}")
+    ap.add_argument("--supports", nargs="+", default=list(SUPPORTS), choices=list(SUPPORTS))
+    ap.add_argument("--test-examples", type=int, default=200)
+    ap.add_argument("--max-new-tokens", type=int, default=40)
+    a = ap.parse_args(argv)
+    work = Path(a.workdir)
+    t0 = time.perf_counter()
+    paths = world_paths(a.world, work)
+    caches = {s: build_support_cache(paths, work / f"cache-{s}", s) for s in a.supports}
+    inspect = {s: summarize(c) for s, c in caches.items()}
+    for s, i in inspect.items():
+        print(f"cache {s}: support length mean {i['support_length_mean']:.1f}; mass of piT held, quantiles "
+              + " ".join(f"q{q}={v:.3f}" for q, v in i["topk_mass_quantiles"].items()))
+    ev = dict(data=paths["test"], max_new_tokens=a.max_new_tokens, batch_size=50, max_examples=a.test_examples)
+
+    def run(mode: str, name: str, seed: int) -> float:
+        # SFT reads no target: its cached and online runs are the same computation; run it once.
+        out = work / "runs" / ("sft" if name == "sft" else mode) / f"{name}-s{seed}"
+        cache = caches[a.supports[0] if mode in ("online", "sft") or name == "sft" else mode]
+        cfg = TrainConfig(cache=str(cache), student=paths["student_base"], out=str(out), max_steps=a.steps,
+                          batch_tokens=a.batch_tokens, lr=a.lr, warmup_steps=min(20, a.steps // 5), log_every=50,
+                          save_every=10_000, eval_percent=5.0, seed=seed, **VARIANTS[name])
+        if not (out / "final" / "config.json").exists():
+            t = time.perf_counter()
+            if mode == "online" and name != "sft":
+                train_online(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
+            else:
+                train(cfg)
+            print(f"[{time.perf_counter() - t0:7.0f}s] trained {mode} {name} seed {seed} in {time.perf_counter() - t:.0f}s",
+                  flush=True)
+        summary = out / "eval" / "summary.json"
+        if not summary.exists():
+            run_eval(EvalConfig(models=(str(out / "final"),), out=str(out / "eval"), **ev))
+        return json.loads(summary.read_text())["results"][0]["rougeL"]
+
+    modes = [*a.supports, "online"]
+    scores = {n: {m: [] for m in modes} for n in a.variants}
+    # Seed-major order: a run cut short still has every variant and mode at the first seeds.
+    for seed in a.seeds:
+        for name in a.variants:
+            for mode in modes:
+                scores[name][mode].append(run(mode, name, seed))
+    base = run_eval(EvalConfig(models=(paths["teacher_ft"], paths["student_base"]), out=str(work / "eval-ref"), **ev))
+    print(f"\nROUGE-L on {a.test_examples} test prompts, world {a.world}, {a.steps} steps, seeds {a.seeds}: "
+          "mean ± sample std over seeds; diff = cache − online per seed, then mean ± std")
+    head = f"{'variant':<10}" + "".join(f"{m:>16}" for m in modes) + "".join(f"{'diff ' + s:>18}" for s in a.supports)
+    print(head)
+    print(f"{'teacher_ft':<10}{base[0]['rougeL']:16.2f}\n{'student_0':<10}{base[1]['rougeL']:16.2f}")
+    summary = {}
+    for name, by_mode in scores.items():
+        row, rec = f"{name:<10}", {}
+        for m in modes:
+            mu, sd = _mean_std(by_mode[m])
+            rec[m] = {"mean": mu, "std": sd, "per_seed": by_mode[m]}
+            row += f"{mu:10.2f} ±{sd:4.2f}"
+        for s in a.supports:
+            d = [c - o for c, o in zip(by_mode[s], by_mode["online"])]
+            mu, sd = _mean_std(d)
+            rec[f"diff_{s}"] = {"mean": mu, "std": sd, "per_seed": d}
+            row += f"{mu:+12.2f} ±{sd:4.2f}"
+        summary[name] = rec
+        print(row + ("   (one run: SFT reads no target)" if name == "sft" else ""))
+    print(json.dumps({"benchmark": "quality_online", "world": a.world, "machine": platform.machine(),
+                      "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": a.steps,
+                      "batch_tokens": a.batch_tokens, "seeds": a.seeds, "test_examples": a.test_examples,
+                      "teacher_ft": base[0]["rougeL"], "student_base": base[1]["rougeL"],
+                      "cache_inspect": {s: {"support_length_mean": i["support_length_mean"],
+                                            "topk_mass_quantiles": i["topk_mass_quantiles"],
+                                            "mass_held_quantiles": i["mass_held_quantiles"],
+                                            "bytes_per_token": i.get("bytes_per_supervised_token")}
+                                        for s, i in inspect.items()},
+                      "variants": summary, "seconds": time.perf_counter() - t0}))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    # `quality.py online ...`: cache vs online full-vocabulary reference; otherwise the demo-world sweep.
+    main_online(sys.argv[2:]) if sys.argv[1:2] == ["online"] else main()

@@ -288,14 +288,19 @@ class Trainer:
         self.step, self.loader_state = 0, None
 
     # -------------------------------------------------------------- the step
-    def forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted sum of the loss terms, per-term sums (n_terms,)) over the batch's supervised tokens."""
+    def batch_targets(self, batch) -> dict:
+        """The loss targets of a batch's supervised rows: the cached ones (lS0 computed on the fly if asked).
+        benchmarks/online_ref.py overrides this to score the online full-vocabulary reference on the same batches."""
         targets = dict(batch.targets)
         if self.s0_model is not None:
             targets["logp_s0"], targets["tail_s0"] = student_base_targets(
                 self.s0_model, batch.input_ids, batch.attention_mask, batch.loss_mask, targets["support_ids"], targets["valid"],
                 self.vocab, self.spec.chunk_rows)
-        return self.module(batch.input_ids, batch.attention_mask, batch.loss_mask, targets)
+        return targets
+
+    def forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted sum of the loss terms, per-term sums (n_terms,)) over the batch's supervised tokens."""
+        return self.module(batch.input_ids, batch.attention_mask, batch.loss_mask, self.batch_targets(batch))
 
     def train_step(self, micro: list) -> dict:
         """One optimizer step over this rank's micro-batches; the loss is normalised once."""
