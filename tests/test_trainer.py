@@ -306,3 +306,29 @@ def test_settings_the_cache_cannot_serve_are_refused(world, cache_dir, tmp_path)
     # Served: an alpha of the grid, the cache's floor, renormalised tails at another temperature.
     assert Trainer(cfg_for(world, cache_dir, tmp_path / "ok", alpha=1.5)).spec.star_col == 2
     assert Trainer(cfg_for(world, cache_dir, tmp_path / "r", loss="kd", temperature=2.0, tail="renorm")).spec.floor == -12.0
+
+
+def test_tied_embeddings_checkpoint_and_resume(world, cache_dir, tmp_path):
+    """A student whose output head is its input embedding (SmolLM2, Llama-3.2, Gemma) saves a training
+    checkpoint (safetensors refuses shared tensors) and resumes with the head still tied."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from deltakd.student.checkpointing import load_training_state, save_training_state
+    from deltakd.tiny import save_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(world["student_base"])
+    torch.manual_seed(0)
+    tied = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=world["vocab"], hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id))
+    student = save_checkpoint(tied, tok, tmp_path / "tied")
+    cfg = cfg_for(world, cache_dir, tmp_path / "run", student=student, max_steps=2, save_every=1)
+    train(cfg)
+    tr = Trainer(cfg)
+    step, _ = load_training_state(Path(cfg.out) / "checkpoints" / "step-000002", tr)
+    assert step == 2
+    emb, head = tr.model.get_input_embeddings().weight, tr.model.get_output_embeddings().weight
+    assert emb.data_ptr() == head.data_ptr()
+    assert not torch.equal(emb, tied.get_input_embeddings().weight)  # the trained weights came back
+    save_training_state(tr)  # and saving again works
