@@ -329,7 +329,7 @@ def main(argv=None):
     print(f"\ncache build {n_tokens / build_s:.0f} tokens/s; build / bare forwards of the three checkpoints "
           f"{build_s / bare:.2f}\nDelta-KD P1 from the cache vs online (three models resident): tokens/s "
           f"{ca['tokens_per_s']:.0f} vs {on['tokens_per_s']:.0f}, peak memory {ca['peak_mem_mb']:.0f} MB vs "
-          f"{on['peak_mem_mb']:.0f} MB ({'GPU allocated' if a.device.startswith('cuda') else 'process RSS'})\n"
+          f"{on['peak_mem_mb']:.0f} MB ({'peak GPU memory allocated, reset before each run' if a.device.startswith('cuda') else 'peak process RSS: it cannot be reset between runs, so on the CPU it does not compare them'})\n"
           f"total {total:.0f}s")
     print(json.dumps({"benchmark": "real_pair", "smoke": a.smoke, "device": a.device,
                       "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
