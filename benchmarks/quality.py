@@ -90,6 +90,8 @@ ONLINE_VARIANTS = ("sft", "kd_fkl", "kd_rkl", "p1_a0.5", "p1_a1.0", "p1_a1.5", "
 
 
 def _mean_std(v: list[float]) -> tuple[float, float]:
+    if not v:  # a run cut short (--report-only)
+        return float("nan"), float("nan")
     return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
@@ -132,6 +134,8 @@ def main_online(argv=None):
     ap.add_argument("--supports", nargs="+", default=list(SUPPORTS), choices=list(SUPPORTS))
     ap.add_argument("--test-examples", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=40)
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: the table from the runs already finished in --workdir (a cut-short benchmark)")
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     t0 = time.perf_counter()
@@ -143,13 +147,15 @@ def main_online(argv=None):
               + " ".join(f"q{q}={v:.3f}" for q, v in i["topk_mass_quantiles"].items()))
     ev = dict(data=paths["test"], max_new_tokens=a.max_new_tokens, batch_size=50, max_examples=a.test_examples)
 
-    def run(mode: str, name: str, seed: int) -> float:
+    def run(mode: str, name: str, seed: int) -> float | None:
         # SFT reads no target: its cached and online runs are the same computation; run it once.
         out = work / "runs" / ("sft" if name == "sft" else mode) / f"{name}-s{seed}"
         cache = caches[a.supports[0] if mode in ("online", "sft") or name == "sft" else mode]
         cfg = TrainConfig(cache=str(cache), student=paths["student_base"], out=str(out), max_steps=a.steps,
                           batch_tokens=a.batch_tokens, lr=a.lr, warmup_steps=min(20, a.steps // 5), log_every=50,
                           save_every=10_000, eval_percent=5.0, seed=seed, **VARIANTS[name])
+        if a.report_only and not (out / "eval" / "summary.json").exists():
+            return None
         if not (out / "final" / "config.json").exists():
             t = time.perf_counter()
             if mode == "online" and name != "sft":
@@ -169,7 +175,8 @@ def main_online(argv=None):
     for seed in a.seeds:
         for name in a.variants:
             for mode in modes:
-                scores[name][mode].append(run(mode, name, seed))
+                if (r := run(mode, name, seed)) is not None:
+                    scores[name][mode].append(r)
     base = run_eval(EvalConfig(models=(paths["teacher_ft"], paths["student_base"]), out=str(work / "eval-ref"), **ev))
     print(f"\nROUGE-L on {a.test_examples} test prompts, world {a.world}, {a.steps} steps, seeds {a.seeds}: "
           "mean ± sample std over seeds; diff = cache − online per seed, then mean ± std")
@@ -184,7 +191,7 @@ def main_online(argv=None):
             rec[m] = {"mean": mu, "std": sd, "per_seed": by_mode[m]}
             row += f"{mu:10.2f} ±{sd:4.2f}"
         for s in a.supports:
-            d = [c - o for c, o in zip(by_mode[s], by_mode["online"])]
+            d = [c - o for c, o in zip(by_mode[s], by_mode["online"])]  # seed-major: same seeds, in order
             mu, sd = _mean_std(d)
             rec[f"diff_{s}"] = {"mean": mu, "std": sd, "per_seed": d}
             row += f"{mu:+12.2f} ±{sd:4.2f}"
