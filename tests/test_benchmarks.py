@@ -26,7 +26,7 @@ def exact_cache(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize("opts", [dict(loss="kd"), dict(loss="kd", divergence="rkl"), dict(loss="p1", alpha=1.5),
-                                  dict(loss="p3", alpha=0.5), dict(loss="kd+p3", w_sft=0.3)])
+                                  dict(loss="p3", alpha=0.5), dict(w_sft=0.3, w_kd=1.0, w_p3=1.0)])
 def test_online_reference_equals_a_full_vocabulary_cache(world, exact_cache, tmp_path, opts):
     """Same batch, same student: the online targets (three frozen models, full vocabulary, floor −12) give the
     loss and gradient of a cache that stores the whole vocabulary; a wrong model, floor or row order would not."""
