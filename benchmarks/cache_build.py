@@ -23,37 +23,45 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import synth_world  # noqa: E402
 
-from deltakd.cache.builder import CacheBuildConfig, _batches, build_cache, plan_shards  # noqa: E402
+from deltakd.cache import dist  # noqa: E402
+from deltakd.cache.builder import CacheBuildConfig, _batches, _pad_batch, build_cache, plan_shards  # noqa: E402
 from deltakd.cache.forward import load_model, load_tokenizer  # noqa: E402
 from deltakd.cache.records import read_records  # noqa: E402
 
 
 @torch.no_grad()
-def bare_forward_seconds(paths: dict, cfg: CacheBuildConfig) -> float:
+def bare_forward_seconds(paths: dict, cfg: CacheBuildConfig) -> tuple[float, int]:
+    """(seconds, tokens × models) of each checkpoint's plain forward (full logits) over the build's own
+    batches on `cfg.device`: the figure a cache build is compared with. Shared by real_pair and gpu_check."""
+    dev = dist.resolve_device(cfg.device)
     tok = load_tokenizer(paths["teacher_ft"])
     plan = plan_shards(read_records(cfg.data), tok, cfg.max_length, cfg.shard_tokens)
-    total = 0.0
+    total, tokens = 0.0, 0
     for role in ("teacher_ft", "teacher_base", "student_base"):
-        model = load_model(paths[role], cfg.device, cfg.model_dtype)
+        model = load_model(paths[role], dev, cfg.model_dtype)
+        _sync(dev)
         t0 = time.perf_counter()
         for seqs in plan.shards:
             for batch in _batches(seqs, cfg.batch_size):
-                L = max(len(seqs[i].tokens) for i in batch)
-                ids = torch.zeros(len(batch), L, dtype=torch.long)
-                att = torch.zeros(len(batch), L, dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, :len(seqs[i].tokens)] = torch.tensor(seqs[i].tokens)
-                    att[r, :len(seqs[i].tokens)] = 1
-                model(input_ids=ids, attention_mask=att).logits.sum().item()
+                ids, att, _ = _pad_batch(seqs, batch, tok.pad_token_id or 0, dev)
+                model(input_ids=ids, attention_mask=att).logits.float().sum().item()
+                tokens += int(att.sum())
+        _sync(dev)
         total += time.perf_counter() - t0
-    return total
+        del model
+    return total, tokens
+
+
+def _sync(dev: torch.device):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def measure(name: str, paths: dict, out: Path, **kw) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cfg = CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
                            student_base=paths["student_base"], data=paths["data"], out=str(out), top_k=64, **kw)
-    bare = bare_forward_seconds(paths, cfg)
+    bare, _ = bare_forward_seconds(paths, cfg)
     t0 = time.perf_counter()
     m = build_cache(cfg)
     build = time.perf_counter() - t0

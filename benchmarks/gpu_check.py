@@ -62,35 +62,17 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def bare(root: Path, device: str, dtype: str, batch_size: int, max_length: int) -> dict:
     """Plain Hugging Face forwards (full logits) of the three checkpoints over the build's batches."""
-    from deltakd.cache import dist
-    from deltakd.cache.builder import _batches, plan_shards
-    from deltakd.cache.forward import load_model, load_tokenizer
-    from deltakd.cache.records import read_records
+    from cache_build import bare_forward_seconds  # benchmarks/ is on sys.path when run as a script
+
+    from deltakd.cache.builder import CacheBuildConfig
 
     w = json.loads((root / "world.json").read_text())
-    dev = dist.resolve_device(device)
-    plan = plan_shards(read_records(w["data"]), load_tokenizer(w["teacher_ft"]), max_length, 65536)
-    total, tokens = 0.0, 0
-    for role in ("teacher_ft", "teacher_base", "student_base"):
-        model = load_model(w[role], dev, dtype)
-        _sync(dev)
-        t0 = time.perf_counter()
-        for seqs in plan.shards:
-            for batch in _batches(seqs, batch_size):
-                L = max(len(seqs[i].tokens) for i in batch)
-                ids = torch.zeros(len(batch), L, dtype=torch.long)
-                att = torch.zeros(len(batch), L, dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, :len(seqs[i].tokens)] = torch.tensor(seqs[i].tokens)
-                    att[r, :len(seqs[i].tokens)] = 1
-                model(input_ids=ids.to(dev), attention_mask=att.to(dev)).logits.float().sum().item()
-                tokens += int(att.sum())
-        _sync(dev)
-        total += time.perf_counter() - t0
-        del model
+    cfg = CacheBuildConfig(teacher_ft=w["teacher_ft"], teacher_base=w["teacher_base"], data=w["data"], out=str(root / "unused"),
+                           model_dtype=dtype, device=device, batch_size=batch_size, max_length=max_length,
+                           shard_tokens=65536)
+    total, tokens = bare_forward_seconds(w, cfg)
     return {"bare_forward_s": total, "tokens_x_models": tokens}
 
 

@@ -182,32 +182,6 @@ def reset_peak(device: str):
         torch.cuda.reset_peak_memory_stats()
 
 
-@torch.no_grad()
-def bare_forward_seconds(paths: dict, cfg) -> float:
-    """Each checkpoint's plain forward (full logits) over the cache's own batches, models already loaded."""
-    from deltakd.cache.builder import _batches, plan_shards
-    from deltakd.cache.forward import load_model, load_tokenizer
-    from deltakd.cache.records import read_records
-
-    tok = load_tokenizer(paths["teacher_ft"])
-    plan = plan_shards(read_records(cfg.data), tok, cfg.max_length, cfg.shard_tokens)
-    total = 0.0
-    for role in ("teacher_ft", "teacher_base", "student_base"):
-        model = load_model(paths[role], cfg.device, cfg.model_dtype)
-        sync(cfg.device)
-        t0 = time.perf_counter()
-        for seqs in plan.shards:
-            for batch in _batches(seqs, cfg.batch_size):
-                L = max(len(seqs[i].tokens) for i in batch)
-                ids = torch.zeros(len(batch), L, dtype=torch.long)
-                att = torch.zeros(len(batch), L, dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, :len(seqs[i].tokens)] = torch.tensor(seqs[i].tokens)
-                    att[r, :len(seqs[i].tokens)] = 1
-                model(input_ids=ids.to(cfg.device), attention_mask=att.to(cfg.device)).logits.sum().item()
-        total += time.perf_counter() - t0
-        del model
-    return total
 
 
 def main(argv=None):
@@ -277,7 +251,9 @@ def main(argv=None):
                            student_base=paths["student_base"], data=data["train"], out=str(cache), max_length=256,
                            batch_size=32, shard_tokens=65536, device=a.device, model_dtype=model_dtype)
     t = time.perf_counter()
-    bare = bare_forward_seconds(paths, cfg)
+    from cache_build import bare_forward_seconds  # benchmarks/ is on sys.path when run as a script
+
+    bare, _ = bare_forward_seconds(paths, cfg)
     stage("bare forwards", t)
     import shutil
 
