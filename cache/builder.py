@@ -45,6 +45,8 @@ class CacheBuildConfig:
     top_k: int = field(default=16, metadata={"help": "ids taken from each distribution per supervised position (topk: 64 is the usual choice)"})
     alphas: str = field(default="0.5,1,1.5", metadata={"help": "comma-separated alpha grid of the exact Delta-KD target tails (training refuses other alphas)"})
     floor: str = field(default="-12", metadata={"help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none'"})
+    tail_samples: int = field(default=0, metadata={"help": "ids drawn per position from the finetuned teacher's tail outside the top-k support (priority sampling), so that forward-type objectives learn the tail's shape where the teacher is flat; 0: none"})
+    sample_min_tail: float = field(default=0.01, metadata={"help": "draw tail samples only where the teacher's mass outside the top-k support is at least this"})
     mode: str = field(default="lockstep", metadata={"help": "lockstep: all checkpoints resident, run together on each batch (needed for union and exact target tails); sequential: one model in memory at a time (topk only)", "choices": ("lockstep", "sequential")})
     max_length: int = field(default=1024, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
@@ -77,6 +79,12 @@ class CacheBuildConfig:
             raise ValueError("--support union needs --mode lockstep: the top ids of the Delta-KD target and its exact "
                              "tail need all checkpoints at the same position at once; use --support topk for a "
                              "one-model-at-a-time build")
+        if not 0 <= self.tail_samples <= 255:
+            raise ValueError(f"--tail-samples {self.tail_samples}: give 0 (none) to 255")
+        if not 0 <= self.sample_min_tail < 1:
+            raise ValueError(f"--sample-min-tail {self.sample_min_tail}: give a probability mass in [0, 1)")
+        if self.tail_samples and self.mode != "lockstep":
+            raise ValueError("--tail-samples needs --mode lockstep: the samples are drawn while the support is chosen")
         self.alpha_grid, self.floor_value  # validates both
 
     @property
@@ -151,6 +159,8 @@ def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan: Plan) -> dict:
         "max_length": cfg.max_length, "shard_tokens": cfg.shard_tokens,
         "n_shards": len(plan.shards), "n_truncated": plan.n_truncated,
     }
+    if cfg.tail_samples:  # only then: the identity of a build without samples stays what it was
+        ident["tail_samples"], ident["sample_min_tail"] = cfg.tail_samples, cfg.sample_min_tail
     if cfg.student_base:
         ident["student_base"] = checkpoint_identity(cfg.student_base)
     return ident
@@ -179,7 +189,7 @@ def _same_identity(a: dict, b: dict) -> list[str]:
 # A per-sequence result is a dict of numpy arrays: row arrays (one entry per
 # supervised position: "len", "tail_<role>", "tail_star") and entry arrays (one per
 # support id: "ids", "<role>" log-probs), roles being "ft", "base" and "s0".
-ROW_KEYS = ("len", "tail_ft", "tail_base", "tail_s0", "tail_star")
+ROW_KEYS = ("len", "tail_ft", "tail_base", "tail_s0", "tail_star", "sample_len", "sample_tau")
 PHASES = ("ft", "base", "s0")
 
 
@@ -214,8 +224,11 @@ def _pad_batch(seqs: list[Sequence], batch: list[int], pad_id: int, device):
     return inp.to(device), att.to(device), msk.to(device)
 
 
-def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, ids_flat, lengths):
-    """Results of one batch's supervised rows (flat torch tensors), chunk by chunk."""
+def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, ids_flat, lengths, seed: int = 0):
+    """Results of one batch's supervised rows (flat torch tensors), chunk by chunk.
+
+    `seed` fixes the tail samples of the batch (with the chunk's first row), so a
+    resumed or multi-rank build draws exactly what one uninterrupted build draws."""
     roles = list(models)
     n = next(iter(hidden.values())).shape[0]
     parts = []
@@ -226,7 +239,11 @@ def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, i
         # Models spread over GPUs (--teacher-sharding) may end on different devices.
         logits = {r: z.to(logits[roles[0]].device) for r, z in logits.items()}
         if ids_flat is None and (len(roles) > 1 or cfg.support == "union"):
-            parts.append(lockstep_rows(logits, cfg.support, cfg.top_k, star_alphas(cfg), cfg.floor_value))
+            gen = None
+            if cfg.tail_samples:
+                gen = torch.Generator(device=logits[roles[0]].device).manual_seed(seed * 1_000_003 + s)
+            parts.append(lockstep_rows(logits, cfg.support, cfg.top_k, star_alphas(cfg), cfg.floor_value,
+                                       cfg.tail_samples, cfg.sample_min_tail, gen))
             continue
         if ids_flat is None:  # sequential "ft" phase: the top-k of πT, ids ascending
             z = logits["ft"]
@@ -266,7 +283,8 @@ def run_batches(models: dict, seqs: list[Sequence], cfg: CacheBuildConfig, vocab
         if support_of_seq is not None:
             lengths = torch.from_numpy(np.concatenate([support_of_seq[i][0] for i in batch])).long()
             ids_flat = torch.from_numpy(np.concatenate([support_of_seq[i][1] for i in batch])).long()
-        res = _chunk_rows(models, hidden, vocab, cfg, ids_flat, lengths)
+        # The batch's first example id seeds its tail samples: batches are a function of the shard plan alone.
+        res = _chunk_rows(models, hidden, vocab, cfg, ids_flat, lengths, seed=seqs[batch[0]].example_id)
         if support_of_seq is not None:
             res["len"] = lengths
         _check_finite(res, counts, batch, seqs, "+".join(models))
@@ -287,7 +305,7 @@ def _check_finite(res: dict, counts: list[int], batch: list[int], seqs: list[Seq
         return
     row_bad = torch.zeros(sum(counts), dtype=torch.bool)
     for key, v in res.items():
-        if key in ("len", "ids"):
+        if key in ("len", "ids", "sample_len", "sample_tau"):  # sample_tau is −inf where nothing was drawn
             continue
         if key in ROW_KEYS:  # a tail may be -inf (the support covers the vocabulary), never NaN/+inf
             b = torch.isnan(v) | (v == float("inf"))
@@ -343,7 +361,8 @@ def teacher_arrays(seqs: list[Sequence], res: list[dict], vocab: int, value_dtyp
         "support_ids": _pack(res, "ids").astype(schema.id_dtype(vocab)),
         "logp_ft": enc(_pack(res, "ft")), "logp_base": enc(_pack(res, "base")),
         "tail_ft": enc(_pack(res, "tail_ft")), "tail_base": enc(_pack(res, "tail_base")),
-    }
+    } | ({"sample_len": _pack(res, "sample_len").astype(np.uint8), "sample_tau": enc(_pack(res, "sample_tau"))}
+         if res and "sample_len" in res[0] else {})
 
 
 def student_arrays(res: list[dict], value_dtype: str) -> dict[str, np.ndarray]:
@@ -523,6 +542,7 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
         "k": min(ident["k"], vocab), "vocab_size": vocab, "alphas": ident["alphas"], "floor": ident["floor"],
         "mode": ident["mode"], "value_dtype": ident["value_dtype"], "id_dtype": str(schema.id_dtype(vocab)),
         "covers_vocabulary": schema.covers_vocabulary(ident["support"], ident["k"], vocab),
+        "tail_samples": ident.get("tail_samples", 0), "sample_min_tail": ident.get("sample_min_tail"),
         "checkpoints": ident["checkpoints"], "tokenizer": ident["tokenizer"], "data": ident["data"],
         "build": build_cfg, "summary": summary, "shards": shards, "student": student,
         "totals": {key: sum(s[key] for s in shards) for key in ("n_seqs", "n_tokens", "n_supervised", "n_entries")},

@@ -33,13 +33,17 @@ def summarize(path, max_shards: int | None = None, top_tokens: int = 10) -> dict
     r = CacheReader(path)
     m, tot = r.manifest, r.manifest["totals"]
     held = {"ft": [], "base": [], "s0": []} | {f"star_{a:g}": [] for a in r.alphas}
-    kls, deltas, lengths = [], [], []
+    kls, deltas, lengths, sampled_rows, topk_tail = [], [], [], [], []
     shift = torch.zeros(r.vocab_size, dtype=torch.float64)
     for name in r.shard_names[:max_shards]:
         sh = r.read_shard(name)
         a = sh.arrays
         t = sh.rows(torch.arange(len(a["support_len"])))  # (S, K) padded with -inf
         lengths.append(a["support_len"])
+        if "sampled" in t:  # πT mass the drawn ids stand for: outside the top-k ids (drawn ones + bucket)
+            drawn = torch.where(t["sampled"], t["logp_ft"], torch.full((), float("-inf"))).logsumexp(1)
+            sampled_rows.append(t["sampled"].any(1))
+            topk_tail.append(torch.logaddexp(drawn, a["tail_ft"]).exp())
         for key in ("ft", "base", "s0"):
             if f"tail_{key}" in a:
                 held[key].append(1 - a[f"tail_{key}"].exp())
@@ -71,6 +75,9 @@ def summarize(path, max_shards: int | None = None, top_tokens: int = 10) -> dict
         "value_dtype": m["value_dtype"], "shards": len(r.shard_names), "sequences": tot["n_seqs"],
         "tokens": tot["n_tokens"], "supervised": tot["n_supervised"], "has_student": r.has_student,
         "truncated": m.get("summary", {}).get("n_truncated"),
+        "tail_samples": int(m.get("tail_samples") or 0),
+        "rows_with_samples": float(torch.cat(sampled_rows).float().mean()) if sampled_rows else 0.0,
+        "topk_tail_mass_quantiles": quant(torch.cat(topk_tail).numpy()) if topk_tail else {},
         "bytes_on_disk": bytes_disk, "bytes_per_supervised_token": bytes_disk / n_sup,
         "raw_bytes_per_supervised_token": raw,
         "support_length_quantiles": quant(lengths), "support_length_mean": float(lengths.mean()) if len(lengths) else 0.0,
@@ -106,8 +113,10 @@ def format_summary(s: dict, m: dict, tokenizer_path: str | None = None) -> str:
         f"tokens           {s['tokens']}  supervised positions: {s['supervised']}",
         f"student arrays   {'yes' if s['has_student'] else 'no (deltakd cache add-student)'}",
         f"on disk          {s['bytes_on_disk'] / 1e6:.2f} MB = {s['bytes_per_supervised_token']:.1f} B per supervised token "
-        f"(plain layout {s['raw_bytes_per_supervised_token']} B, ratio {s['bytes_per_supervised_token'] / s['raw_bytes_per_supervised_token']:.2f})",
+        f"(plain layout {s['raw_bytes_per_supervised_token']:.1f} B, ratio {s['bytes_per_supervised_token'] / s['raw_bytes_per_supervised_token']:.2f})",
         f"support length   mean {s['support_length_mean']:.1f}  {fq(s['support_length_quantiles'], '.0f')}",
+        *([f"tail samples     {s['tail_samples']} per row in {100 * s['rows_with_samples']:.1f}% of rows; pi_T mass outside "
+           f"the top-k ids (what they stand for): {fq(s['topk_tail_mass_quantiles'])}"] if s["tail_samples"] else []),
         "mass the support holds (the rest is each distribution's tail bucket):", *held,
         f"mean KL(ft||base) {s['mean_kl_ft_base']:.4f} nats per supervised position (support + tail bucket)",
         "(token: sum over supervised positions of p_ft - p_base, on the cached support)",

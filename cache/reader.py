@@ -48,6 +48,8 @@ class CachedSequence:
     tail_s0: torch.Tensor | None = None    # (n_sup,) float32
     tail_star: torch.Tensor | None = None  # (n_sup, n_alphas) float32
     stored_delta: torch.Tensor | None = None  # (n_sup, k) version 1's stored Δ, exactly as stored
+    sampled: torch.Tensor | None = None     # (n_sup, K) bool: entries drawn from πT's tail (the row's last sample_len)
+    sample_tau: torch.Tensor | None = None  # (n_sup,) log τ of the priority sampling, −inf where none was drawn
 
     @property
     def topk_ids(self) -> torch.Tensor:
@@ -92,6 +94,10 @@ class ShardData:
         # index select per array, no masking pass (this runs for every batch).
         flat_vals = torch.where(valid, flat, self.entry_offsets[-1])
         out = {"valid": valid}
+        if "sample_len" in a:  # tail samples: the last sample_len entries of a row (cache/forward.sample_tail)
+            first = (lengths - a["sample_len"][rows])[:, None]
+            out["sampled"] = valid & (torch.arange(valid.shape[1])[None, :] >= first)
+            out["sample_tau"] = a["sample_tau"][rows]
         for n in ENTRY_ARRAYS:
             if n == "support_ids" and n in a:
                 out[n] = a[n][flat]
@@ -189,7 +195,7 @@ class CacheReader:
         if student and not self.has_student:
             raise CacheFormatError(
                 f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`")
-        table = schema.arrays_of(self.version, student=False)
+        table = schema.arrays_of(self.version, student=False, manifest=self.manifest)
         names = list(arrays or table)
         for needed in ("seq_offsets", "loss_mask", "example_ids"):
             if needed not in names:
@@ -231,7 +237,7 @@ class CacheReader:
             lens = schema.read_group(tdir, ["support_len"])["support_len"].astype(np.int64)
             ent = np.concatenate([[0], np.cumsum(lens)])
             idx["entry"] = _ranges(ent[idx["sup"]], ent[idx["sup"] + 1])
-        jobs = [(tdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, False).items()
+        jobs = [(tdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, False, self.manifest).items()
                 if spec[0] in idx and n != "loss_mask"]
         if student:
             jobs += [(sdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, True).items()

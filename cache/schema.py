@@ -72,6 +72,14 @@ TEACHER_ARRAYS: dict[str, tuple[str, str | None, str]] = {
     "tail_ft": ("sup", None, "value"),
     "tail_base": ("sup", None, "value"),
 }
+# Tail samples (builds with --tail-samples m > 0; the manifest's `tail_samples`): the
+# last sample_len[i] entries of row i were drawn from πT outside the top-k support by
+# priority sampling with threshold log τ = sample_tau[i] (cache/forward.sample_tail).
+SAMPLE_ARRAYS: dict[str, tuple[str, str | None, str]] = {
+    "sample_len": ("sup", None, "uint8"),
+    "sample_tau": ("sup", None, "value"),
+}
+TEACHER_ARRAYS.update(SAMPLE_ARRAYS)
 STUDENT_ARRAYS: dict[str, tuple[str, str | None, str]] = {
     "logp_s0": ("entry", None, "value"),
     "tail_s0": ("sup", None, "value"),
@@ -81,11 +89,20 @@ STUDENT_ARRAYS: dict[str, tuple[str, str | None, str]] = {
 }
 
 
-def arrays_of(version: int, student: bool) -> dict[str, tuple[str, str | None, str]]:
-    """The array table of a format version (teacher group, or student group)."""
+def arrays_of(version: int, student: bool, manifest: dict | None = None) -> dict[str, tuple[str, str | None, str]]:
+    """The array table of a format version (teacher group, or student group).
+
+    With a manifest: only the arrays that cache holds (tail samples only when it drew
+    them, `tail_star` only with an alpha grid); without: every array the version knows.
+    """
     if version == 1:
         return STUDENT_ARRAYS_V1 if student else TEACHER_ARRAYS_V1
-    return STUDENT_ARRAYS if student else TEACHER_ARRAYS
+    table = STUDENT_ARRAYS if student else TEACHER_ARRAYS
+    if manifest is not None:
+        drop = ("tail_star",) if student and not (manifest.get("student") or {}).get("alphas") else ()
+        drop += tuple(SAMPLE_ARRAYS) if not student and not manifest.get("tail_samples") else ()
+        table = {n: v for n, v in table.items() if n not in drop}
+    return table
 
 
 # Chosen by benchmarks/cache_format.py: plain zstd beat Blosc (any shuffle) on every

@@ -49,8 +49,9 @@ def validate(path: str | Path) -> list[str]:
         if found:  # the files are not the ones written: their contents say nothing more
             continue
         try:
-            verify.check_files(root, m, name, list(schema.arrays_of(reader.version, False)), bool(m.get("student")))
-            a = schema.read_group(root / schema.TEACHER_DIR / name, list(schema.arrays_of(reader.version, False)))
+            teacher = list(schema.arrays_of(reader.version, False, m))
+            verify.check_files(root, m, name, teacher, bool(m.get("student")))
+            a = schema.read_group(root / schema.TEACHER_DIR / name, teacher)
             if m.get("student"):
                 names = [n for n in schema.arrays_of(reader.version, True) if n != "tail_star" or reader.alphas]
                 a.update(schema.read_group(root / schema.STUDENT_DIR / name, names))
@@ -108,6 +109,8 @@ def _check_arrays(label: str, a: dict, s: dict, m: dict, seen_ids: set, reader: 
         p.append(f"{label}: array loss_mask marks {int(a['loss_mask'].sum())} positions, the manifest says {n_sup}")
     if "support_len" in a and (a["support_len"].size and int(a["support_len"].min()) < 1):
         p.append(f"{label}: array support_len has an empty support")
+    if "sample_len" in a and np.any(a["sample_len"].astype(np.int64) >= a["support_len"].astype(np.int64)):
+        p.append(f"{label}: array sample_len leaves a row without top-k ids (it must be below support_len)")
     for name in ("tokens", "topk_ids", "support_ids"):
         if name in a and a[name].size and int(a[name].max()) >= m["vocab_size"]:
             p.append(f"{label}: array {name} holds ids beyond the vocabulary ({m['vocab_size']})")

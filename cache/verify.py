@@ -40,7 +40,7 @@ def check_files(root: Path, manifest: dict, name: str, arrays: list[str], studen
     groups = [(schema.TEACHER_DIR, _shard_entry(manifest["shards"], name), arrays)]
     if student:
         groups.append((schema.STUDENT_DIR, _shard_entry((manifest.get("student") or {}).get("shards", []), name),
-                       list(schema.arrays_of(int(manifest["format_version"]), True))))
+                       list(schema.arrays_of(int(manifest["format_version"]), True, manifest))))
     for sub, entry, names in groups:
         gdir = root / sub / name
         if entry is None:

@@ -22,7 +22,7 @@ import torch
 
 from deltakd.cache.reader import CacheReader, ShardData
 
-TARGET_KEYS = ("support_ids", "valid", "logp_ft", "logp_base", "tail_ft", "tail_base")
+TARGET_KEYS = ("support_ids", "valid", "logp_ft", "logp_base", "tail_ft", "tail_base", "sampled", "sample_tau")
 STUDENT_KEYS = ("logp_s0", "tail_s0", "tail_star")
 
 

@@ -103,6 +103,30 @@ def support(logp_k: torch.Tensor, tail: torch.Tensor, mode: str = "bucket", temp
     return x
 
 
+def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor) -> torch.Tensor:
+    """A target row whose tail is carried by the sampled ids: (N, K+1) -> (N, K+1), bucket last.
+
+    In rows with sampled ids (sampled (N, K)), the target's exact mass on those ids plus
+    its bucket is respread over the sampled ids in proportion to c·target, where
+    c = max(πT, τ)/πT is the priority-sampling weight (log_c (N, K)); the bucket becomes
+    empty. This is the self-normalised unbiased estimate of the target's tail shape
+    (cache/forward.sample_tail), so a forward-type divergence pulls the student's tail
+    toward the teacher's tail tokens instead of leaving its shape free. Rows without
+    samples come back unchanged. Targets carry no gradient.
+    """
+    with torch.no_grad():
+        t = _f(target)
+        vals, bucket = t[:, :-1], t[:, -1]
+        has = sampled.any(1)
+        ninf = torch.full((), NEG_INF, dtype=t.dtype)
+        zero = torch.zeros((), dtype=t.dtype)
+        cell = torch.cat([torch.where(sampled, vals, ninf), bucket[:, None]], dim=1).logsumexp(1)
+        w = torch.where(sampled, vals + log_c.to(t.dtype), ninf)
+        norm = torch.where(has, w.logsumexp(1), zero)
+        w = w - norm[:, None] + torch.where(has, cell, zero)[:, None]
+        return torch.cat([torch.where(sampled, w, vals), torch.where(has, ninf, bucket)[:, None]], dim=1)
+
+
 def masked_sum(per_row: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if mask is None:
         return per_row.sum(), torch.tensor(per_row.shape[0])
@@ -130,37 +154,40 @@ def teacher_shift(ft_log: torch.Tensor, base_log: torch.Tensor, floor: float | N
 
 
 def delta_target(s0_log: torch.Tensor, ft_log: torch.Tensor, base_log: torch.Tensor, alpha: float,
-                 floor: float | None = None, tail_star: torch.Tensor | None = None) -> torch.Tensor:
+                 floor: float | None = None, tail_star: torch.Tensor | None = None, cells=None) -> torch.Tensor:
     """log π* = log_softmax(lS0 + α·Δ) on the support: π* ∝ πS0·(πT/πB)^α, Δ = teacher_shift(lT, lB, floor).
 
     α = 0 gives πS0; with πS0 = πB, α = 1 and no floor it gives πT exactly. The tail
     column (last, with the tail bucket) is lS0_tail + α·Δ_tail, the product formula
     T_S0·(T_T/T_B)^α, unless the cache gives `tail_star` (N,): the exact unnormalised
-    log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it.
+    log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it. `cells` = (sampled, log_c)
+    respreads the tail over the sampled ids (tail_cells).
     """
     logits = _f(s0_log) + alpha * teacher_shift(ft_log, base_log, floor)
     if tail_star is not None:
         logits = torch.cat([logits[:, :-1], _f(tail_star)[:, None]], dim=-1)
-    return torch.log_softmax(logits, dim=-1)
+    target = torch.log_softmax(logits, dim=-1)
+    return target if cells is None else tail_cells(target, *cells)
 
 
 def delta_p1_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, kind="fkl", beta=0.5, skew=0.1,
-                  floor=None, tail_star=None):
+                  floor=None, tail_star=None, cells=None):
     """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...)."""
-    target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star)
+    target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star, cells)
     return masked_sum(divergence(target, student_log, kind, beta, skew), mask)
 
 
-def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1):
+def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
     """P2 other diagonal: D(πT ‖ norm(πB·πθ/πS0)): the student's shift applied to the teacher base."""
     q = torch.log_softmax(_f(base_log) + log_ratio(_f(student_log), _f(s0_log)), dim=-1)
-    return masked_sum(divergence(ft_log, q, kind, beta, skew), mask)
+    target = ft_log if cells is None else tail_cells(ft_log, *cells)
+    return masked_sum(divergence(target, q, kind, beta, skew), mask)
 
 
-def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None):
+def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None, cells=None):
     """P3 shift-matching: Σ_y w(y)·(e(y) − ē)², e = Δθ − α·Δ, Δθ = lθ − lS0, w = π* (no gradient),
     ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant."""
-    w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star).detach().exp()
+    w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star, cells).detach().exp()
     e = log_ratio(_f(student_log), _f(s0_log)) - alpha * teacher_shift(ft_log, base_log, floor)
     zero = torch.zeros((), dtype=e.dtype)
     e = torch.where(w > 0, e, zero)

@@ -75,19 +75,40 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
     if spec.star_col is not None and spec.tail == "bucket" and "tail_star" in tg:
         star = tg["tail_star"][:, spec.star_col]
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
+    cells = tail_cells_of(tg, spec)
+    # Reverse KL weighs the student's own mass by log(πθ/target): a target with an empty
+    # bucket would make it infinite, so it keeps the sampled ids as plain support entries.
+    fwd = None if spec.divergence == "rkl" else cells
     out = []
     for t in spec.active:
         if t == "sft":
             out.append(L.sft_loss(lp_next)[0])
         elif t == "kd":
-            out.append(scale * L.kd_loss(student, ft, **kw)[0])
+            out.append(scale * L.kd_loss(student, ft if fwd is None else L.tail_cells(ft, *fwd), **kw)[0])
         elif t == "p1":
-            out.append(scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, **kw)[0])
+            out.append(scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star,
+                                               cells=fwd, **kw)[0])
         elif t == "p2":
-            out.append(scale * L.delta_p2_loss(student, s0, ft, base, **kw)[0])
+            out.append(scale * L.delta_p2_loss(student, s0, ft, base, cells=fwd, **kw)[0])
         elif t == "p3":
-            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star)[0])
+            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star,
+                                       cells=cells)[0])
     return torch.stack(out)
+
+
+def tail_cells_of(tg: dict, spec: LossSpec):
+    """(sampled (c, K), log c (c, K)) when the cache drew tail samples for these rows, else None.
+
+    c = max(πT, τ)/πT is each sampled id's priority-sampling weight (cache/forward.sample_tail).
+    """
+    if "sampled" not in tg or spec.tail != "bucket":
+        return None
+    sampled = tg["sampled"]
+    lt = L._f(tg["logp_ft"])
+    tau = L._f(tg["sample_tau"])[:, None]
+    log_c = torch.where(sampled, torch.maximum(lt, tau) - torch.where(sampled, lt, torch.zeros((), dtype=lt.dtype)),
+                        torch.zeros((), dtype=lt.dtype))
+    return sampled, log_c
 
 
 def _valid(tg: dict) -> torch.Tensor:

@@ -67,17 +67,18 @@ def reference_sources(lT, lB, lS, support, alphas, floor):
     return [lT, lB, lS] + [torch.log_softmax(lS + a * shift, -1) for a in alphas]
 
 
-@pytest.mark.parametrize("support,mode,dtype", [
-    ("topk", "sequential", "float32"), ("topk", "sequential", "float16"), ("topk", "lockstep", "bfloat16"),
-    ("union", "lockstep", "float32"), ("union", "lockstep", "float16")])
-def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, mode, dtype):
-    build(world, tmp_path / "c", dtype=dtype, support=support, mode=mode)
+@pytest.mark.parametrize("support,mode,dtype,samples", [
+    ("topk", "sequential", "float32", 0), ("topk", "sequential", "float16", 0), ("topk", "lockstep", "bfloat16", 0),
+    ("union", "lockstep", "float32", 0), ("union", "lockstep", "float16", 0), ("union", "lockstep", "float32", 5)])
+def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, mode, dtype, samples):
+    min_tail = 0.2
+    build(world, tmp_path / "c", dtype=dtype, support=support, mode=mode, tail_samples=samples, sample_min_tail=min_tail)
     r = CacheReader(tmp_path / "c")
     V, k, tol, floor = world["vocab"], r.k, TOL[dtype], -12.0
     alphas = (0.5, 1.0, 1.5)
     assert r.vocab_size == V and r.has_student and len(r) == 24 and r.support == support
     assert r.alphas == (alphas if mode == "lockstep" else ()) and r.floor == floor
-    n_checked = widths = 0
+    n_checked = widths = n_sampled_rows = 0
     for seq in r.iter_sequences():
         lT = full_logprobs64(world["teacher_ft"], seq.tokens, V)
         lB = full_logprobs64(world["teacher_base"], seq.tokens, V)
@@ -85,15 +86,33 @@ def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, m
         pos = seq.loss_mask.nonzero()[:, 0]
         assert len(pos) == len(seq.support_ids) > 0
         for row, t in enumerate(pos.tolist()):
-            ids = seq.support_ids[row][seq.valid[row]]
+            all_ids = seq.support_ids[row][seq.valid[row]]
+            n_s = int(seq.sampled[row].sum()) if samples else 0
+            ids, drawn = all_ids[:len(all_ids) - n_s], all_ids[len(all_ids) - n_s:]
             assert torch.all(ids[1:] > ids[:-1]), "ids ascend within a row, no repeats"
             widths = max(widths, len(ids))
+            if samples:
+                # Drawn ids: after the top-k ids, ascending, none of them in the top-k support;
+                # drawn (as many as the tail has, up to m) exactly where πT's tail holds >= min_tail.
+                assert torch.all(drawn[1:] > drawn[:-1]) and not set(drawn.tolist()) & set(ids.tolist())
+                assert seq.sampled[row][len(all_ids) - n_s:len(all_ids)].all()
+                det_rest = torch.ones(V, dtype=torch.bool)
+                det_rest[ids] = False
+                tail_mass = float(lT[t][det_rest].exp().sum())
+                if tail_mass >= min_tail * (1 + 1e-4):
+                    assert n_s == min(samples, int(det_rest.sum())), (n_s, tail_mass)
+                    n_sampled_rows += 1
+                    # τ is the (m+1)-th priority πT/u: every drawn id's priority is above it.
+                    assert (not torch.isfinite(seq.sample_tau[row])) == (int(det_rest.sum()) <= samples)
+                elif tail_mass <= min_tail * (1 - 1e-4):
+                    assert n_s == 0 and torch.isneginf(seq.sample_tau[row])
             # The support is exactly the union of each source's top-k (ties within 1e-5 either way).
             sources = reference_sources(lT[t], lB[t], lS[t], support, alphas, floor)
             kth = [x.topk(k).values[-1] for x in sources]
             for x, kx in zip(sources, kth):
                 assert int((x[ids] >= kx - 1e-5).sum()) >= k
             assert all(any(x[y] >= kx - 1e-5 for x, kx in zip(sources, kth)) for y in ids.tolist())
+            ids = all_ids  # every value below is stored on the drawn ids too, and the tails exclude them
             rest = torch.ones(V, dtype=torch.bool)
             rest[ids] = False
             K = len(ids)
@@ -111,6 +130,8 @@ def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, m
         assert not seq.loss_mask[-1]
     assert n_checked == r.manifest["totals"]["n_supervised"]
     assert widths == k if support == "topk" else widths > k
+    if samples:
+        assert r.manifest["tail_samples"] == samples and n_sampled_rows > 0
     assert validate(tmp_path / "c") == []
 
 
