@@ -30,9 +30,11 @@ from deltakd.cache.records import encode_record
 from deltakd.student.eval import read_eval_examples
 from deltakd.student.objective import LossSpec, terms_from_logits
 
-# (label, support, k per distribution, value dtype). "topk 64" is format version 1's layout.
-SUPPORTS = (("topk k=64", "topk", 64, "float16"), ("union k=8", "union", 8, "float16"),
-            ("union k=16", "union", 16, "float16"), ("union k=16 bf16", "union", 16, "bfloat16"))
+# (label, support, k per distribution, value dtype, tail samples). "topk 64" is format version 1's layout.
+SUPPORTS = (("topk k=64", "topk", 64, "float16", 0), ("union k=8", "union", 8, "float16", 0),
+            ("union k=16", "union", 16, "float16", 0), ("union k=16 bf16", "union", 16, "bfloat16", 0),
+            ("union k=16 + 16 tail samples", "union", 16, "float16", 16),
+            ("union k=16 + 32 tail samples", "union", 16, "float16", 32))
 ALPHAS = (0.5, 1.0, 1.5)
 FLOOR = -12.0
 TERMS = {"kd_fkl": dict(weights={"kd": 1.0}), "kd_rkl": dict(weights={"kd": 1.0}, divergence="rkl"),
@@ -72,7 +74,7 @@ def distributions(model, tok, data: str, n_examples: int, max_rows: int, exits=(
     return {k: torch.cat(v)[:max_rows] for k, v in rows.items()}
 
 
-def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir: Path):
+def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir: Path, samples: int = 0):
     """Build one shard with the builder's own code, write it, read it back: (targets, bytes on disk per row)."""
     import numpy as np
 
@@ -83,13 +85,14 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
 
     n, V = lT.shape
     res = lockstep_rows({"ft": lT.float().clone(), "base": lB.float().clone(), "s0": lS0.float().clone()},
-                        support, k, ALPHAS, FLOOR)
+                        support, k, ALPHAS, FLOOR, samples=samples, min_tail=0.01,
+                        generator=torch.Generator().manual_seed(0))
     per_seq = [{key: v.numpy() for key, v in res.items() if key != "len"} | {"len": res["len"].numpy()}]
     from deltakd.cache.builder import Sequence
 
     seq = Sequence(0, [0] * (n + 1), [1] * n + [0])
     arrays = teacher_arrays([seq], per_seq, V, value_dtype) | student_arrays(per_seq, value_dtype)
-    g = workdir / f"shard-{support}-{k}-{value_dtype}"
+    g = workdir / f"shard-{support}-{k}-{value_dtype}-{samples}"
     import shutil
 
     shutil.rmtree(g, ignore_errors=True)
@@ -163,8 +166,8 @@ def main():
         spec = LossSpec(**kw, floor=FLOOR if any(t in kw["weights"] for t in ("p1", "p3")) else None)
         refs[name] = loss_and_grad(z, full, spec)
     results, rows = [], []
-    for label, support, k, vd in SUPPORTS:
-        tg, bytes_row, mean_len = cached_targets(lT, lB, lS0, support, k, vd, work)
+    for label, support, k, vd, samples in SUPPORTS:
+        tg, bytes_row, mean_len = cached_targets(lT, lB, lS0, support, k, vd, work, samples)
         row = {"support": label, "bytes_per_token_on_disk": bytes_row, "mean_support": mean_len}
         for name, kw in TERMS.items():
             uses_target = any(t in kw["weights"] for t in ("p1", "p3"))

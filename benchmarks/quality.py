@@ -86,7 +86,8 @@ def main():
 # ------------------------------------------------------------------ cache vs online full-vocabulary reference
 # Supports compared against the online reference: format v1's top-64 of piT, and v2's default union.
 # union16+s16 adds 16 ids per position drawn from πT's tail (--tail-samples 16) where the top-k leaves ≥ 1% of it.
-SUPPORTS = {"topk64": dict(support="topk", top_k=64, mode="sequential"), "union16": dict(support="union", top_k=16),
+SUPPORTS = {"topk64": dict(support="topk", top_k=64, mode="sequential", tail_samples=0),
+            "union16": dict(support="union", top_k=16, tail_samples=0),
             "union16+s16": dict(support="union", top_k=16, tail_samples=16)}
 ONLINE_VARIANTS = ("sft", "kd_fkl", "kd_rkl", "p1_a0.5", "p1_a1.0", "p1_a1.5", "p3_a1.0", "kd+p3")
 

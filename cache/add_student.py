@@ -92,7 +92,7 @@ def add_student(cfg: AddStudentConfig) -> dict:
     todo = [n for n in names if not schema.is_committed(sdir / n)]
     shards = {n: cached_sequences(root, n) for n in todo}
     bcfg = CacheBuildConfig(teacher_ft="", teacher_base="", data="", out=str(root), top_k=manifest["k"],
-                            support="topk", mode="sequential", batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows,
+                            support="topk", mode="sequential", tail_samples=0, batch_size=cfg.batch_size, chunk_rows=cfg.chunk_rows,
                             dtype=manifest["value_dtype"], model_dtype=cfg.model_dtype, device=cfg.device)
     timings = run_phases(root, todo, shards, {"s0": cfg.student_base}, bcfg, manifest["vocab_size"],
                          tok.pad_token_id or 0, rank=0)

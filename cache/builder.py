@@ -45,7 +45,7 @@ class CacheBuildConfig:
     top_k: int = field(default=16, metadata={"help": "ids taken from each distribution per supervised position (topk: 64 is the usual choice)"})
     alphas: str = field(default="0.5,1,1.5", metadata={"help": "comma-separated alpha grid of the exact Delta-KD target tails (training refuses other alphas)"})
     floor: str = field(default="-12", metadata={"help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none'"})
-    tail_samples: int = field(default=0, metadata={"help": "ids drawn per position from the finetuned teacher's tail outside the top-k support (priority sampling), so that forward-type objectives learn the tail's shape where the teacher is flat; 0: none"})
+    tail_samples: int = field(default=16, metadata={"help": "ids drawn per position from the finetuned teacher's tail outside the top-k support (priority sampling), so that forward-type objectives learn the tail's shape where the teacher is flat; 0: none (needed with --mode sequential)"})
     sample_min_tail: float = field(default=0.01, metadata={"help": "draw tail samples only where the teacher's mass outside the top-k support is at least this"})
     mode: str = field(default="lockstep", metadata={"help": "lockstep: all checkpoints resident, run together on each batch (needed for union and exact target tails); sequential: one model in memory at a time (topk only)", "choices": ("lockstep", "sequential")})
     max_length: int = field(default=1024, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
@@ -84,7 +84,8 @@ class CacheBuildConfig:
         if not 0 <= self.sample_min_tail < 1:
             raise ValueError(f"--sample-min-tail {self.sample_min_tail}: give a probability mass in [0, 1)")
         if self.tail_samples and self.mode != "lockstep":
-            raise ValueError("--tail-samples needs --mode lockstep: the samples are drawn while the support is chosen")
+            raise ValueError("--tail-samples needs --mode lockstep (the samples are drawn while the support is chosen): "
+                             "pass --tail-samples 0 with --mode sequential")
         self.alpha_grid, self.floor_value  # validates both
 
     @property

@@ -21,7 +21,7 @@ def exact_cache(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("exact") / "c"
     build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
                                  out=str(out), student_base=world["student_base"], support="topk",
-                                 top_k=world["vocab"], mode="sequential", max_length=64, dtype="float32"))
+                                 top_k=world["vocab"], mode="sequential", tail_samples=0, max_length=64, dtype="float32"))
     return str(out)
 
 

@@ -233,7 +233,7 @@ def test_online_student_base_equals_cached(world, tmp_path):
     # with a cache that has none either (one model at a time).
     cache = tmp_path / "seq"
     build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
-                                 out=str(cache), student_base=world["student_base"], support="topk", mode="sequential",
+                                 out=str(cache), student_base=world["student_base"], support="topk", mode="sequential", tail_samples=0,
                                  max_length=64))
     a = train(cfg_for(world, str(cache), tmp_path / "a", max_steps=2, log_every=1))
     b = train(cfg_for(world, str(cache), tmp_path / "b", max_steps=2, student_base_online=world["student_base"]))
