@@ -106,18 +106,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     cache = build_demo_cache(work, a)
     timings["cache"] = time.perf_counter() - t
 
-    runs, objectives = {}, {}
+    runs, objectives, todo = {}, {}, {}
     for name, opts in RUNS.items():
-        t = _stage(f"train student: {name}")
         out = work / "runs" / name
         tcfg = TrainConfig(cache=str(cache), student=a["student_base"], out=str(out), max_steps=cfg.train_steps,
                            batch_tokens=2048, lr=2e-3, warmup_steps=min(20, cfg.train_steps // 5),
                            log_every=max(1, cfg.train_steps // 30), save_every=100, eval_every=max(1, cfg.train_steps // 5),
                            eval_percent=5.0, seed=cfg.seed, **opts)
         if not (out / "final" / "config.json").exists():
-            train(tcfg)
+            todo[name] = tcfg
         runs[name], objectives[name] = str(out / "final"), tcfg.objective()
-        timings[f"train_{name}"] = time.perf_counter() - t
+    t = _stage(f"train {len(todo)} students: {', '.join(todo) or 'all trained already'}")
+    timings |= train_students(todo, train)
+    timings["train_all"] = time.perf_counter() - t
 
     t = _stage("evaluate on the test split (greedy, ROUGE-L)")
     models = {"teacher_ft": a["teacher_ft"], "student_base": a["student_base"], **runs}
@@ -147,6 +148,58 @@ def run_demo(cfg: DemoConfig) -> dict:
     (rep / "rouge.json").write_text(json.dumps({r["name"]: r["rougeL"] for r in results}, indent=1))
     timings["report"] = time.perf_counter() - t
     return {"table": table, "verdict": verdict, "report": str(rep), "results": results, "timings": timings}
+
+
+def _train_logged(cfg, log: str, threads: int) -> float:
+    """One student in a worker process, its output in `log`; returns seconds."""
+    import contextlib
+
+    import torch
+
+    from deltakd.student.trainer import train
+
+    torch.set_num_threads(threads)
+    t = time.perf_counter()
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        train(cfg)
+    return time.perf_counter() - t
+
+
+def train_students(todo: dict, train) -> dict:
+    """Train the students, two at a time in worker processes when the machine has two cores or more.
+
+    The demo's students are tiny: one process keeps about one core busy, so two workers
+    halve the stage. Each worker writes its progress to <run>/train.log; a failure
+    re-raises here with that log's path.
+    """
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    cpus = os.cpu_count() or 1
+    if cpus < 2 or len(todo) < 2:
+        out = {}
+        for name, cfg in todo.items():
+            t = time.perf_counter()
+            train(cfg)
+            out[f"train_{name}"] = time.perf_counter() - t
+        return out
+    workers = 2
+    out = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        jobs = {}
+        for name, cfg in todo.items():
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            jobs[name] = ex.submit(_train_logged, cfg, str(Path(cfg.out) / "train.log"), max(1, cpus // workers))
+        for name, job in jobs.items():
+            try:
+                out[f"train_{name}"] = job.result()
+            except Exception as e:
+                raise RuntimeError(f"training student {name} failed ({type(e).__name__}: {e}); "
+                                   f"its log: {Path(todo[name].out) / 'train.log'}") from e
+            print(f"  trained {name} in {out[f'train_{name}']:.0f} s (log: {Path(todo[name].out) / 'train.log'})",
+                  flush=True)
+    return out
 
 
 def loss_curves(work: Path, names: list[str], out: Path) -> None:
