@@ -103,16 +103,19 @@ def support(logp_k: torch.Tensor, tail: torch.Tensor, mode: str = "bucket", temp
     return x
 
 
-def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor) -> torch.Tensor:
-    """A target row whose tail is carried by the sampled ids: (N, K+1) -> (N, K+1), bucket last.
+def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor):
+    """A target row whose tail is carried by the sampled ids: (N, K+1) -> ((N, K+1), (N,)), bucket last.
 
     In rows with sampled ids (sampled (N, K)), the target's exact mass on those ids plus
     its bucket is respread over the sampled ids in proportion to c·target, where
     c = max(πT, τ)/πT is the priority-sampling weight (log_c (N, K)); the bucket becomes
-    empty. This is the self-normalised unbiased estimate of the target's tail shape
-    (cache/forward.sample_tail), so a forward-type divergence pulls the student's tail
-    toward the teacher's tail tokens instead of leaving its shape free. Rows without
-    samples come back unchanged. Targets carry no gradient.
+    empty. These weights w make Σ_drawn w(y)·g(y) the self-normalised priority-sampling
+    estimate of Σ_{y∉S} p(y)·g(y) (cache/forward.sample_tail), so forward KL pulls the
+    student's tail toward the teacher's tail tokens instead of leaving its shape free.
+    The second result, Σ_drawn w·(log p − log w) per row, turns the divergence of the
+    reweighted row into the estimate of the true one: KL(p ‖ q) ≈ KL(row ‖ q) + it (the
+    row alone would compare a cell's mass with one token's probability). Rows without
+    samples come back unchanged, with 0. Targets carry no gradient.
     """
     with torch.no_grad():
         t = _f(target)
@@ -124,7 +127,10 @@ def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor)
         w = torch.where(sampled, vals + log_c.to(t.dtype), ninf)
         norm = torch.where(has, w.logsumexp(1), zero)
         w = w - norm[:, None] + torch.where(has, cell, zero)[:, None]
-        return torch.cat([torch.where(sampled, w, vals), torch.where(has, ninf, bucket)[:, None]], dim=1)
+        w_safe = torch.where(sampled, w, zero)
+        corr = torch.where(sampled, w_safe.exp() * (torch.where(sampled, vals, zero) - w_safe), zero).sum(1)
+        row = torch.cat([torch.where(sampled, w, vals), torch.where(has, ninf, bucket)[:, None]], dim=1)
+        return row, corr
 
 
 def masked_sum(per_row: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +146,9 @@ def sft_loss(student_logp_next: torch.Tensor, mask=None):
     return masked_sum(-_f(student_logp_next), mask)
 
 
-def kd_loss(student_log, teacher_log, mask=None, kind="fkl", beta=0.5, skew=0.1):
-    """Plain KD: D(πT ‖ πθ). Rows: (N, m) on the shared support."""
-    return masked_sum(divergence(teacher_log, student_log, kind, beta, skew), mask)
+def kd_loss(student_log, teacher_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
+    """Plain KD: D(πT ‖ πθ). Rows: (N, m) on the shared support. `cells`: forward KL only (see tail_cells)."""
+    return _forward_with_cells(teacher_log, student_log, kind, beta, skew, cells, mask)
 
 
 def teacher_shift(ft_log: torch.Tensor, base_log: torch.Tensor, floor: float | None = None) -> torch.Tensor:
@@ -167,21 +173,28 @@ def delta_target(s0_log: torch.Tensor, ft_log: torch.Tensor, base_log: torch.Ten
     if tail_star is not None:
         logits = torch.cat([logits[:, :-1], _f(tail_star)[:, None]], dim=-1)
     target = torch.log_softmax(logits, dim=-1)
-    return target if cells is None else tail_cells(target, *cells)
+    return target if cells is None else tail_cells(target, *cells)[0]
 
 
 def delta_p1_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, kind="fkl", beta=0.5, skew=0.1,
                   floor=None, tail_star=None, cells=None):
-    """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...)."""
-    target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star, cells)
-    return masked_sum(divergence(target, student_log, kind, beta, skew), mask)
+    """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...). `cells`: forward KL only (see tail_cells)."""
+    target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star)
+    return _forward_with_cells(target, student_log, kind, beta, skew, cells, mask)
+
+
+def _forward_with_cells(target, student_log, kind, beta, skew, cells, mask):
+    if cells is None:
+        return masked_sum(divergence(target, student_log, kind, beta, skew), mask)
+    assert kind == "fkl", "tail samples serve forward KL (the other divergences read them as plain entries)"
+    row, corr = tail_cells(target, *cells)
+    return masked_sum(divergence(row, student_log, kind) + corr, mask)
 
 
 def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
     """P2 other diagonal: D(πT ‖ norm(πB·πθ/πS0)): the student's shift applied to the teacher base."""
     q = torch.log_softmax(_f(base_log) + log_ratio(_f(student_log), _f(s0_log)), dim=-1)
-    target = ft_log if cells is None else tail_cells(ft_log, *cells)
-    return masked_sum(divergence(target, q, kind, beta, skew), mask)
+    return _forward_with_cells(ft_log, q, kind, beta, skew, cells, mask)
 
 
 def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None, cells=None):

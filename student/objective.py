@@ -76,15 +76,16 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
         star = tg["tail_star"][:, spec.star_col]
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
     cells = tail_cells_of(tg, spec)
-    # Reverse KL weighs the student's own mass by log(πθ/target): a target with an empty
-    # bucket would make it infinite, so it keeps the sampled ids as plain support entries.
-    fwd = None if spec.divergence == "rkl" else cells
+    # The drawn ids estimate sums over the tail weighted by the target (tail_cells): forward
+    # KL and P3's π*-weighted squares are such sums. Reverse KL, JSD and the skew KLs weigh
+    # by the student or a mixture; they read the drawn ids as plain support entries.
+    fwd = cells if spec.divergence == "fkl" else None
     out = []
     for t in spec.active:
         if t == "sft":
             out.append(L.sft_loss(lp_next)[0])
         elif t == "kd":
-            out.append(scale * L.kd_loss(student, ft if fwd is None else L.tail_cells(ft, *fwd), **kw)[0])
+            out.append(scale * L.kd_loss(student, ft, cells=fwd, **kw)[0])
         elif t == "p1":
             out.append(scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star,
                                                cells=fwd, **kw)[0])
