@@ -33,16 +33,20 @@ def _ckpt_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def find_resume(out, cfg) -> Path | None:
+def find_resume(out, cfg, world: int = 1) -> Path | None:
     d = _ckpt_dir(out)
     if not d.is_dir():
         return None
     done = sorted(p for p in d.glob("step-*") if p.is_dir() and not p.name.endswith(".partial"))
     if not done:
         return None
-    saved = json.loads((done[-1] / "state.json").read_text())["config"]
-    now = dataclasses.asdict(cfg)
+    state = json.loads((done[-1] / "state.json").read_text())
+    saved, now = state["config"], dataclasses.asdict(cfg)
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
+    # The batch order depends on world × grad_accum (student/data.py); checkpoints written
+    # before the world size was recorded carry none.
+    if state.get("world_size", world) != world:
+        diff.append(f"world size {state['world_size']} -> {world}, which changes the batch order")
     if diff:
         raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); "
                          "use another --out folder to start a new run, or the same settings to resume")
@@ -81,7 +85,8 @@ def save_training_state(tr) -> None:
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, part / "rng.pt")
     (part / "state.json").write_text(json.dumps(
-        {"step": tr.step, "loader": tr.loader_state, "config": dataclasses.asdict(tr.cfg)}, indent=1))
+        {"step": tr.step, "loader": tr.loader_state, "config": dataclasses.asdict(tr.cfg), "world_size": tr.world},
+        indent=1))
     os.replace(part, final)
     for old in sorted(p for p in d.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)

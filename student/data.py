@@ -1,15 +1,31 @@
 """Stream a cache as padded token batches with aligned targets, for one rank of N.
 
-Batch plan: per epoch, the shards are visited in a seeded order; inside a shard, the
-rows are permuted, cut into windows of `window` rows, each window sorted by length
-and packed into batches of at most `batch_tokens` padded tokens (little padding);
-the batches of a shard are then shuffled. All ranks compute the same global batch
-sequence and rank r takes batches r, r+N, r+2N, ...: a step over N ranks sees the
-same batches as one rank accumulating N micro-batches. A rank plans a shard from its
-small per-sequence arrays, then reads and converts only the rows of its own batches.
+Batch plan: per epoch, the shards are visited in a seeded order. A step of training
+consumes M = world × accum micro-batches (global indices t·M … t·M + M − 1; rank r's
+micro-batch i is index t·M + i·world + r). Inside a shard, the rows are cut into M
+*lanes*: contiguous row ranges of about equal token count. Each lane is planned as
+one shard used to be: its rows permuted, cut into windows of `window` rows, each
+window sorted by length and packed into batches of at most `batch_tokens` padded
+tokens, the lane's batches shuffled. The shard's global batch list takes the lanes in
+turn, so that global index g reads lane g mod M: rank r's lanes are the same in every
+shard, and `lane_ranges` places them so that one rank's lanes are one contiguous
+~1/world of the shard (see `lane_range_of`). A rank plans a shard from its small
+per-sequence arrays, then reads only the rows of its own batches: zarr decodes the
+chunks holding that ~1/world, not the whole shard. With M = 1 (one process, no
+accumulation) the plan is exactly the single-lane plan of earlier versions.
+
+The plan depends on M only, never on how M splits into ranks and accumulation: one
+rank accumulating N micro-batches sees the same global batches as N ranks with one
+micro-batch each (and as 2 ranks accumulating N/2). Lanes' batch counts differ a
+little: when a position's lane has run out, it takes the next batch of the lane with
+the most batches to spare (nearest in the shard first); such a batch may be another
+rank's rows, read on their own (a few chunks more).
 
 The loader position {epoch, shard, batch, index} is exact: a resumed run rebuilds
-the shard's plan from the seed and skips to the batch, replaying nothing.
+the shard's plan from the seed and skips to the batch, replaying nothing. A rank
+resumed from any rank's position starts at the next round of `world` global batches,
+so the trainer's one saved position (rank 0's last micro-batch of a step) resumes
+every rank at the next step.
 """
 from __future__ import annotations
 
@@ -88,6 +104,85 @@ def plan_shard(lengths: np.ndarray, rows: np.ndarray, batch_tokens: int, window:
     return batches
 
 
+
+def _prime_factors(m: int) -> list[int]:
+    out, p = [], 2
+    while p * p <= m:
+        while m % p == 0:
+            out.append(p)
+            m //= p
+        p += 1
+    return out + ([m] if m > 1 else [])
+
+
+def lane_range_of(m: int) -> list[int]:
+    """For each of m lanes, the number of its row range in the shard (a permutation of range(m)).
+
+    Rank r of `world` reads lanes r, r + world, r + 2·world, ... Mixed-radix digit
+    reversal over m's prime factors (ascending; bit reversal when m is a power of two)
+    maps those lanes onto one contiguous block of ranges whenever world is a product of
+    m's smallest prime factors: any power-of-two world when m is one, every world = m,
+    world 1. Other splits (3 ranks × 2) give a rank a few blocks, each read on its own.
+    It depends on m alone, so that every split of m into ranks × accumulation plans alike.
+    """
+    radices = _prime_factors(m)
+    out = []
+    for lane in range(m):
+        r = 0
+        for b in radices:  # lane's least significant digit becomes the range's most significant
+            r, lane = r * b + lane % b, lane // b
+        out.append(r)
+    return out
+
+
+def lane_ranges(lengths: np.ndarray, rows: np.ndarray, m: int) -> list[np.ndarray]:
+    """`rows` (ascending) cut into m contiguous pieces of about equal token count; some empty when rows < m.
+
+    A row belongs to the piece in which its middle token falls, so the pieces' token
+    counts differ by at most about one sequence."""
+    if m == 1 or len(rows) == 0:
+        return [rows] + [rows[:0]] * (m - 1)
+    tok = lengths[rows].astype(np.float64)
+    mid = np.cumsum(tok) - tok / 2
+    piece = np.minimum((mid * m / tok.sum()).astype(np.int64), m - 1)
+    return [rows[piece == j] for j in range(m)]
+
+
+def plan_lanes(lengths: np.ndarray, rows: np.ndarray, batch_tokens: int, window: int, rng, m: int) -> list[list[list[int]]]:
+    """Each lane's batches (as `plan_shard`, one rng consumed lane by lane: m = 1 is `plan_shard`)."""
+    pieces, where = lane_ranges(lengths, rows, m), lane_range_of(m)
+    return [plan_shard(lengths, pieces[where[lane]], batch_tokens, window, rng) for lane in range(m)]
+
+
+def interleave(lanes: list[list[list[int]]], first: int = 0) -> list[list[int]]:
+    """One shard's global batch list: position p (global index g = start + p, first = start mod m) reads lane g mod m.
+
+    While every lane has batches this is round robin. Once a position's lane has run
+    out it takes the next batch of the lane with the largest surplus (batches left
+    minus positions left that read it); stealing only from a surplus never leaves that
+    lane short later, so the number of substituted positions is the least possible:
+    the sum of the lanes' shortfalls. Among lanes of equal surplus the one whose row
+    range is nearest wins: likely the same rank's rows, read anyway.
+    """
+    m = len(lanes)
+    total = sum(len(b) for b in lanes)
+    where = lane_range_of(m)
+    taken = [0] * m
+    wants = [0] * m  # positions left that read each lane
+    for p in range(total):
+        wants[(first + p) % m] += 1
+    out = []
+    for p in range(total):
+        lane = (first + p) % m
+        wants[lane] -= 1
+        if taken[lane] == len(lanes[lane]):
+            surplus = [len(lanes[k]) - taken[k] - wants[k] for k in range(m)]
+            lane = max(range(m), key=lambda k: (surplus[k], -abs(where[k] - where[lane]), -k))
+        out.append(lanes[lane][taken[lane]])
+        taken[lane] += 1
+    assert taken == [len(b) for b in lanes]
+    return out
+
 def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) -> tuple:
     a = shard.arrays
     off = a["seq_offsets"]
@@ -119,8 +214,12 @@ class StreamingLoader:
     def __init__(self, reader: CacheReader, batch_tokens: int, rank: int = 0, world: int = 1, seed: int = 0,
                  shuffle: bool = True, split: str = "train", eval_percent: float = 0.0, with_student: bool = False,
                  pad_id: int = 0, window: int = 256, prefetch: int = 8, state: dict | None = None, epochs: int | None = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, accum: int = 1):
+        if not (0 <= rank < world) or accum < 1:
+            raise ValueError(f"rank {rank} of world {world} with accum {accum}: need 0 <= rank < world and accum >= 1")
         self.reader, self.batch_tokens, self.rank, self.world = reader, batch_tokens, rank, world
+        # Micro-batches per optimizer step over all ranks: the plan's lanes (see the module docstring).
+        self.lanes = world * accum
         self.seed, self.shuffle, self.split, self.eval_percent = seed, shuffle, split, eval_percent
         self.with_student, self.pad_id, self.window, self.epochs = with_student, pad_id, window, epochs
         self.start = dict(state or {"epoch": 0, "shard": 0, "batch": 0, "index": 0})
@@ -135,30 +234,37 @@ class StreamingLoader:
         """The small per-sequence arrays a plan needs (no per-position targets)."""
         return self.reader.read_shard(name, student=False, arrays=["seq_offsets", "loss_mask", "example_ids"])
 
-    def _shard_plan(self, name: str, shard_pos: int, epoch: int, index: ShardData | None = None):
+    def _shard_lanes(self, name: str, shard_pos: int, epoch: int, index: ShardData | None = None):
         a = (index or self._shard_index(name)).arrays
         lengths = (a["seq_offsets"][1:] - a["seq_offsets"][:-1]).numpy()
         rows = np.nonzero(in_split(a["example_ids"].numpy(), self.split, self.eval_percent))[0]
         rng = np.random.default_rng([self.seed, epoch, shard_pos]) if self.shuffle else None
-        return plan_shard(lengths, rows, self.batch_tokens, self.window, rng)
+        return plan_lanes(lengths, rows, self.batch_tokens, self.window, rng, self.lanes)
+
+    def _shard_plan(self, name: str, shard_pos: int, epoch: int, start: int, index: ShardData | None = None):
+        """The shard's global batch list, when its first batch has global index `start`."""
+        return interleave(self._shard_lanes(name, shard_pos, epoch, index), start % self.lanes)
 
     def batches_per_epoch(self) -> int:
         """Global batches in one epoch (all ranks); reads only the small per-sequence arrays."""
         names = self.reader.shard_order(shuffle=self.shuffle, seed=self.seed, epoch=0)
-        return sum(len(self._shard_plan(n, i, 0)) for i, n in enumerate(names))
+        return sum(len(b) for i, n in enumerate(names) for b in self._shard_lanes(n, i, 0))
 
     # ------------------------------------------------------------ producing
     def _produce(self):
         epoch, index = self.start["epoch"], self.start["index"]
         shard0, batch0 = self.start["shard"], self.start["batch"]  # where a resumed run picks up
+        # A position saved by any rank resumes at the next round of `world` batches: the
+        # trainer saves rank 0's last micro-batch of a step, whose round ends the step.
+        first = -(-index // self.world) * self.world
         while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
             names = self.reader.shard_order(shuffle=self.shuffle, seed=self.seed, epoch=epoch)
             for sp in range(shard0, len(names)):
                 idx = self._shard_index(names[sp])
-                plan = self._shard_plan(names[sp], sp, epoch, idx)
-                # Global batch b of this shard has global index `index + (b - batch0)`.
-                mine = [b for b in range(batch0, len(plan)) if (index + b - batch0) % self.world == self.rank]
-                index += len(plan) - batch0
+                start = index - batch0  # global index of the shard's batch 0
+                plan = self._shard_plan(names[sp], sp, epoch, start, idx)
+                mine = [b for b in range(batch0, len(plan)) if start + b >= first and (start + b) % self.world == self.rank]
+                index = start + len(plan)
                 if mine:
                     rows = np.unique(np.concatenate([plan[b] for b in mine]))
                     shard = self.reader.read_rows(names[sp], idx, rows, student=self.with_student)
@@ -166,7 +272,7 @@ class StreamingLoader:
                     at[rows] = np.arange(len(rows))  # shard row -> row of the compact read
                 for b in mine:
                     ids, att, msk, tg, ex = collate(shard, at[plan[b]].tolist(), self.pad_id, self.with_student)
-                    done = index - (len(plan) - b - 1)  # global index after batch b
+                    done = start + b + 1  # global index after batch b
                     batch = Batch(ids, att, msk, tg, ex, {"epoch": epoch, "shard": sp, "batch": b + 1, "index": done},
                                   (int(msk.sum()), int(att.sum())))
                     self._put(batch.pin_memory() if self.pin_memory else batch)

@@ -278,7 +278,9 @@ class Trainer:
         loader_kw = dict(batch_tokens=cfg.batch_tokens, seed=cfg.seed, eval_percent=cfg.eval_percent,
                          with_student=self.cache_s0, pad_id=self.tok.pad_token_id or 0,
                          pin_memory=self.device.type == "cuda")
-        self.train_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=True, split="train")
+        # The plan depends on world × grad_accum (data.py): every rank decodes only its ~1/world of a shard.
+        self.train_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=True, split="train",
+                                    accum=cfg.grad_accum)
         self.eval_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=False, split="eval", epochs=1)
         per_epoch = StreamingLoader(self.reader, **self.train_loader_kw).batches_per_epoch()
         if per_epoch == 0:
@@ -365,7 +367,7 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
-        resume = None if cfg.dry_run else find_resume(self.out, cfg)
+        resume = None if cfg.dry_run else find_resume(self.out, cfg, self.world)
         if resume is not None:
             self.step, self.loader_state = load_training_state(resume, self)
         if self.rank == 0:

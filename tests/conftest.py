@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import torch
 
 WORDS = ("alpha beta gamma delta river stone cloud seven green light north market tiny paper "
          "count list reverse upper lower answer question what is the of and to").split()
@@ -62,3 +63,15 @@ def cache_dir(world, tmp_path_factory):
                                  out=str(out), student_base=world["student_base"], top_k=16, max_length=64,
                                  shard_tokens=300))
     return str(out)
+
+
+def same_batches(mine, ref):
+    """Two lists of loader batches are the same batches: ids, masks, every target tensor, global index."""
+    assert len(mine) == len(ref) > 0
+    for a, b in zip(mine, ref):
+        assert a.example_ids == b.example_ids
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
+        assert torch.equal(a.loss_mask, b.loss_mask)
+        assert a.targets.keys() == b.targets.keys()
+        assert all(torch.equal(a.targets[k], b.targets[k]) for k in a.targets)
+        assert a.state["index"] == b.state["index"]  # the global position, whatever the rank

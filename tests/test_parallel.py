@@ -17,6 +17,8 @@ from deltakd.cache import dist
 from deltakd.cache.reader import CacheReader
 from deltakd.student.data import StreamingLoader
 
+from conftest import same_batches
+
 GUARD = str(Path(__file__).parent / "collective_guard.py")
 ENV = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -232,25 +234,29 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
 
 
 # ---------------------------------------------------------------- per-rank reading
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_each_rank_reads_its_stripe_of_the_one_rank_sequence(cache_dir, world_size):
+    """Rank r of N (no accumulation) = batches r, r+N, ... of one rank accumulating N (same M = N)."""
     reader = CacheReader(cache_dir)
     kw = dict(batch_tokens=150, with_student=True, seed=5, epochs=2)
-    one = list(StreamingLoader(reader, **kw))
+    one = list(StreamingLoader(reader, accum=world_size, **kw))
+    assert {b.state["epoch"] for b in one} == {0, 1}
+    ranks = [list(StreamingLoader(reader, rank=r, world=world_size, **kw)) for r in range(world_size)]
+    for r, mine in enumerate(ranks):
+        same_batches(mine, one[r::world_size])
+    # Resumed mid-shard (more global batches of that shard follow) from its own position,
+    # a rank continues its own stripe.
+    mine = ranks[1]
+    where = lambda b: (b.state["epoch"], b.state["shard"])  # noqa: E731
+    i = next(i for i in range(2, len(mine) - 1)
+             if any(where(b) == where(mine[i]) and b.state["index"] > mine[i].state["index"] + 1 for b in one))
+    rest = list(StreamingLoader(reader, rank=1, world=world_size, state=mine[i].state, **kw))
+    same_batches(rest, mine[i + 1:])
+    # The trainer saves rank 0's position (its last micro-batch of a step): every rank resumes at the next step.
+    st = ranks[0][i].state
     for r in range(world_size):
-        mine = list(StreamingLoader(reader, rank=r, world=world_size, **kw))
-        ref = one[r::world_size]
-        assert len(mine) == len(ref)
-        for a, b in zip(mine, ref):
-            assert a.example_ids == b.example_ids
-            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
-            assert a.targets.keys() == b.targets.keys()
-            assert all(torch.equal(a.targets[k], b.targets[k]) for k in a.targets)
-            assert a.state["index"] == b.state["index"]  # the global position, whatever the rank
-    # A rank resumed mid-shard continues its own stripe.
-    mine = list(StreamingLoader(reader, rank=1, world=2, **kw))
-    rest = list(StreamingLoader(reader, rank=1, world=2, state=mine[2].state, **kw))
-    assert [b.example_ids for b in rest] == [b.example_ids for b in mine[3:]]
+        rest = list(StreamingLoader(reader, rank=r, world=world_size, state=st, **kw))
+        same_batches(rest, [b for b in ranks[r] if b.state["index"] > st["index"] - 1 + world_size])
 
 
 def test_a_rank_converts_only_its_rows(cache_dir, monkeypatch):
