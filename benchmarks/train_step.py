@@ -16,10 +16,13 @@ memory of the chunked loss against the naive full-logits loss alone.
 Data parallel on CPU (gloo, 2 ranks under torchrun, same global batches):
   ddp2 / fsdp2  deltakd's train_step with --parallel ddp / fsdp: median step time, and
                 peak RSS and its growth over the steps, maximum over the ranks
-  loader per rank at 1, 2, 4 ranks: rank 0 of N streams 3 epochs (it reads and
-                converts only its own rows); tokens/s it delivers and its time
+  loader per rank at 1, 2, 4 ranks (and 2 ranks accumulating 2): rank 0 of N streams
+                3 epochs; it decodes only its ~1/N block of each shard (student/data.py,
+                lanes); tokens/s it delivers, its time against 1 rank, and the share of
+                each entry array's chunks it decoded
 
     python benchmarks/train_step.py --only parallel   # just the data-parallel rows (~1 min)
+    python benchmarks/train_step.py --only loader     # just the loader per rank
 """
 from __future__ import annotations
 
@@ -170,23 +173,50 @@ def run_dist_case(mode: str, work: Path, steps: int, batch_tokens: int) -> dict 
             "peak_rss_mb": float(peak[0]), "rss_growth_mb": float(peak[1]), "ranks": tr.world}
 
 
-def loader_per_rank(work: Path, batch_tokens: int, ranks=(1, 2, 4), repeats: int = 3) -> list[dict]:
-    """Rank 0 of N streams three epochs; best of `repeats`."""
+def decoded_share(reader, fn) -> float:
+    """Share of the entry arrays' chunks (support_ids, logp_*) that zarr fetched, hence decoded, while fn ran."""
+    import zarr
+
+    seen, orig = set(), zarr.storage.LocalStore.get
+
+    async def get(self, key, *a, **k):
+        if key.split("/")[0] in ("support_ids", "logp_ft", "logp_base", "logp_s0") and "/c/" in key:
+            seen.add((str(self.root), key))
+        return await orig(self, key, *a, **k)
+
+    zarr.storage.LocalStore.get = get
+    try:
+        fn()
+    finally:
+        zarr.storage.LocalStore.get = orig
+    total = 0
+    for sub in ("shards", "student"):
+        for g in (reader.root / sub).iterdir():
+            for arr in ("support_ids", "logp_ft", "logp_base", "logp_s0"):
+                total += len(list((g / arr / "c").glob("*"))) if (g / arr / "c").is_dir() else 0
+    return len(seen) / max(total, 1)
+
+
+def loader_per_rank(work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1), (2, 2)), repeats: int = 3) -> list[dict]:
+    """Rank 0 of N (accumulating `accum`) streams three epochs; best of `repeats`."""
     from deltakd.cache.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
     _, cache = setup(work)
     reader = CacheReader(cache)
     rows = []
-    for n in ranks:
+    for n, accum in ranks:
+        kw = dict(batch_tokens=batch_tokens, with_student=True, seed=0, rank=0, world=n, accum=accum)
         best = None
         for _ in range(repeats):
             t0, tokens = time.perf_counter(), 0
-            for b in StreamingLoader(reader, batch_tokens=batch_tokens, with_student=True, seed=0, epochs=3, rank=0, world=n):
+            for b in StreamingLoader(reader, epochs=3, **kw):
                 tokens += b.n_tokens
             dt = time.perf_counter() - t0
             best = dt if best is None else min(best, dt)
-        rows.append({"ranks": n, "rank0_tokens": tokens, "epoch_s": best, "tokens_per_s_per_rank": tokens / best})
+        share = decoded_share(reader, lambda: list(StreamingLoader(reader, epochs=1, **kw)))
+        rows.append({"ranks": n, "accum": accum, "rank0_tokens": tokens, "epoch_s": best,
+                     "tokens_per_s_per_rank": tokens / best, "entry_chunks_decoded": share})
     for r in rows:
         r["epoch_s_vs_1_rank"] = r["epoch_s"] / rows[0]["epoch_s"]
     return rows
@@ -210,13 +240,18 @@ def print_parallel(par: dict, loader_rows: list[dict]) -> dict:
     print(f"\n{'2 ranks, CPU gloo':<18}{'step s':>9}{'tokens/s':>11}{'peak RSS MB':>13}{'growth MB':>11}")
     for r in par.values():
         print(f"{r['case']:<18}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}{r['rss_growth_mb']:11.0f}")
-    print(f"\n{'loader ranks':<14}{'rank-0 tokens':>14}{'epoch s':>9}{'tok/s per rank':>16}{'epoch vs 1':>12}")
-    for r in loader_rows:
-        print(f"{r['ranks']:<14}{r['rank0_tokens']:>14}{r['epoch_s']:9.3f}{r['tokens_per_s_per_rank']:16.0f}"
-              f"{r['epoch_s_vs_1_rank']:12.2f}")
+    print_loader(loader_rows)
     return {"fsdp2/ddp2 step": par["fsdp2"]["step_s"] / par["ddp2"]["step_s"],
             "fsdp2/ddp2 peak RSS": par["fsdp2"]["peak_rss_mb"] / par["ddp2"]["peak_rss_mb"],
             "fsdp2/ddp2 RSS growth": par["fsdp2"]["rss_growth_mb"] / max(par["ddp2"]["rss_growth_mb"], 1e-9)}
+
+
+def print_loader(loader_rows: list[dict]) -> None:
+    print(f"\n{'loader ranks x accum':<22}{'rank-0 tokens':>14}{'3 epochs s':>11}{'tok/s per rank':>16}"
+          f"{'time vs 1':>11}{'chunks decoded':>16}")
+    for r in loader_rows:
+        print(f"{str(r['ranks']) + ' x ' + str(r['accum']):<22}{r['rank0_tokens']:>14}{r['epoch_s']:11.3f}"
+              f"{r['tokens_per_s_per_rank']:16.0f}{r['epoch_s_vs_1_rank']:11.2f}{r['entry_chunks_decoded']:16.2f}")
 
 
 def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> float:
@@ -239,8 +274,8 @@ def main():
     ap.add_argument("--workdir", default="runs/bench-train")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--only", choices=["all", "parallel"], default="all",
-                    help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank")
+    ap.add_argument("--only", choices=["all", "parallel", "loader"], default="all",
+                    help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank; loader: only the loader per rank")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -253,6 +288,13 @@ def main():
         print(json.dumps(run_case(a.case, work, a.steps, a.batch_tokens)))
         return
     setup(work)
+    if a.only == "loader":
+        loader_rows = loader_per_rank(work, a.batch_tokens)
+        print_loader(loader_rows)
+        print(json.dumps({"benchmark": "train_step", "part": "loader", "machine": platform.machine(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), "vocab": 32000,
+                          "batch_tokens": a.batch_tokens, "loader_per_rank": loader_rows}))
+        return
     par = parallel_rows(work, a.steps, a.batch_tokens)
     loader_rows = loader_per_rank(work, a.batch_tokens)
     if a.only == "parallel":
