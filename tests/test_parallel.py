@@ -202,6 +202,25 @@ def test_fsdp_checkpoint_is_sharded_and_final_export_loads(runs):
     assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once. torchrun's agent starts the ranks in
+    sessions of their own, so killing its process group alone leaves them to finish the run."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    for p in reversed(found):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student, runs, tmp_path):
     ref = runs("fsdp", "p1")
     out = tmp_path / "run"
@@ -211,13 +230,14 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
                             start_new_session=True)
     for line in proc.stdout:
         if line.startswith("step=3 "):
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
             break
     proc.wait()
     assert (out / "checkpoints" / "step-000002" / "sharded").is_dir() and not (out / "final").exists()
     res = subprocess.run(_two_ranks(_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]),
                                     tmp_path / "g"), capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr[-4000:]
+    assert "(resuming at step 2)" in res.stdout, res.stdout[-2000:]  # not a fresh run that happens to match
     a = [m for m in _metrics(ref) if "loss" in m]
     b = [m for m in _metrics(out) if "loss" in m]
     assert [m["step"] for m in b] == [1, 2, 3, 4]
@@ -230,7 +250,8 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
     res = subprocess.run([sys.executable, "-m", "deltakd.cli",
                           *_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "ddp"])],
                          capture_output=True, text=True, env=ENV)
-    assert res.returncode == 2 and "other settings (parallel)" in res.stderr, res.stderr[-2000:]
+    assert res.returncode == 2 and "other settings (parallel, world size 2 -> 1, which changes the batch order)" \
+        in res.stderr, res.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- per-rank reading
