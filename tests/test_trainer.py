@@ -72,9 +72,10 @@ def test_loader_resumes_at_the_exact_batch(cache_dir):
 
 def _widen(key, t, K):
     """Pad a batch's (n, K') support tensors to width K the way the loader pads (see cache/support.py)."""
-    if key not in ("support_ids", "valid", "logp_ft", "logp_base", "logp_s0") or t.shape[1] == K:
+    if key not in ("support_ids", "valid", "sampled", "logp_ft", "logp_base", "logp_s0") or t.shape[1] == K:
         return t
-    fill = {"support_ids": t[:, :1].expand(-1, K - t.shape[1]), "valid": torch.zeros(t.shape[0], K - t.shape[1], dtype=torch.bool)}
+    none = torch.zeros(t.shape[0], K - t.shape[1], dtype=torch.bool)
+    fill = {"support_ids": t[:, :1].expand(-1, K - t.shape[1]), "valid": none, "sampled": none}
     extra = fill.get(key, torch.full((t.shape[0], K - t.shape[1]), float("-inf")))
     return torch.cat([t, extra], dim=1)
 
