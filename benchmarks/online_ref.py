@@ -13,7 +13,8 @@ cache: the floor inside the shift Δ = max(lT, f) − max(lB, f) (part of P1/P3'
 definition; the cache's −12 by default) and temperature 1. With no tail, there is no
 exact-target-tail column (star_col = None).
 
-Memory: the three frozen models' log-probs exist for the supervised rows of one
+Memory: only the frozen models the active terms read are loaded (plain KD: teacher_ft
+alone; P1/P2/P3: all three). Their log-probs exist for the supervised rows of one
 micro-batch, computed `chunk_rows` rows at a time; (N_sup, V) float32 each.
 """
 from __future__ import annotations
@@ -35,8 +36,33 @@ def full_vocab_logprobs(model, input_ids, attention_mask, loss_mask, vocab: int,
     return torch.cat(out) if out else h.new_zeros(0, vocab)
 
 
+def online_needs(spec) -> tuple[str, ...]:
+    """The frozen models whose log-probs the active terms read: KD teacher_ft; P1/P2/P3 all three; SFT none."""
+    if not set(spec.active) - {"sft"}:
+        return ()
+    return ("ft",) + (("base", "s0") if spec.needs_student_base else ())
+
+
+def full_vocab_targets(logp: dict, next_tokens: torch.Tensor, vocab: int) -> dict:
+    """Loss targets whose support is the whole vocabulary (no tail): `logp` maps ft/base/s0 to (N, V) log-probs;
+    a model not given is never read by the active terms and gets a cheap −inf stand-in of the same shape."""
+    n, device = next_tokens.shape[0], next_tokens.device
+    tg = {"next_tokens": next_tokens,
+          # expand: one (V,) row shared by every position, no (N, V) index tensor
+          "support_ids": torch.arange(vocab, device=device).expand(n, vocab),
+          "valid": torch.ones(1, 1, dtype=torch.bool, device=device).expand(n, vocab)}
+    ninf = torch.full((n,), float("-inf"), device=device)
+    for key in ("ft", "base", "s0"):
+        lp = logp.get(key)
+        if lp is None:  # unused by the active terms; kept (cheaply) so every term sees the same keys
+            lp = torch.full((1, 1), float("-inf"), device=device).expand(n, vocab)
+        assert lp.shape == (n, vocab), f"logp_{key} {tuple(lp.shape)}, expected {(n, vocab)}"
+        tg[f"logp_{key}"], tg[f"tail_{key}"] = lp, ninf
+    return tg
+
+
 class OnlineTrainer(Trainer):
-    """The cached trainer with its targets replaced by full-vocabulary log-probs of three frozen models."""
+    """The cached trainer with its targets replaced by full-vocabulary log-probs of frozen models (online_needs)."""
 
     def __init__(self, cfg: TrainConfig, teacher_ft: str, teacher_base: str, student_base: str, floor: float | None):
         from transformers import AutoModelForCausalLM
@@ -53,29 +79,21 @@ class OnlineTrainer(Trainer):
         assert len(holders) == 1, f"expected one StudentLoss in the trainer's module, found {len(holders)}"
         holders[0].spec = self.spec
         self.s0_model = None  # the cached run's on-the-fly lS0 path is replaced by the frozen models below
+        # Only the models the active terms read are held: plain KD needs teacher_ft alone, so its
+        # online memory is one teacher (like the peers in benchmarks/peers.py), not three models.
+        self.needs = online_needs(self.spec)
         self.frozen = {}
         for key, path in (("ft", teacher_ft), ("base", teacher_base), ("s0", student_base)):
+            if key not in self.needs:
+                continue
             m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
             m.requires_grad_(False)
             self.frozen[key] = m
 
     def batch_targets(self, batch) -> dict:
-        n = batch.n_supervised
-        V = self.vocab
-        tg = {"next_tokens": batch.targets["next_tokens"],
-              # expand: one (V,) row shared by every position, no (N, V) index tensor
-              "support_ids": torch.arange(V, device=self.device).expand(n, V),
-              "valid": torch.ones(1, 1, dtype=torch.bool, device=self.device).expand(n, V)}
-        ninf = torch.full((n,), float("-inf"), device=self.device)
-        needs = ("ft", "base") + (("s0",) if self.spec.needs_student_base else ())
-        for key in ("ft", "base", "s0"):
-            if key in needs and set(self.spec.active) - {"sft"}:
-                tg[f"logp_{key}"] = full_vocab_logprobs(self.frozen[key], batch.input_ids, batch.attention_mask,
-                                                        batch.loss_mask, V, self.spec.chunk_rows)
-            else:  # unused by the active terms; kept (cheaply) so every term sees the same keys
-                tg[f"logp_{key}"] = torch.full((1, 1), float("-inf"), device=self.device).expand(n, V)
-            tg[f"tail_{key}"] = ninf
-        return tg
+        logp = {key: full_vocab_logprobs(self.frozen[key], batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                         self.vocab, self.spec.chunk_rows) for key in self.needs}
+        return full_vocab_targets(logp, batch.targets["next_tokens"], self.vocab)
 
 
 def train_online(cfg: TrainConfig, teacher_ft: str, teacher_base: str, student_base: str,

@@ -23,6 +23,18 @@ Data parallel on CPU (gloo, 2 ranks under torchrun, same global batches):
 
     python benchmarks/train_step.py --only parallel   # just the data-parallel rows (~1 min)
     python benchmarks/train_step.py --only loader     # just the loader per rank
+
+Peers (optional: pip install -e ".[peers]"; benchmarks/peers.py says exactly what each one calls), plain KD
+(forward KL) on the same batches, each case in its own process that first imports torch, transformers,
+deltakd, trl and liger, so that import costs are equal and excluded from "working MB" (peak RSS minus the
+RSS after imports and batches: the models, optimizer state, activations and loss temporaries):
+  kd_cache      deltakd's train_step from the cache (top-k support + tail bucket), no teacher in memory
+  p1_cache      the same for Delta-KD P1 (which the peers cannot compute: it needs three models)
+  kd_online     teacher_ft in memory, deltakd's fused loss on full-vocabulary targets (online_ref.py)
+  trl_online    teacher_ft in memory, TRL DistillationTrainer's chunked divergence (beta 0)
+  liger_online  teacher_ft in memory, Liger's LigerFusedLinearJSDLoss (beta 0, compiled=False)
+
+    python benchmarks/train_step.py --only peers      # just the peer rows (~3 min at 1 thread)
 """
 from __future__ import annotations
 
@@ -273,13 +285,46 @@ def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> f
     return tokens / (time.perf_counter() - t0)
 
 
+def peer_rows(work: Path, steps: int, batch_tokens: int) -> dict:
+    """deltakd cached/online KD and the peers (benchmarks/peers.py), each in its own process, on the same batches."""
+    import peers
+
+    rows = {}
+    for case in peers.CASES:
+        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--steps", str(steps),
+                              "--batch-tokens", str(batch_tokens), "--case", f"peer_{case}"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
+        rows[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    ref = rows["kd_cache"]
+    print(f"\n{'KD, same batches':<14}{'step s':>9}{'tokens/s':>10}{'peak RSS MB':>13}{'working MB':>12}"
+          f"{'step/ours':>11}{'peak/ours':>11}{'work/ours':>11}{'1st loss':>10}")
+    for r in rows.values():
+        r["step_vs_kd_cache"] = r["step_s"] / ref["step_s"]
+        r["peak_vs_kd_cache"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
+        r["working_vs_kd_cache"] = r["working_mb"] / ref["working_mb"]
+        print(f"{r['case']:<14}{r['step_s']:9.3f}{r['tokens_per_s']:10.0f}{r['peak_rss_mb']:13.0f}{r['working_mb']:12.0f}"
+              f"{r['step_vs_kd_cache']:11.2f}{r['peak_vs_kd_cache']:11.2f}{r['working_vs_kd_cache']:11.2f}"
+              f"{r['first_loss']:10.4f}")
+    # The three online forward-KL losses are one objective on one student and teacher: their first-step
+    # values must agree (tests/test_benchmarks.py checks values and gradients on smaller shapes).
+    online = [rows[c]["first_loss"] for c in ("kd_online", "trl_online", "liger_online")]
+    spread = (max(online) - min(online)) / abs(statistics.mean(online))
+    print(f"first-step forward KL, online rows: relative spread {spread:.1e} (one objective); kd_cache differs by "
+          "the cache's top-k + tail-bucket truncation")
+    if spread > 1e-4:
+        raise SystemExit(f"the online KD losses disagree ({online}): the contenders do not compute one objective")
+    return {"cases": rows, "online_first_loss_rel_spread": spread, "versions": rows["trl_online"]["versions"]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/bench-train")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--only", choices=["all", "parallel", "loader"], default="all",
-                    help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank; loader: only the loader per rank")
+    ap.add_argument("--only", choices=["all", "parallel", "loader", "peers"], default="all",
+                    help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank; loader: only the loader "
+                         "per rank; peers: only the TRL/Liger comparison (needs pip install -e \".[peers]\")")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -287,6 +332,11 @@ def main():
         res = run_dist_case(a.case.removeprefix("dist_"), work, a.steps, a.batch_tokens)
         if res is not None:
             print(json.dumps(res))
+        return
+    if a.case and a.case.startswith("peer_"):
+        import peers
+
+        print(json.dumps(peers.run_peer_case(a.case.removeprefix("peer_"), work, a.steps, a.batch_tokens)))
         return
     if a.case:
         print(json.dumps(run_case(a.case, work, a.steps, a.batch_tokens)))
@@ -298,6 +348,18 @@ def main():
         print(json.dumps({"benchmark": "train_step", "part": "loader", "machine": platform.machine(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(), "vocab": 32000,
                           "batch_tokens": a.batch_tokens, "loader_per_rank": loader_rows}))
+        return
+    if a.only == "peers":
+        import peers
+
+        try:
+            peers.require()
+        except ImportError as e:
+            raise SystemExit(str(e))
+        out = peer_rows(work, a.steps, a.batch_tokens)
+        print(json.dumps({"benchmark": "train_step", "part": "peers", "machine": platform.machine(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), "vocab": 32000,
+                          "batch_tokens": a.batch_tokens, "steps": a.steps} | out))
         return
     par = parallel_rows(work, a.steps, a.batch_tokens)
     loader_rows = loader_per_rank(work, a.batch_tokens)
@@ -316,6 +378,14 @@ def main():
         if out.returncode != 0:
             raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
         res[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        import peers
+
+        peers.require()
+        peer = peer_rows(work, a.steps, a.batch_tokens)
+    except ImportError as e:  # optional: said, not silently dropped
+        peer = {"skipped": str(e)}
+        print(f"\npeer rows skipped: {e}")
     loader_tps = loader_throughput(work, a.batch_tokens)
     print(f"\n{'case':<14}{'step s':>9}{'tokens/s':>11}{'peak RSS MB':>13}{'growth MB':>11}")
     for r in res.values():
@@ -337,7 +407,7 @@ def main():
     print(json.dumps({"benchmark": "train_step", "machine": platform.machine(), "torch": torch.__version__,
                       "threads": torch.get_num_threads(), "vocab": 32000, "batch_tokens": a.batch_tokens,
                       "cases": res | par, "loader_tokens_per_s": loader_tps, "loader_per_rank": loader_rows,
-                      "ratios": ratios}))
+                      "ratios": ratios, "peers": peer}))
 
 
 if __name__ == "__main__":

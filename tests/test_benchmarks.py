@@ -82,3 +82,65 @@ def test_real_pair_smoke_runs_end_to_end_on_a_stand_in(tmp_path, capsys):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path / "w" / "student_base").num_hidden_layers == 2
+
+
+PEERS_REASON = 'the peer comparison needs trl and liger-kernel: pip install -e ".[peers]"'
+
+
+def _peer_reference(h_s, w_s, h_t, w_t, divergence):
+    """Mean D over the rows and its gradient w.r.t. (h_s, w_s), in float64 on the full vocabulary."""
+    hs, ws = h_s.double().requires_grad_(True), w_s.double().requires_grad_(True)
+    ls = torch.log_softmax(hs @ ws.T, -1)
+    lt = torch.log_softmax(h_t.double() @ w_t.double().T, -1)
+    p, q = (lt, ls) if divergence == "fkl" else (ls, lt)
+    loss = (p.exp() * (p - q)).sum(-1).mean()
+    return (loss.detach(), *torch.autograd.grad(loss, (hs, ws)))
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl"])
+def test_peer_losses_are_deltakds_objective(divergence):
+    """TRL's DistillationTrainer loss and Liger's fused-linear JSD at the beta that names `divergence` compute
+    deltakd's `--loss kd --divergence <divergence>` on the same student/teacher hidden states and heads: values and
+    gradients equal a float64 full-vocabulary reference. Without this, train_step.py --only peers could time
+    different objectives. 4100 rows cross TRL's 4096-row tile; chunks of 1000 cross Liger's and ours."""
+    pytest.importorskip("trl", reason=PEERS_REASON)
+    pytest.importorskip("liger_kernel.chunked_loss", reason=PEERS_REASON)
+    import peers
+
+    g = torch.Generator().manual_seed(0)
+    N, Hs, Ht, V = 4100, 16, 24, 500  # the teacher is wider than the student, like the benchmark's
+    h_s, h_t = torch.randn(N, Hs, generator=g), torch.randn(N, Ht, generator=g)
+    w_s, w_t = torch.randn(V, Hs, generator=g) * 0.4, torch.randn(V, Ht, generator=g) * 0.4
+    nxt = torch.randint(0, V, (N,), generator=g)
+    ref = _peer_reference(h_s, w_s, h_t, w_t, divergence)
+    other = _peer_reference(h_s, w_s, h_t, w_t, "rkl" if divergence == "fkl" else "fkl")
+    assert not torch.isclose(ref[0], other[0], rtol=1e-2), "fkl and rkl must differ here, or the check cannot fail"
+    beta = peers.BETA[divergence]
+
+    def run(kind):
+        hs, ws = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+        if kind == "trl":
+            loss = peers.trl_loss(hs, ws, h_t, w_t, beta=beta)
+        elif kind == "liger":
+            loss = peers.liger_loss(hs, ws, h_t, w_t, nxt, beta=beta, chunk_size=1000)
+        else:
+            head = torch.nn.Linear(Hs, V, bias=False)
+            head.weight = torch.nn.Parameter(ws)
+            loss = peers.deltakd_loss(hs, head, h_t, w_t, nxt, divergence=divergence, chunk_rows=1000)
+        loss.backward()
+        return loss.detach().double(), hs.grad.double(), (head.weight.grad if kind == "deltakd" else ws.grad).double()
+
+    for kind in ("deltakd", "trl", "liger"):
+        loss, g_h, g_w = run(kind)
+        torch.testing.assert_close(loss, ref[0], rtol=1e-5, atol=0, msg=f"{kind} {divergence} loss")
+        torch.testing.assert_close(g_h, ref[1], rtol=1e-4, atol=1e-9, msg=f"{kind} {divergence} d/dhidden")
+        torch.testing.assert_close(g_w, ref[2], rtol=1e-4, atol=1e-8, msg=f"{kind} {divergence} d/dhead")
+
+
+def test_peers_missing_is_an_actionable_error(monkeypatch):
+    """Without trl/liger the peer rows are refused with the install command, not silently dropped."""
+    import peers
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[peers\]"'):
+        peers.require()
