@@ -96,20 +96,21 @@ class OnlinePeerStep:
     """Student + AdamW + teacher_ft in memory; step(batch) = teacher forward, student forward, peer loss, update.
 
     Mirrors deltakd's Trainer.train_step (zero grads kept allocated, loss normalised by the step's supervised
-    tokens, clip to norm 1, AdamW at the trainer's default lr) so that only the loss path differs.
+    tokens, clip to norm 1, AdamW with the trainer's learning-rate schedule `lr_for(step)`) so that only the
+    loss path differs, and the online rows' losses stay comparable after the first update too.
     """
 
-    def __init__(self, kind: str, student: str, teacher: str, lr: float = 3e-4, clip: float = 1.0):
+    def __init__(self, kind: str, student: str, teacher: str, lr_for, clip: float = 1.0):
         from transformers import AutoModelForCausalLM
 
         assert kind in ("trl", "liger"), kind
-        self.kind, self.clip = kind, clip
+        self.kind, self.clip, self.lr_for, self.n_steps = kind, clip, lr_for, 0
         torch.manual_seed(0)
         self.student = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).train()
         self.teacher = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
         self.teacher.requires_grad_(False)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(self.params, lr=lr_for(0), weight_decay=0.0)
 
     def loss(self, b) -> torch.Tensor:
         h_s = self.student.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
@@ -127,7 +128,10 @@ class OnlinePeerStep:
         loss = self.loss(b)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_for(self.n_steps)
         self.opt.step()
+        self.n_steps += 1
         return float(loss.detach())
 
 
@@ -143,16 +147,17 @@ def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
     """Time one contender in this process: imports and batches first, then the baseline RSS, then the models."""
     import train_step
 
-    from deltakd.student.trainer import TrainConfig, Trainer
+    from deltakd.student.trainer import TrainConfig, Trainer, lr_at
 
     versions = require()  # every contender imports the same libraries before anything is measured
     torch.manual_seed(0)
     paths, cache = train_step.setup(work)
     data = train_step.batches(cache, steps, batch_tokens)
     base = rss_now_mb()
+    cfg = TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / f"peers-{case}"),
+                      loss="p1" if case == "p1_cache" else "kd", max_steps=steps, batch_tokens=batch_tokens,
+                      eval_percent=0)
     if case in ("kd_cache", "p1_cache", "kd_online"):
-        cfg = TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / f"peers-{case}"),
-                          loss=case.split("_")[0], max_steps=steps, batch_tokens=batch_tokens, eval_percent=0)
         if case == "kd_online":
             from online_ref import OnlineTrainer
 
@@ -165,7 +170,8 @@ def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
             r = tr.train_step([b])
             return float(r["term_sums"][0]) / r["n"]
     else:
-        peer = OnlinePeerStep(case.split("_")[0], paths["student_base"], paths["teacher_ft"])
+        peer = OnlinePeerStep(case.split("_")[0], paths["student_base"], paths["teacher_ft"],
+                              lr_for=lambda i: lr_at(i, cfg, steps))
         step = peer.step
     after_load = rss_now_mb()
     times, losses = [], []
@@ -176,7 +182,7 @@ def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
     peak = train_step.rss_mb()
     warm = times[2:] if len(times) > 4 else times
     tokens = sum(b.n_tokens for b in data)
-    return {"case": case, "step_s": statistics.median(warm), "tokens_per_s": tokens / sum(times),
+    return {"case": case, "step_s": statistics.median(warm), "step_best_s": min(warm), "tokens_per_s": tokens / sum(times),
             "peak_rss_mb": peak, "rss_after_imports_mb": base, "working_mb": peak - base,
             "models_mb": after_load - base, "first_loss": losses[0], "last_loss": losses[-1],
             "supervised_first_batch": data[0].n_supervised, "versions": versions}
