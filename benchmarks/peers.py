@@ -19,7 +19,10 @@ would project every position handed to it, prompts and padding included), and wh
 would mask. Every contender holds the student, an AdamW state, and (online) teacher_ft, and takes the same
 step: zero grads, forward(s), loss / N_sup, backward, clip to norm 1, AdamW step.
 
-`step_fn(case, ...)` builds one contender; `run_peer_case` times it in its own process (see train_step.py).
+`build_contender` makes one contender's step. Time and memory are measured apart (train_step.py runs both):
+`run_interleaved_timing` holds all five in one process and interleaves their steps batch by batch, so that the
+load of other processes on a shared machine falls on every contender alike; `run_peer_case` runs one contender
+alone in its own process for its peak RSS (a per-process high-water mark that cannot be reset).
 """
 from __future__ import annotations
 
@@ -143,36 +146,47 @@ def rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
-    """Time one contender in this process: imports and batches first, then the baseline RSS, then the models."""
-    import train_step
-
+def build_contender(case: str, paths: dict, cache: Path, work: Path, steps: int, batch_tokens: int):
+    """step(batch) -> that step's loss per supervised token, for one of CASES."""
     from deltakd.student.trainer import TrainConfig, Trainer, lr_at
 
-    versions = require()  # every contender imports the same libraries before anything is measured
-    torch.manual_seed(0)
-    paths, cache = train_step.setup(work)
-    data = train_step.batches(cache, steps, batch_tokens)
-    base = rss_now_mb()
+    assert case in CASES, f"unknown case {case!r}; cases are {CASES}"
     cfg = TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / f"peers-{case}"),
                       loss="p1" if case == "p1_cache" else "kd", max_steps=steps, batch_tokens=batch_tokens,
                       eval_percent=0)
-    if case in ("kd_cache", "p1_cache", "kd_online"):
-        if case == "kd_online":
-            from online_ref import OnlineTrainer
+    if case in ("trl_online", "liger_online"):
+        return OnlinePeerStep(case.split("_")[0], paths["student_base"], paths["teacher_ft"],
+                              lr_for=lambda i: lr_at(i, cfg, steps)).step
+    if case == "kd_online":
+        from online_ref import OnlineTrainer
 
-            tr = OnlineTrainer(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
-            assert tuple(tr.frozen) == ("ft",), f"online KD should hold teacher_ft alone, holds {tuple(tr.frozen)}"
-        else:
-            tr = Trainer(cfg)
-
-        def step(b):
-            r = tr.train_step([b])
-            return float(r["term_sums"][0]) / r["n"]
+        tr = OnlineTrainer(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
+        assert tuple(tr.frozen) == ("ft",), f"online KD should hold teacher_ft alone, holds {tuple(tr.frozen)}"
     else:
-        peer = OnlinePeerStep(case.split("_")[0], paths["student_base"], paths["teacher_ft"],
-                              lr_for=lambda i: lr_at(i, cfg, steps))
-        step = peer.step
+        tr = Trainer(cfg)
+
+    def step(b):
+        r = tr.train_step([b])
+        return float(r["term_sums"][0]) / r["n"]
+    return step
+
+
+def _prepare(work: Path, steps: int, batch_tokens: int):
+    import train_step
+
+    versions = require()  # every process imports the same libraries before anything is measured
+    torch.manual_seed(0)
+    paths, cache = train_step.setup(work)
+    return versions, paths, cache, train_step.batches(cache, steps, batch_tokens)
+
+
+def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
+    """Peak memory of one contender, alone in this process: imports and batches first, then the baseline RSS."""
+    import train_step
+
+    versions, paths, cache, data = _prepare(work, steps, batch_tokens)
+    base = rss_now_mb()
+    step = build_contender(case, paths, cache, work, steps, batch_tokens)
     after_load = rss_now_mb()
     times, losses = [], []
     for b in data:
@@ -180,9 +194,28 @@ def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
         losses.append(step(b))
         times.append(time.perf_counter() - t0)
     peak = train_step.rss_mb()
-    warm = times[2:] if len(times) > 4 else times
+    return {"case": case, "alone_step_s": statistics.median(times[1:] or times), "peak_rss_mb": peak,
+            "rss_after_imports_mb": base, "working_mb": peak - base, "models_mb": after_load - base,
+            "memory_steps": len(data), "versions": versions}
+
+
+def run_interleaved_timing(work: Path, steps: int, batch_tokens: int) -> dict:
+    """Step times of every contender in one process, their steps interleaved batch by batch (in a rotating
+    order): on a shared machine, load from other processes then falls on all contenders alike."""
+    _, paths, cache, data = _prepare(work, steps, batch_tokens)
+    contenders = {c: build_contender(c, paths, cache, work, steps, batch_tokens) for c in CASES}
+    times = {c: [] for c in CASES}
+    losses = {c: [] for c in CASES}
+    for i, b in enumerate(data):
+        for c in CASES[i % len(CASES):] + CASES[:i % len(CASES)]:
+            t0 = time.perf_counter()
+            losses[c].append(contenders[c](b))
+            times[c].append(time.perf_counter() - t0)
     tokens = sum(b.n_tokens for b in data)
-    return {"case": case, "step_s": statistics.median(warm), "step_best_s": min(warm), "tokens_per_s": tokens / sum(times),
-            "peak_rss_mb": peak, "rss_after_imports_mb": base, "working_mb": peak - base,
-            "models_mb": after_load - base, "first_loss": losses[0], "last_loss": losses[-1],
-            "supervised_first_batch": data[0].n_supervised, "versions": versions}
+    out = {}
+    for c in CASES:
+        warm = times[c][2:] if len(times[c]) > 4 else times[c]
+        out[c] = {"step_s": statistics.median(warm), "step_best_s": min(warm), "tokens_per_s": tokens / sum(times[c]),
+                  "first_loss": losses[c][0], "last_loss": losses[c][-1], "steps": len(data),
+                  "supervised_first_batch": data[0].n_supervised}
+    return out
