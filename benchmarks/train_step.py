@@ -319,7 +319,7 @@ def peer_rows(work: Path, steps: int, batch_tokens: int) -> dict:
     last = [rows[c]["last_loss"] for c in ("kd_online", "trl_online", "liger_online")]
     last_spread = (max(last) - min(last)) / abs(statistics.mean(last))
     print(f"forward KL of the online rows: relative spread {spread:.1e} at the first step (one objective), "
-          f"{last_spread:.1e} after {steps - 1} updates (one gradient); kd_cache differs by the cache's truncation")
+          f"{last_spread:.1e} after {steps - 1} updates (one gradient); kd_cache trains the cache's objective (support + tail bucket or samples)")
     if spread > 1e-4:
         raise SystemExit(f"the online KD losses disagree ({online}): the contenders do not compute one objective")
     return {"cases": rows, "online_first_loss_rel_spread": spread, "online_last_loss_rel_spread": last_spread,
