@@ -340,7 +340,7 @@ def test_tail_samples_make_the_expected_gradient_the_full_vocabulary_one(term):
     def grad(tg, n):
         z = z_s.repeat(n, 1).requires_grad_(True)
         v = terms_from_logits(z, {k_: (v.double() if v.is_floating_point() else v) for k_, v in tg.items()}, spec)[0]
-        values.append(float(v) / n)
+        values.append(float(v.detach()) / n)
         (gz,) = torch.autograd.grad(v, z)
         return gz.reshape(n, 2, V).mean(0)
 
