@@ -255,7 +255,7 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
 
 
 # ---------------------------------------------------------------- per-rank reading
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow), 4])  # 3: suite time; -m slow
 def test_each_rank_reads_its_stripe_of_the_one_rank_sequence(cache_dir, world_size):
     """Rank r of N (no accumulation) = batches r, r+N, ... of one rank accumulating N (same M = N)."""
     reader = CacheReader(cache_dir)
