@@ -110,17 +110,10 @@ def write_data(out: Path, seed: int = 0, n_creatures: int = 150, n_lex: int = 60
                n_train: int = 3000, n_val: int = 100, n_test: int = 200) -> dict:
     rng_i = random.Random(seed + 7)
     kb, lex, docs = make_world(seed, n_creatures, n_lex, n_docs)
-    held = {c["name"] for c in kb[: len(kb) // 3]}
-    seen, splits = set(), {"train": [], "validation": [], "test": []}
-    for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
-        while len(splits[split]) < n:
-            ex, about = instruction(kb, lex, rng_i)
-            if split == "train" and about in held:
-                continue
-            if split != "train" and (ex["prompt"] in seen or (about is not None and about not in held)):
-                continue
-            seen.add(ex["prompt"])
-            splits[split].append(ex)
+    from deltakd.world import split_instructions
+
+    splits = split_instructions(lambda: instruction(kb, lex, rng_i), {c["name"] for c in kb[: len(kb) // 3]},
+                                n_train, n_val, n_test)
     out.mkdir(parents=True, exist_ok=True)
     (out / "corpus.txt").write_text("\n".join(docs) + "\n")
     paths = {"corpus": str(out / "corpus.txt")}

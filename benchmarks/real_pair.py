@@ -126,20 +126,14 @@ def prune_layers(model, keep: list[int]):
 def lm_train(model, seqs: list[tuple[list[int], list[int]]], steps: int, lr: float, batch: int, device: str,
              seed: int, pad_id: int) -> float:
     """Plain next-token training on (ids, loss mask) pairs, bf16 autocast on GPU: the SFT and healing stages."""
+    from deltakd.world import lm_batch
+
     g = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     loss = torch.zeros(())
     for step in range(steps):
-        rows = [seqs[g.randrange(len(seqs))] for _ in range(batch)]
-        L = max(len(r[0]) for r in rows)
-        ids = torch.full((batch, L), pad_id, dtype=torch.long)
-        lab = torch.full((batch, L), -100, dtype=torch.long)
-        att = torch.zeros(batch, L, dtype=torch.long)
-        for i, (x, m) in enumerate(rows):
-            ids[i, :len(x)] = torch.tensor(x)
-            att[i, :len(x)] = 1
-            lab[i, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), torch.tensor(-100))
+        ids, att, lab = lm_batch([seqs[g.randrange(len(seqs))] for _ in range(batch)], pad_id)
         for gr in opt.param_groups:
             gr["lr"] = lr * min(1.0, (step + 1) / 10) * (1 - 0.9 * step / max(1, steps))
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):

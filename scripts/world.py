@@ -89,19 +89,31 @@ def make_data(seed: int = 0, n_train: int = 2000, n_val: int = 100, n_test: int 
     rng = random.Random(seed)
     kb = creatures(rng)
     docs = corpus(kb, rng)
-    held = {c["name"] for c in kb[: len(kb) // 3]}
+
+    def draw():
+        ex = instruction(kb, rng)
+        return ex, next((c["name"] for c in kb if f" {c['name']}" in ex["prompt"]), None)
+
+    return kb, docs, split_instructions(draw, {c["name"] for c in kb[: len(kb) // 3]}, n_train, n_val, n_test)
+
+
+def split_instructions(draw, held: set, n_train: int, n_val: int, n_test: int) -> dict:
+    """Train / validation / test instructions from `draw()` -> (example, creature asked about or None).
+
+    Training never asks about a `held` creature; validation and test ask only about held
+    ones (or none) and never repeat a prompt seen before.
+    """
     seen, splits = set(), {"train": [], "validation": [], "test": []}
     for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
         while len(splits[split]) < n:
-            ex = instruction(kb, rng)
-            about = next((c["name"] for c in kb if f" {c['name']}" in ex["prompt"]), None)
+            ex, about = draw()
             if split == "train" and about in held:
                 continue
             if split != "train" and (ex["prompt"] in seen or (about is not None and about not in held)):
                 continue
             seen.add(ex["prompt"])
             splits[split].append(ex)
-    return kb, docs, splits
+    return splits
 
 
 def write_data(out: Path, seed: int = 0) -> dict:
@@ -119,6 +131,21 @@ def write_data(out: Path, seed: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------ training the world's models
+def lm_batch(rows, pad_id: int):
+    """(input ids, attention mask, labels) of (ids, loss_mask) pairs, right-padded; labels −100 off the mask."""
+    import torch
+
+    L = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    lab = torch.full((len(rows), L), -100, dtype=torch.long)
+    att = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, (x, m) in enumerate(rows):
+        ids[i, :len(x)] = torch.tensor(x)
+        att[i, :len(x)] = 1
+        lab[i, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), torch.tensor(-100))
+    return ids, att, lab
+
+
 def _lm_train(model, sequences, steps: int, lr: float, batch: int, seed: int, desc: str):
     """Plain next-token training on (ids, loss_mask) pairs; used only to make the demo checkpoints."""
     import torch
@@ -128,15 +155,7 @@ def _lm_train(model, sequences, steps: int, lr: float, batch: int, seed: int, de
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
     for step in tqdm(range(steps), desc=desc, dynamic_ncols=True):
-        rows = [sequences[g.randrange(len(sequences))] for _ in range(batch)]
-        L = max(len(r[0]) for r in rows)
-        ids = torch.zeros(batch, L, dtype=torch.long)
-        lab = torch.full((batch, L), -100, dtype=torch.long)
-        att = torch.zeros(batch, L, dtype=torch.long)
-        for i, (x, m) in enumerate(rows):
-            ids[i, :len(x)] = torch.tensor(x)
-            att[i, :len(x)] = 1
-            lab[i, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), torch.tensor(-100))
+        ids, att, lab = lm_batch([sequences[g.randrange(len(sequences))] for _ in range(batch)], pad_id=0)
         for gr in opt.param_groups:
             gr["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - step / steps))
         loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
