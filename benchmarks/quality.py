@@ -127,13 +127,15 @@ def held_out_objective(model: Path, cache: Path, paths: dict, name: str) -> dict
     from online_ref import OnlineTrainer
 
     out = {}
-    for key, variant in (("own", name), ("kl_t", "kd_fkl")):
+    # KD fkl's own objective is KL(πT ‖ πθ): one evaluation serves both.
+    for key, variant in (("own", name),) + ((("kl_t", "kd_fkl"),) if name != "kd_fkl" else ()):
         cfg = TrainConfig(cache=str(cache), student=str(model), out=str(model.parent / "heldout-scratch"), max_steps=1,
                           eval_percent=5.0, eval_batches=100_000, batch_tokens=4096, **VARIANTS[variant])
         tr = OnlineTrainer(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
         ev = tr.evaluate()
         out[key] = sum(tr.spec.weights[t] * ev[f"eval_{t}"] for t in tr.spec.active)
         out["tokens"] = ev["eval_tokens"]
+    out.setdefault("kl_t", out["own"])
     return out
 
 

@@ -106,10 +106,9 @@ def tail_cells_of(tg: dict, spec: LossSpec):
         return None
     sampled = tg["sampled"]
     lt = L._f(tg["logp_ft"])
-    tau = L._f(tg["sample_tau"])[:, None]
-    log_c = torch.where(sampled, torch.maximum(lt, tau) - torch.where(sampled, lt, torch.zeros((), dtype=lt.dtype)),
-                        torch.zeros((), dtype=lt.dtype))
-    return sampled, log_c
+    # log c = max(lT, log τ) − lT; off the drawn entries (padding: lT = −inf) it is unused, set to 0.
+    log_c = (L._f(tg["sample_tau"])[:, None] - lt).clamp_min(0)
+    return sampled, torch.where(sampled, log_c, torch.zeros((), dtype=lt.dtype))
 
 
 def _valid(tg: dict) -> torch.Tensor:
