@@ -110,7 +110,7 @@ def write_data(out: Path, seed: int = 0, n_creatures: int = 150, n_lex: int = 60
                n_train: int = 3000, n_val: int = 100, n_test: int = 200) -> dict:
     rng_i = random.Random(seed + 7)
     kb, lex, docs = make_world(seed, n_creatures, n_lex, n_docs)
-    from deltakd.world import split_instructions
+    from deltakd.demo.synthetic import split_instructions
 
     splits = split_instructions(lambda: instruction(kb, lex, rng_i), {c["name"] for c in kb[: len(kb) // 3]},
                                 n_train, n_val, n_test)
@@ -128,9 +128,9 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
     """Build (or reuse) the world; returns the paths of its checkpoints and data files."""
     import torch
 
-    from deltakd.cache.records import encode_record, read_records
-    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
-    from deltakd.world import _lm_train
+    from deltakd.cache.format.records import encode_record, read_records
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
+    from deltakd.demo.synthetic import _lm_train
 
     out = Path(out)
     paths = {k: str(out / k) for k in ("teacher_base", "teacher_ft", "student_base")} | {
@@ -173,7 +173,7 @@ def main(argv=None):
     ap.add_argument("--data-only", action="store_true", help="write the data and train the tokenizer only (sizing)")
     a = ap.parse_args(argv)
     if a.data_only:
-        from deltakd.tiny import train_tokenizer
+        from deltakd.demo.tiny import train_tokenizer
 
         d = write_data(Path(a.out) / "data", a.seed)
         docs = Path(d["corpus"]).read_text().splitlines()

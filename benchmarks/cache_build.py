@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import synth_world  # noqa: E402
 
-from deltakd.cache import dist  # noqa: E402
-from deltakd.cache.builder import CacheBuildConfig, _batches, _pad_batch, build_cache, plan_shards  # noqa: E402
-from deltakd.cache.forward import load_model, load_tokenizer  # noqa: E402
-from deltakd.cache.records import read_records  # noqa: E402
+from deltakd.runtime import dist  # noqa: E402
+from deltakd.cache.build.builder import CacheBuildConfig, _batches, _pad_batch, build_cache, plan_shards  # noqa: E402
+from deltakd.cache.build.forward import load_model, load_tokenizer  # noqa: E402
+from deltakd.cache.format.records import read_records  # noqa: E402
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--workdir", default="runs/bench-build")
     a = ap.parse_args()
     work = Path(a.workdir)
-    from deltakd.demo_cmd import DemoConfig, assets
+    from deltakd.demo.pipeline import DemoConfig, assets
 
     demo = assets(DemoConfig(workdir=str(work / "demo")), work / "demo")
     demo["data"] = demo["train"]

@@ -25,8 +25,8 @@ from pathlib import Path
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from deltakd.cache import schema
-from deltakd.cache.reader import CacheReader
+from deltakd.cache.format import schema
+from deltakd.cache.format.reader import CacheReader
 
 LAYOUTS = {
     "raw, 4096-row chunks": (4096, None),
@@ -67,7 +67,7 @@ def smollm2_cache(wheel: str, work: Path) -> Path:
 
     from transformers import AutoModelForCausalLM
 
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
     from deltakd.student.eval import read_eval_examples
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--verification-only", action="store_true", help="only the table of read checks (crc32c, verify.py)")
     ap.add_argument("--smollm2-wheel", help="also measure a cache of SmolLM2-135M distributions (vocabulary 49152)")
     a = ap.parse_args()
-    from deltakd.demo_cmd import DemoConfig, assets, build_demo_cache
+    from deltakd.demo.pipeline import DemoConfig, assets, build_demo_cache
 
     work = Path(a.workdir)
     sources = {"demo (V=662)": build_demo_cache(work, assets(DemoConfig(workdir=str(work)), work))}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from deltakd.cache.records import encode_record
+from deltakd.cache.format.records import encode_record
 from deltakd.student.eval import read_eval_examples
 from deltakd.student.objective import LossSpec, terms_from_logits
 
@@ -78,17 +78,17 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
     """Build one shard with the builder's own code, write it, read it back: (targets, bytes on disk per row)."""
     import numpy as np
 
-    from deltakd.cache import schema
-    from deltakd.cache.builder import student_arrays, teacher_arrays
-    from deltakd.cache.forward import lockstep_rows
-    from deltakd.cache.reader import ShardData
+    from deltakd.cache.format import schema
+    from deltakd.cache.build.builder import student_arrays, teacher_arrays
+    from deltakd.cache.build.forward import lockstep_rows
+    from deltakd.cache.format.reader import ShardData
 
     n, V = lT.shape
     res = lockstep_rows({"ft": lT.float().clone(), "base": lB.float().clone(), "s0": lS0.float().clone()},
                         support, k, ALPHAS, FLOOR, samples=samples, min_tail=0.01,
                         generator=torch.Generator().manual_seed(0))
     per_seq = [{key: v.numpy() for key, v in res.items() if key != "len"} | {"len": res["len"].numpy()}]
-    from deltakd.cache.builder import Sequence
+    from deltakd.cache.build.builder import Sequence
 
     seq = Sequence(0, [0] * (n + 1), [1] * n + [0])
     arrays = teacher_arrays([seq], per_seq, V, value_dtype) | student_arrays(per_seq, value_dtype)

@@ -35,7 +35,7 @@ def world(root: Path, size: str) -> dict:
 
     import synth_world
 
-    from deltakd.tiny import save_checkpoint, tiny_llama
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
     if (root / "world.json").exists():
         return json.loads((root / "world.json").read_text())
@@ -66,7 +66,7 @@ def bare(root: Path, device: str, dtype: str, batch_size: int, max_length: int) 
     """Plain Hugging Face forwards (full logits) of the three checkpoints over the build's batches."""
     from cache_build import bare_forward_seconds  # benchmarks/ is on sys.path when run as a script
 
-    from deltakd.cache.builder import CacheBuildConfig
+    from deltakd.cache.build.builder import CacheBuildConfig
 
     w = json.loads((root / "world.json").read_text())
     cfg = CacheBuildConfig(teacher_ft=w["teacher_ft"], teacher_base=w["teacher_base"], data=w["data"], out=str(root / "unused"),
@@ -80,8 +80,8 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
     """Online Delta-KD P1 with both teachers and the student base in memory (the alternative to the cache)."""
     from transformers import AutoModelForCausalLM
 
-    from deltakd.cache import dist
-    from deltakd.cache.reader import CacheReader
+    from deltakd.runtime import dist
+    from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
     from deltakd.student.objective import LossSpec, terms_from_logits
 
@@ -122,7 +122,7 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
 
 
 def loader(root: Path, batch_tokens: int, seconds: float = 10.0) -> dict:
-    from deltakd.cache.reader import CacheReader
+    from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
     ld = StreamingLoader(CacheReader(root / "cache"), batch_tokens=batch_tokens, with_student=True, seed=0)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from deltakd.demo_cmd import DemoConfig, assets, build_demo_cache
+from deltakd.demo.pipeline import DemoConfig, assets, build_demo_cache
 from deltakd.student.eval import EvalConfig, run_eval
 from deltakd.student.trainer import TrainConfig, train
 
@@ -108,7 +108,7 @@ def world_paths(world: str, work: Path) -> dict:
 
 
 def build_support_cache(paths: dict, out: Path, support: str) -> Path:
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     build_cache(CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
                                  student_base=paths["student_base"], data=paths["train"], out=str(out),
@@ -143,7 +143,7 @@ def main_online(argv=None):
     """ROUGE-L of students trained from caches (per support) and from the online full-vocabulary reference."""
     import sys
 
-    from deltakd.cache.inspect import summarize
+    from deltakd.cache.format.summary import summarize
 
     sys.path.insert(0, str(Path(__file__).parent))
     from online_ref import train_online

@@ -126,7 +126,7 @@ def prune_layers(model, keep: list[int]):
 def lm_train(model, seqs: list[tuple[list[int], list[int]]], steps: int, lr: float, batch: int, device: str,
              seed: int, pad_id: int) -> float:
     """Plain next-token training on (ids, loss mask) pairs, bf16 autocast on GPU: the SFT and healing stages."""
-    from deltakd.world import lm_batch
+    from deltakd.demo.synthetic import lm_batch
 
     g = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -149,7 +149,7 @@ def lm_train(model, seqs: list[tuple[list[int], list[int]]], steps: int, lr: flo
 @torch.no_grad()
 def self_generated(model, tok, n_samples: int, max_new: int, device: str) -> list[str]:
     """teacher_base's own answers to generic prompts (sampled, seeded): the healing text of the pruned student."""
-    from deltakd.cache.records import Record, prompt_text
+    from deltakd.cache.format.records import Record, prompt_text
 
     torch.manual_seed(0)
     texts = []
@@ -194,8 +194,8 @@ def main(argv=None):
     model_dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
-    from deltakd.cache.records import encode_record, read_records
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.format.records import encode_record, read_records
     from deltakd.student.eval import EvalConfig, run_eval
     from deltakd.student.trainer import TrainConfig, train
     from online_ref import train_online

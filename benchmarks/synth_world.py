@@ -24,7 +24,7 @@ def word_tokenizer(vocab: int, out: Path):
 
 
 def make(root: str | Path, vocab: int = 32000, n_records: int = 256, teacher=(256, 4), student=(128, 2), seed: int = 0) -> dict:
-    from deltakd.tiny import save_checkpoint, tiny_llama
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
     root = Path(root)
     if (root / "DONE.json").exists():

@@ -63,7 +63,7 @@ def rss_mb() -> float:
 def setup(work: Path) -> tuple[dict, Path]:
     import synth_world
 
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     paths = synth_world.make(work / "synth")
     cache = work / "cache"
@@ -75,7 +75,7 @@ def setup(work: Path) -> tuple[dict, Path]:
 
 
 def batches(cache: Path, n: int, batch_tokens: int):
-    from deltakd.cache.reader import CacheReader
+    from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
     out = []
@@ -162,7 +162,7 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
 
 def run_dist_case(mode: str, work: Path, steps: int, batch_tokens: int) -> dict | None:
     """One rank of a 2-rank gloo run of deltakd's train_step under --parallel `mode`."""
-    from deltakd.cache import dist
+    from deltakd.runtime import dist
     from deltakd.student.data import StreamingLoader
     from deltakd.student.trainer import TrainConfig, Trainer
 
@@ -213,7 +213,7 @@ def decoded_share(reader, fn) -> float:
 
 def loader_per_rank(work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1), (2, 2)), repeats: int = 3) -> list[dict]:
     """Rank 0 of N (accumulating `accum`) streams three epochs; best of `repeats`."""
-    from deltakd.cache.reader import CacheReader
+    from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
     _, cache = setup(work)
@@ -273,7 +273,7 @@ def print_loader(loader_rows: list[dict]) -> None:
 
 
 def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> float:
-    from deltakd.cache.reader import CacheReader
+    from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
     _, cache = setup(work)

@@ -12,12 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from .dataclass_args import add_dataclass_args, config_from_args
+from deltakd.dataclass_args import add_dataclass_args, config_from_args
 
 
 def register(sub) -> None:
-    from deltakd.cache.add_student import AddStudentConfig
-    from deltakd.cache.builder import CacheBuildConfig
+    from deltakd.cache.build.add_student import AddStudentConfig
+    from deltakd.cache.build.builder import CacheBuildConfig
 
     p = sub.add_parser("cache", help="build, extend, inspect and validate teacher caches")
     verbs = p.add_subparsers(dest="verb", required=True)
@@ -41,7 +41,7 @@ def register(sub) -> None:
 
 
 def _build(ns) -> int:
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     cfg = config_from_args(CacheBuildConfig, ns)
     try:
@@ -82,7 +82,7 @@ def _size(n: float) -> str:
 
 
 def _add_student(ns) -> int:
-    from deltakd.cache.add_student import AddStudentConfig, add_student
+    from deltakd.cache.build.add_student import AddStudentConfig, add_student
 
     m = add_student(config_from_args(AddStudentConfig, ns))
     print(f"student-base arrays added from {m['student']['checkpoint']['path']} to {ns.cache}")
@@ -90,8 +90,8 @@ def _add_student(ns) -> int:
 
 
 def _inspect(ns) -> int:
-    from deltakd.cache.inspect import format_example, format_summary, plot, summarize
-    from deltakd.cache.reader import CacheReader
+    from deltakd.cache.format.summary import format_example, format_summary, plot, summarize
+    from deltakd.cache.format.reader import CacheReader
 
     if ns.example is not None:
         print(format_example(ns.cache, ns.example, tokenizer_path=ns.tokenizer))
@@ -107,7 +107,7 @@ def _inspect(ns) -> int:
 
 
 def _validate(ns) -> int:
-    from deltakd.cache.validate import validate
+    from deltakd.cache.format.validate import validate
 
     problems = validate(ns.cache)
     for p in problems:

@@ -10,7 +10,7 @@ import sys
 
 
 def main(argv=None) -> int:
-    from . import __version__, cache_cmd
+    from deltakd import __version__, cache_cmd
 
     parser = argparse.ArgumentParser(prog="deltakd", description="Offline Delta Knowledge Distillation for LLMs.")
     parser.add_argument("--version", action="version", version=f"deltakd {__version__}")
@@ -37,8 +37,8 @@ def run_verb(ns) -> int:
     import errno
     import os
 
-    from deltakd.cache.lock import LockedError
-    from deltakd.cache.stop import Stopped
+    from deltakd.runtime.lock import LockedError
+    from deltakd.runtime.stop import Stopped
 
     def fail(msg: str, code: int = 2) -> int:
         if os.environ.get("DELTAKD_DEBUG"):

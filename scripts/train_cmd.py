@@ -10,7 +10,7 @@ import errno
 import json
 from pathlib import Path
 
-from .dataclass_args import add_dataclass_args, config_from_args
+from deltakd.dataclass_args import add_dataclass_args, config_from_args
 
 
 def load_config_file(path: str) -> dict:

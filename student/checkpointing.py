@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltakd.cache import dist
+from deltakd.runtime import dist
 
-from . import parallel
+from deltakd.student import parallel
 
 # Fields that may change between a run and its resume without changing the result.
 RESUME_FREE = {"out", "device", "log_every", "save_every", "eval_every", "eval_batches", "dry_run", "strict"}

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deltakd.cache.reader import CacheReader, ShardData
+from deltakd.cache.format.reader import CacheReader, ShardData
 
 TARGET_KEYS = ("support_ids", "valid", "logp_ft", "logp_base", "tail_ft", "tail_base", "sampled", "sample_tau")
 STUDENT_KEYS = ("logp_s0", "tail_s0", "tail_star")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from deltakd.cache import dist
-from deltakd.cache.records import DataError, Record, encode_prompt, read_records
+from deltakd.runtime import dist
+from deltakd.cache.format.records import DataError, Record, encode_prompt, read_records
 
 
 @dataclass(frozen=True)

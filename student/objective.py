@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deltakd.cache.support import masked_tail, support_logprobs
+from deltakd.cache.format.support import masked_tail, support_logprobs
 
-from . import losses as L
+from deltakd.student import losses as L
 
 TERMS = ("sft", "kd", "p1", "p2", "p3")
 NEEDS_S0 = ("p1", "p2", "p3")

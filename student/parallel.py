@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from deltakd.cache import dist
+from deltakd.runtime import dist
 
-from .objective import LossSpec, chunked_loss
+from deltakd.student.objective import LossSpec, chunked_loss
 
 PARALLEL = ("ddp", "fsdp")
 

@@ -13,7 +13,7 @@
 - A resume needs the same cache, not only the same path: the sha256 of the cache's
   manifest is kept in `RUN/cache_identity.json` and a rebuilt cache is refused.
 - SIGTERM / Ctrl-C: the loop saves a checkpoint at the next step boundary and stops
-  (see deltakd.cache.stop); the same command resumes.
+  (see deltakd.runtime.stop); the same command resumes.
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ import os
 import sys
 from pathlib import Path
 
-from deltakd.cache.lock import folder_lock
-from deltakd.cache.options import checkpoint_identity, local_checkpoint
-from deltakd.cache.reader import CacheReader
-from deltakd.cache.schema import MANIFEST
-from deltakd.cache.stop import graceful_stop
+from deltakd.runtime.lock import folder_lock
+from deltakd.runtime.config import checkpoint_identity, local_checkpoint
+from deltakd.cache.format.reader import CacheReader
+from deltakd.cache.format.schema import MANIFEST
+from deltakd.runtime.stop import graceful_stop
 
-from .checkpointing import RESUME_FREE
+from deltakd.student.checkpointing import RESUME_FREE
 
 IDENTITY_FILE = "cache_identity.json"
 

@@ -20,17 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltakd.cache import dist
-from deltakd.cache.reader import CacheReader
-from deltakd.cache.options import check_fields
-from deltakd.cache.schema import CacheFormatError
-from deltakd.cache.stop import Stopped, signal_name, stop_requested
+from deltakd.runtime import dist
+from deltakd.cache.format.reader import CacheReader
+from deltakd.runtime.config import check_fields
+from deltakd.cache.format.schema import CacheFormatError
+from deltakd.runtime.stop import Stopped, signal_name, stop_requested
 
-from .checkpointing import find_resume, load_training_state, save_final, save_training_state
-from .data import StreamingLoader
-from . import parallel
-from .objective import TERMS, LossSpec, student_base_targets
-from .run_guard import guarded
+from deltakd.student.checkpointing import find_resume, load_training_state, save_final, save_training_state
+from deltakd.student.data import StreamingLoader
+from deltakd.student import parallel
+from deltakd.student.objective import TERMS, LossSpec, student_base_targets
+from deltakd.student.run_guard import guarded
 
 LOSS_PRESETS = {"sft": {"sft": 1.0}, "kd": {"kd": 1.0}, "p1": {"p1": 1.0}, "p2": {"p2": 1.0},
                 "p3": {"p3": 1.0}, "kd+p3": {"kd": 1.0, "p3": 1.0}}
@@ -115,7 +115,7 @@ class TrainConfig:
             raise ValueError("--batch-tokens and --grad-accum must be positive")
         self.loss_spec()  # validates the loss settings
         if self.floor != "cache":
-            from deltakd.cache.schema import parse_floor
+            from deltakd.cache.format.schema import parse_floor
 
             parse_floor(self.floor)
 
@@ -177,7 +177,7 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
       its alpha grid, so training must use that floor and one of those alphas.
     - Temperature τ ≠ 1 with the tail bucket is exact only on the whole vocabulary.
     """
-    from deltakd.cache.schema import parse_floor
+    from deltakd.cache.format.schema import parse_floor
 
     cache_floor = reader.floor
     f = cache_floor if floor == "cache" else parse_floor(floor)
@@ -208,7 +208,7 @@ def check_student(reader: CacheReader, student_dir: str, needs_s0: bool, online:
     """Refuse a student that does not fit the cache, with what to do about it."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from deltakd.cache.records import tokenizer_identity
+    from deltakd.cache.format.records import tokenizer_identity
 
     tok = AutoTokenizer.from_pretrained(student_dir)
     tid = tokenizer_identity(tok)

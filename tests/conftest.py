@@ -32,7 +32,7 @@ def write_data(path, n=24, seed=0, long_every=0):
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """Tokenizer + teacher_ft / teacher_base / student_base checkpoints + data."""
-    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     root = tmp_path_factory.mktemp("world")
     rng = random.Random(0)
@@ -55,7 +55,7 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cache_dir(world, tmp_path_factory):
     """A cache with student-base arrays, several shards, k = 16."""
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     out = tmp_path_factory.mktemp("cache") / "c"
     data = write_data(tmp_path_factory.mktemp("data") / "train.jsonl", n=60, seed=1)

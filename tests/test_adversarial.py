@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deltakd.cache import schema
-from deltakd.cache.lock import HOLDER_FILE, is_lock_file
-from deltakd.cache.validate import validate
+from deltakd.cache.format import schema
+from deltakd.runtime.lock import HOLDER_FILE, is_lock_file
+from deltakd.cache.format.validate import validate
 from deltakd.cli import main
 
 
@@ -140,7 +140,7 @@ def test_validate_checks_totals_dtypes_and_unlisted_shards(cache_copy):
 
 # ------------------------------------------------------------------ 2. one writer per folder
 def _hold_lock(folder):
-    code = ("import sys, time; from deltakd.cache.lock import folder_lock\n"
+    code = ("import sys, time; from deltakd.runtime.lock import folder_lock\n"
             "with folder_lock(sys.argv[1], 'test holder'):\n    print('locked', flush=True); time.sleep(120)\n")
     p = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
@@ -168,7 +168,7 @@ def test_one_writer_per_folder(world, cache_copy, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / HOLDER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "command": "train",
                                                "since": time.time()}))
-    from deltakd.cache.lock import folder_lock
+    from deltakd.runtime.lock import folder_lock
 
     err = io.StringIO()
     with redirect_stderr(err), folder_lock(run, "test"):

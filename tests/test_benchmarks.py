@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 @pytest.fixture(scope="module")
 def exact_cache(world, tmp_path_factory):
     """A cache whose support is the whole vocabulary, values in float32: the cached twin of the online reference."""
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     out = tmp_path_factory.mktemp("exact") / "c"
     build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
@@ -68,7 +68,7 @@ def test_real_pair_smoke_runs_end_to_end_on_a_stand_in(tmp_path, capsys):
     import random
 
     import real_pair
-    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     rng = random.Random(0)
     texts = [real_pair.task(rng, real_pair.WORDS)["prompt"] for _ in range(200)] + real_pair.HEAL_PROMPTS

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-TEACHER_SIDE = ("deltakd.cache.builder", "deltakd.cache.forward", "deltakd.cache.add_student")
+TEACHER_SIDE = ("deltakd.cache.build.builder", "deltakd.cache.build.forward", "deltakd.cache.build.add_student")
 
 
 def test_student_modules_do_not_import_teacher_code():

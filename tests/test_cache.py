@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from deltakd.cache import schema
-from deltakd.cache.add_student import AddStudentConfig, add_student
-from deltakd.cache.builder import CacheBuildConfig, build_cache
-from deltakd.cache.forward import CheckpointError
-from deltakd.cache.reader import CacheReader
-from deltakd.cache.records import DataError
-from deltakd.cache.validate import validate
+from deltakd.cache.format import schema
+from deltakd.cache.build.add_student import AddStudentConfig, add_student
+from deltakd.cache.build.builder import CacheBuildConfig, build_cache
+from deltakd.cache.build.forward import CheckpointError
+from deltakd.cache.format.reader import CacheReader
+from deltakd.cache.format.records import DataError
+from deltakd.cache.format.validate import validate
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # relative rounding of each value dtype
 
@@ -278,7 +278,7 @@ def _bad_input(world, tmp_path, **over):
 
 
 def test_refuses_mismatched_tokenizers(world, tmp_path):
-    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     other_tok = train_tokenizer(["completely different words here"] * 10, 280, tmp_path / "tok2")
     other = save_checkpoint(tiny_llama(len(other_tok), tokenizer=other_tok), other_tok, tmp_path / "other")
@@ -290,7 +290,7 @@ def test_refuses_mismatched_tokenizers(world, tmp_path):
 def test_refuses_a_vocabulary_smaller_than_the_tokenizer(world, tmp_path):
     from transformers import AutoTokenizer
 
-    from deltakd.tiny import save_checkpoint, tiny_llama
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
     tok = AutoTokenizer.from_pretrained(world["teacher_ft"])
     small = save_checkpoint(tiny_llama(world["vocab"] - 5, tokenizer=tok), tok, tmp_path / "small")

@@ -58,7 +58,7 @@ def test_cli_inspect_and_bad_input_message(cache_dir, tmp_path):
 
 
 def test_quick_demo_end_to_end(tmp_path):
-    from deltakd.demo_cmd import DemoConfig, run_demo
+    from deltakd.demo.pipeline import DemoConfig, run_demo
 
     work = tmp_path / "demo"
     rep = run_demo(DemoConfig(workdir=str(work), quick=True))
@@ -82,7 +82,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "0.5*sft + 0.5*kd (divergence fkl, tail bucket)" in summary
     # The paragraph's "why" figures cover every supervised position; the finetuned teacher knows the task
     # better than the untuned student base.
-    from deltakd.demo_cmd import target_agreement
+    from deltakd.demo.pipeline import target_agreement
 
     agree = target_agreement(work / "cache", 1.0)
     assert agree["positions"] == json.loads((work / "cache" / "manifest.json").read_text())["totals"]["n_supervised"]

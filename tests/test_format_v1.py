@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deltakd.cache.reader import CacheReader
-from deltakd.cache.validate import validate
+from deltakd.cache.format.reader import CacheReader
+from deltakd.cache.format.validate import validate
 
 V1 = Path(__file__).parent / "data" / "cache_v1"
 

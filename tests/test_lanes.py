@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from deltakd.cache import schema
-from deltakd.cache.reader import CacheReader
+from deltakd.cache.format import schema
+from deltakd.cache.format.reader import CacheReader
 from deltakd.student.data import (StreamingLoader, in_split, interleave, lane_range_of, lane_ranges, plan_lanes,
                                   plan_shard)
 
@@ -141,7 +141,7 @@ def test_two_ranks_accumulating_two_equal_one_rank_accumulating_four(cache_dir):
 @pytest.fixture(scope="module")
 def chunky_cache(world, tmp_path_factory):
     """Two large shards whose arrays are cut into many small chunks (as a 65536-token shard is into ~10)."""
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     mp = pytest.MonkeyPatch()
     mp.setattr(schema, "ENTRY_CHUNK_ROWS", 2048)

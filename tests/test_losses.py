@@ -286,8 +286,8 @@ def test_jsd_at_the_ends_is_refused(beta):
 def sampled_targets(lT, lB, lS0, k: int, m: int, draws: int, alphas=(1.0,), min_tail=0.0, seed=0):
     """`draws` copies of each row through the builder's own lockstep_rows with m tail samples,
     as the reader hands them to the loss (padded, `sampled` marking the drawn entries)."""
-    from deltakd.cache.forward import lockstep_rows
-    from deltakd.cache.support import pad_ragged
+    from deltakd.cache.build.forward import lockstep_rows
+    from deltakd.cache.format.support import pad_ragged
 
     rep = lambda x: x.float().repeat(draws, 1)  # noqa: E731
     logits = {"ft": rep(lT), "base": rep(lB), "s0": rep(lS0)}

@@ -15,9 +15,9 @@ pytest.importorskip("s3fs")
 pytest.importorskip("upath")
 moto_server = pytest.importorskip("moto.server")
 
-from deltakd.cache import schema  # noqa: E402
-from deltakd.cache.reader import CacheReader  # noqa: E402
-from deltakd.cache.validate import validate  # noqa: E402
+from deltakd.cache.format import schema  # noqa: E402
+from deltakd.cache.format.reader import CacheReader  # noqa: E402
+from deltakd.cache.format.validate import validate  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "deltakd-test", "AWS_SECRET_ACCESS_KEY": "deltakd-test", "AWS_DEFAULT_REGION": "us-east-1"}
 

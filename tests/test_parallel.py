@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltakd.cache import dist
-from deltakd.cache.reader import CacheReader
+from deltakd.runtime import dist
+from deltakd.cache.format.reader import CacheReader
 from deltakd.student.data import StreamingLoader
 
 from conftest import same_batches
@@ -122,7 +122,7 @@ def tied_student(world, tmp_path_factory):
     """A student whose output layer is its input embedding (as SmolLM2's)."""
     from transformers import AutoTokenizer
 
-    from deltakd.tiny import save_checkpoint, tiny_llama
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
     tok = AutoTokenizer.from_pretrained(world["student_base"])
     m = tiny_llama(len(tok), hidden=32, seed=4, tokenizer=tok, tie=True)
@@ -313,7 +313,7 @@ def test_teacher_sharding_is_refused_without_a_gpu(world, tmp_path):
 
 
 def test_teacher_sharding_choices_on_a_gpu_node(world, fake_gpus, monkeypatch):
-    from deltakd.cache.forward import resolve_sharding
+    from deltakd.cache.build.forward import resolve_sharding
 
     teachers = [world["teacher_ft"], world["teacher_base"]]  # Llama: transformers has a TP plan
     with pytest.raises(ValueError, match="needs --device cuda"):
@@ -329,7 +329,7 @@ def test_teacher_sharding_choices_on_a_gpu_node(world, fake_gpus, monkeypatch):
     torchrun_env(monkeypatch, 2, 8, rank=10, world=16)
     with pytest.raises(ValueError, match="several nodes: use --teacher-sharding device_map"):
         resolve_sharding("tp", "cuda", teachers)
-    monkeypatch.setattr("deltakd.cache.forward.has_tp_plan", lambda p: False)
+    monkeypatch.setattr("deltakd.cache.build.forward.has_tp_plan", lambda p: False)
     torchrun_env(monkeypatch, 2, 8)
     with pytest.raises(ValueError, match="no tensor-parallel plan"):
         resolve_sharding("tp", "cuda", teachers)
@@ -338,7 +338,7 @@ def test_teacher_sharding_choices_on_a_gpu_node(world, fake_gpus, monkeypatch):
 def test_sharded_loading_hands_the_choice_to_transformers(world, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from deltakd.cache.forward import load_model
+    from deltakd.cache.build.forward import load_model
 
     seen = []
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltakd.cache.reader import CacheReader
-from deltakd.cache.schema import CacheFormatError
+from deltakd.cache.format.reader import CacheReader
+from deltakd.cache.format.schema import CacheFormatError
 from deltakd.student.data import StreamingLoader
 from deltakd.student.trainer import TrainConfig, Trainer, train
 
@@ -228,7 +228,7 @@ def test_dry_run_reports_and_writes_no_checkpoint(world, cache_dir, tmp_path):
 
 
 def test_online_student_base_equals_cached(world, tmp_path):
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     # Online, lS0 comes without the exact target tails (they need the teachers too): compare
     # with a cache that has none either (one model at a time).
@@ -242,8 +242,8 @@ def test_online_student_base_equals_cached(world, tmp_path):
 
 
 def test_refusals(world, cache_dir, tmp_path):
-    from deltakd.cache.builder import CacheBuildConfig, build_cache
-    from deltakd.tiny import save_checkpoint, tiny_llama, train_tokenizer
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     no_s0 = tmp_path / "nos0"
     build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
@@ -315,7 +315,7 @@ def test_tied_embeddings_checkpoint_and_resume(world, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from deltakd.student.checkpointing import load_training_state, save_training_state
-    from deltakd.tiny import save_checkpoint
+    from deltakd.demo.tiny import save_checkpoint
 
     tok = AutoTokenizer.from_pretrained(world["student_base"])
     torch.manual_seed(0)

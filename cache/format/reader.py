@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema, store, verify
-from .schema import CacheFormatError
-from .support import pad_ragged
+from deltakd.cache.format import schema, store, integrity
+from deltakd.cache.format.schema import CacheFormatError
+from deltakd.cache.format.support import pad_ragged
 
 ENTRY_ARRAYS = ("support_ids", "logp_ft", "logp_base", "logp_s0", "delta")  # delta: version 1 only
 ROW_ARRAYS = ("tail_ft", "tail_base", "tail_s0", "tail_star")
@@ -142,7 +142,7 @@ class CacheReader:
             if not schema.is_committed(self.root / schema.TEACHER_DIR / s["name"]):
                 raise CacheFormatError(f"{self.root}: shard {s['name']} listed in the manifest is missing")
         self.threads = threads
-        self.verify = verify  # see verify.py; off only to measure its cost
+        self.verify = verify  # see integrity.py; off only to measure its cost
 
     @property
     def version(self) -> int:
@@ -205,17 +205,17 @@ class CacheReader:
             st = schema.arrays_of(self.version, student=True)
             jobs += [(self.root / schema.STUDENT_DIR / name, n) for n in st if n != "tail_star" or self.alphas]
         if self.verify:
-            verify.check_files(self.root, self.manifest, name, names, student)
+            integrity.check_files(self.root, self.manifest, name, names, student)
         try:
             with ThreadPoolExecutor(self.threads) as ex:
                 raw = dict(zip([n for _, n in jobs], ex.map(lambda j: schema.read_group(j[0], [j[1]])[j[1]], jobs)))
         except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
-            raise CacheFormatError(f"{e}; {verify.hint(self.root)}") from e
+            raise CacheFormatError(f"{e}; {integrity.hint(self.root)}") from e
         if self.verify:
-            verify.check_raw(self.root, self.manifest, name, raw)
+            integrity.check_raw(self.root, self.manifest, name, raw)
         data = self._decode(raw)
         if self.verify:
-            verify.check_values(self.root, name, data.arrays, self.version)
+            integrity.check_values(self.root, name, data.arrays, self.version)
         return data
 
     def read_rows(self, name: str, index: ShardData, rows: np.ndarray, student: bool | None = None) -> ShardData:
@@ -243,21 +243,21 @@ class CacheReader:
             jobs += [(sdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, True).items()
                      if n != "tail_star" or self.alphas]
         if self.verify:
-            verify.check_files(self.root, self.manifest, name, [n for d, n, _ in jobs if d == tdir], student)
+            integrity.check_files(self.root, self.manifest, name, [n for d, n, _ in jobs if d == tdir], student)
         try:
             with ThreadPoolExecutor(self.threads) as ex:
                 raw = dict(zip([n for _, n, _ in jobs], ex.map(lambda j: schema.read_rows(*j), jobs)))
         except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
-            raise CacheFormatError(f"{e}; {verify.hint(self.root)}") from e
+            raise CacheFormatError(f"{e}; {integrity.hint(self.root)}") from e
         if self.verify:
-            verify.check_raw(self.root, self.manifest, name, raw, rows=False)
+            integrity.check_raw(self.root, self.manifest, name, raw, rows=False)
         lengths = off[rows + 1] - off[rows]
         raw["seq_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         raw["loss_mask"] = index.arrays["loss_mask"].numpy()[idx["token"]].astype(np.uint8)
         raw["example_ids"] = index.arrays["example_ids"].numpy()[rows]
         data = self._decode(raw)
         if self.verify:
-            verify.check_values(self.root, name, data.arrays, self.version)
+            integrity.check_values(self.root, name, data.arrays, self.version)
         return data
 
     def _decode(self, raw: dict[str, np.ndarray]) -> ShardData:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import schema, verify
-from .reader import CacheReader
+from deltakd.cache.format import schema, integrity
+from deltakd.cache.format.reader import CacheReader
 
 
 def _check_group(gdir: Path, expected: dict[str, str], label: str) -> list[str]:
@@ -50,12 +50,12 @@ def validate(path: str | Path) -> list[str]:
             continue
         try:
             teacher = list(schema.arrays_of(reader.version, False, m))
-            verify.check_files(root, m, name, teacher, bool(m.get("student")))
+            integrity.check_files(root, m, name, teacher, bool(m.get("student")))
             a = schema.read_group(root / schema.TEACHER_DIR / name, teacher)
             if m.get("student"):
                 names = [n for n in schema.arrays_of(reader.version, True) if n != "tail_star" or reader.alphas]
                 a.update(schema.read_group(root / schema.STUDENT_DIR / name, names))
-            verify.check_raw(root, m, name, a)
+            integrity.check_raw(root, m, name, a)
         except schema.CacheFormatError as e:
             problems.append(str(e).split("; run `deltakd cache validate")[0])
             continue

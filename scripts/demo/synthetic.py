@@ -1,6 +1,6 @@
 """A small world a CPU can learn in minutes: corpus, instructions, tokenizer, checkpoints.
 
-    python -m deltakd.world --out scripts/demo_assets      # rebuild the shipped demo assets
+    python -m deltakd.demo.synthetic --out scripts/demo/assets      # rebuild the shipped demo assets
 
 Seeded and deterministic. A knowledge base of invented creatures is stated in a
 pretraining corpus and asked about in instructions; other tasks transform word
@@ -170,9 +170,9 @@ def _lm_train(model, sequences, steps: int, lr: float, batch: int, seed: int, de
 def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: int = 600) -> dict:
     import torch
 
-    from deltakd.cache.records import encode_record, read_records
+    from deltakd.cache.format.records import encode_record, read_records
 
-    from .tiny import save_checkpoint, tiny_llama, train_tokenizer
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     torch.manual_seed(seed)
     out = Path(out)
@@ -201,7 +201,7 @@ def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: in
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "demo_assets"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "assets"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=1500, help="pretraining steps of each base model")
     ap.add_argument("--sft-steps", type=int, default=600, help="SFT steps of the teacher")

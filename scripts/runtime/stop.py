@@ -44,7 +44,7 @@ def stop_requested(world: int = 1, device=None) -> int | None:
     if world > 1:
         import torch
 
-        from . import dist
+        from deltakd.runtime import dist
 
         t = dist.all_sum(torch.tensor([float(sig)], device=device), world)  # one tiny all-reduce per step
         sig = int(t.item()) and (sig or signal.SIGTERM)
@@ -110,7 +110,7 @@ def stops_cleanly(what: str, root_of):
                 try:
                     return fn(cfg, *a, **kw)
                 except Stopped as e:
-                    from . import schema
+                    from deltakd.cache.format import schema
 
                     root = root_of(cfg)
                     schema.clean_partials(root)  # what the interrupted shard left aside

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema
-from .reader import CacheReader
+from deltakd.cache.format import schema
+from deltakd.cache.format.reader import CacheReader
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

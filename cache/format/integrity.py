@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import schema, store
-from .schema import CacheFormatError
+from deltakd.cache.format import schema, store
+from deltakd.cache.format.schema import CacheFormatError
 
 
 def hint(root: Path) -> str:

@@ -18,13 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import schema, store
-from .builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases
-from .forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows
-from .lock import locked
-from .options import check_fields
-from .records import tokenizer_identity
-from .stop import stops_cleanly
+from deltakd.cache.format import schema, store
+from deltakd.cache.build.builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases
+from deltakd.cache.build.forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows
+from deltakd.runtime.lock import locked
+from deltakd.runtime.config import check_fields
+from deltakd.cache.format.records import tokenizer_identity
+from deltakd.runtime.stop import stops_cleanly
 
 
 @dataclass(frozen=True)

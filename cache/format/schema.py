@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
+from deltakd.cache.format import store
 
 FORMAT_NAME = "deltakd-cache"
 FORMAT_VERSION = 2
@@ -229,7 +229,7 @@ def group_checksums(group_dir) -> dict[str, str]:
 
 def write_group(group_dir, arrays: dict[str, np.ndarray]) -> None:
     """Write whole arrays into a fresh zarr v3 group (one writer per group: see FORMAT.md)."""
-    from .stop import deferred
+    from deltakd.runtime.stop import deferred
 
     with deferred():  # SIGTERM / Ctrl-C during a build: the group is finished first (stop.py)
         _write_arrays(group_dir, arrays)

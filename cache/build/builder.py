@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist, schema, store
-from .forward import (SHARDING, CheckpointError, checkpoint_identity, input_device, load_model, load_tokenizer,
+from deltakd.runtime import dist
+from deltakd.cache.format import schema, store
+from deltakd.cache.build.forward import (SHARDING, CheckpointError, checkpoint_identity, input_device, load_model, load_tokenizer,
                       lockstep_rows, logit_chunks, output_rows, resolve_sharding, supervised_hidden)
-from .lock import is_lock_file, locked
-from .options import check_fields
-from .stop import stops_cleanly
-from .support import pad_ragged, support_logprobs
-from .records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
+from deltakd.runtime.lock import is_lock_file, locked
+from deltakd.runtime.config import check_fields
+from deltakd.runtime.stop import stops_cleanly
+from deltakd.cache.format.support import pad_ragged, support_logprobs
+from deltakd.cache.format.records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
 
 
 @dataclass(frozen=True)

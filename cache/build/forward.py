@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .support import floored_shift, pad_ragged, support_logprobs
+from deltakd.cache.format.support import floored_shift, pad_ragged, support_logprobs
 
 # Checkpoint identity lives with the other input checks, where the student side can use it too.
-from .options import WEIGHT_SUFFIXES, CheckpointError, checkpoint_identity  # noqa: E402,F401
+from deltakd.runtime.config import WEIGHT_SUFFIXES, CheckpointError, checkpoint_identity  # noqa: E402,F401
 
 
 def load_tokenizer(path: str | Path):
@@ -71,7 +71,7 @@ def resolve_sharding(mode: str, device: str, paths) -> str:
                          "(torch.cuda.is_available() is False); use --teacher-sharding none on this machine")
     if torch.device(device).type != "cuda":
         raise ValueError(f"--teacher-sharding {mode} needs --device cuda (got --device {device})")
-    from . import dist
+    from deltakd.runtime import dist
 
     world, local_world = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     plans = {str(p): has_tp_plan(p) for p in paths}
