@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def _eval(ns) -> int:
-    from deltakd.runtime.config import local_checkpoint
+    from deltakd.runtime.checkpoints import local_checkpoint
     from deltakd.student.eval import EvalConfig, format_table, run_eval
 
     for m in ns.model:  # a mistyped folder fails now, not after a model hub lookup

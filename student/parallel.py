@@ -19,6 +19,8 @@ default, which is switched off below.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from pathlib import Path
 
 import torch
@@ -109,18 +111,10 @@ def set_sync(module, sync: bool):
     """Gradient communication only on the last micro-batch of a step (accumulation)."""
     if is_fsdp(module):
         module.set_requires_gradient_sync(sync)
-        return _null()
+        return nullcontext()
     if hasattr(module, "no_sync") and not sync:
         return module.no_sync()
-    return _null()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    return nullcontext()
 
 
 def full_value(x) -> torch.Tensor:

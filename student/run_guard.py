@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from deltakd.runtime.lock import folder_lock
-from deltakd.runtime.config import checkpoint_identity, local_checkpoint
+from deltakd.runtime.checkpoints import checkpoint_identity, local_checkpoint
 from deltakd.cache.format.reader import CacheReader
 from deltakd.cache.format.schema import MANIFEST
 from deltakd.runtime.stop import graceful_stop

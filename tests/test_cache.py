@@ -17,7 +17,7 @@ import torch
 from deltakd.cache.format import schema
 from deltakd.cache.build.add_student import AddStudentConfig, add_student
 from deltakd.cache.build.builder import CacheBuildConfig, build_cache
-from deltakd.cache.build.forward import CheckpointError
+from deltakd.runtime.checkpoints import CheckpointError
 from deltakd.cache.format.reader import CacheReader
 from deltakd.cache.format.records import DataError
 from deltakd.cache.format.validate import validate

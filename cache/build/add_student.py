@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltakd.cache.format import schema, store
-from deltakd.cache.build.builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases
-from deltakd.cache.build.forward import CheckpointError, checkpoint_identity, load_tokenizer, output_rows
+from deltakd.cache.build.builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases, stops_cleanly
+from deltakd.cache.build.forward import load_tokenizer, output_rows
+from deltakd.runtime.checkpoints import CheckpointError, checkpoint_identity
 from deltakd.runtime.lock import locked
 from deltakd.runtime.config import check_fields
 from deltakd.cache.format.records import tokenizer_identity
-from deltakd.runtime.stop import stops_cleanly
 
 
 @dataclass(frozen=True)

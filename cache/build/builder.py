@@ -14,6 +14,7 @@ build resumes from the last finished phase of each shard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -26,11 +27,12 @@ import torch
 
 from deltakd.runtime import dist
 from deltakd.cache.format import schema, store
-from deltakd.cache.build.forward import (SHARDING, CheckpointError, checkpoint_identity, input_device, load_model, load_tokenizer,
+from deltakd.runtime.checkpoints import CheckpointError, checkpoint_identity
+from deltakd.cache.build.forward import (SHARDING, input_device, load_model, load_tokenizer,
                       lockstep_rows, logit_chunks, output_rows, resolve_sharding, supervised_hidden)
 from deltakd.runtime.lock import is_lock_file, locked
 from deltakd.runtime.config import check_fields
-from deltakd.runtime.stop import stops_cleanly
+from deltakd.runtime.stop import Stopped, graceful_stop
 from deltakd.cache.format.support import pad_ragged, support_logprobs
 from deltakd.cache.format.records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
 
@@ -554,6 +556,28 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
 
 
 @locked(lambda cfg: cfg.out, "cache build")
+def stops_cleanly(what: str, root_of):
+    """Decorator for a cache writer `fn(cfg)`: a signal abandons the shard in progress and says what is kept."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(cfg, *a, **kw):
+            with graceful_stop(what, at="once"):
+                try:
+                    return fn(cfg, *a, **kw)
+                except Stopped as e:
+                    from deltakd.cache.format import schema
+
+                    root = root_of(cfg)
+                    schema.clean_partials(root)  # what the interrupted shard left aside
+                    kept = sum(1 for p in (root / schema.TEACHER_DIR).glob("shard-*") if schema.is_committed(p))
+                    raise Stopped(f"{e}: the shard in progress was abandoned, the {kept} committed shard(s) of "
+                                  f"{root} are kept; run the same command to resume", e.signum) from None
+
+        return inner
+
+    return wrap
+
+
 @stops_cleanly("cache build", lambda cfg: store.cache_root(cfg.out))
 def build_cache(cfg: CacheBuildConfig) -> dict:
     rank, world = dist.init(cfg.device)

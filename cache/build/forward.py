@@ -17,7 +17,7 @@ import torch
 from deltakd.cache.format.support import floored_shift, pad_ragged, support_logprobs
 
 # Checkpoint identity lives with the other input checks, where the student side can use it too.
-from deltakd.runtime.config import WEIGHT_SUFFIXES, CheckpointError, checkpoint_identity  # noqa: E402,F401
+from deltakd.runtime.checkpoints import WEIGHT_SUFFIXES, CheckpointError  # noqa: E402
 
 
 def load_tokenizer(path: str | Path):

@@ -97,27 +97,3 @@ def deferred():
         what, signum = _pending.pop()
         _pending.clear()
         raise Stopped(f"{what} stopped by {signal_name(signum)}", signum)
-
-
-def stops_cleanly(what: str, root_of):
-    """Decorator for a cache writer `fn(cfg)`: a signal abandons the shard in progress and says what is kept."""
-    import functools
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(cfg, *a, **kw):
-            with graceful_stop(what, at="once"):
-                try:
-                    return fn(cfg, *a, **kw)
-                except Stopped as e:
-                    from deltakd.cache.format import schema
-
-                    root = root_of(cfg)
-                    schema.clean_partials(root)  # what the interrupted shard left aside
-                    kept = sum(1 for p in (root / schema.TEACHER_DIR).glob("shard-*") if schema.is_committed(p))
-                    raise Stopped(f"{e}: the shard in progress was abandoned, the {kept} committed shard(s) of "
-                                  f"{root} are kept; run the same command to resume", e.signum) from None
-
-        return inner
-
-    return wrap
