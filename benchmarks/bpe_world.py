@@ -130,7 +130,7 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
 
     from deltakd.cache.format.records import encode_record, read_records
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
-    from deltakd.demo.synthetic import _lm_train
+    from deltakd.demo.synthetic import lm_train
 
     out = Path(out)
     paths = {k: str(out / k) for k in ("teacher_base", "teacher_ft", "student_base")} | {
@@ -150,12 +150,12 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
         ids, plen, _ = encode_record(tok, r, 128)
         sft.append((ids, [0] * plen + [1] * (len(ids) - plen)))
     teacher = tiny_llama(len(tok), seed=seed + 1, max_positions=256, tokenizer=tok, **TEACHER)
-    _lm_train(teacher, pre, steps, 3e-3, batch, seed, "teacher base")
+    lm_train(teacher, pre, steps, 3e-3, batch, seed, "teacher base")
     save_checkpoint(teacher, tok, out / "teacher_base")
-    _lm_train(teacher, sft, sft_steps, 1e-3, batch, seed + 1, "teacher sft")
+    lm_train(teacher, sft, sft_steps, 1e-3, batch, seed + 1, "teacher sft")
     save_checkpoint(teacher, tok, out / "teacher_ft")
     student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **STUDENT)
-    _lm_train(student, pre, steps, 3e-3, batch, seed + 2, "student base")
+    lm_train(student, pre, steps, 3e-3, batch, seed + 2, "student base")
     save_checkpoint(student, tok, out / "student_base")
     (out / "WORLD.json").write_text(json.dumps({
         "seed": seed, "steps": steps, "sft_steps": sft_steps, "batch": batch, "teacher": TEACHER, "student": STUDENT,

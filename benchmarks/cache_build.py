@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import synth_world  # noqa: E402
 
 from deltakd.runtime import dist  # noqa: E402
-from deltakd.cache.build.builder import CacheBuildConfig, _batches, _pad_batch, build_cache, plan_shards  # noqa: E402
+from deltakd.cache.build.builder import CacheBuildConfig, length_sorted_batches, pad_batch, build_cache, plan_shards  # noqa: E402
 from deltakd.cache.build.forward import load_model, load_tokenizer  # noqa: E402
 from deltakd.cache.format.records import read_records  # noqa: E402
 
@@ -42,8 +42,8 @@ def bare_forward_seconds(paths: dict, cfg: CacheBuildConfig) -> tuple[float, int
         _sync(dev)
         t0 = time.perf_counter()
         for seqs in plan.shards:
-            for batch in _batches(seqs, cfg.batch_size):
-                ids, att, _ = _pad_batch(seqs, batch, tok.pad_token_id or 0, dev)
+            for batch in length_sorted_batches(seqs, cfg.batch_size):
+                ids, att, _ = pad_batch(seqs, batch, tok.pad_token_id or 0, dev)
                 model(input_ids=ids, attention_mask=att).logits.float().sum().item()
                 tokens += int(att.sum())
         _sync(dev)

@@ -19,7 +19,7 @@ DIVERGENCES = ("fkl", "rkl", "jsd", "skew_fkl", "skew_rkl")
 NEG_INF = float("-inf")
 
 
-def _f(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
@@ -69,7 +69,7 @@ def divergence(target_log: torch.Tensor, student_log: torch.Tensor, kind: str = 
     skew_rkl  KL(s ‖ λ·s + (1−λ)·t)                      DistiLLM skew reverse KL
     """
     assert target_log.shape == student_log.shape, (target_log.shape, student_log.shape)
-    t, s = _f(target_log), _f(student_log)
+    t, s = upcast(target_log), upcast(student_log)
     if kind == "fkl":
         return kl(t, s)
     if kind == "rkl":
@@ -93,9 +93,9 @@ def support(logp_k: torch.Tensor, tail: torch.Tensor, mode: str = "bucket", temp
     is a sum of many probabilities, and (Σp)^(1/τ) ≠ Σp^(1/τ)); the trainer refuses it
     otherwise (objective.LossSpec / trainer).
     """
-    x = _f(logp_k)
+    x = upcast(logp_k)
     if mode == "bucket":
-        x = torch.cat([x, _f(tail)[:, None]], dim=-1)
+        x = torch.cat([x, upcast(tail)[:, None]], dim=-1)
     elif mode != "renorm":
         raise ValueError(f"unknown tail mode {mode!r}; choose bucket or renorm")
     if temperature != 1.0 or mode == "renorm":
@@ -118,7 +118,7 @@ def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor)
     samples come back unchanged, with 0. Targets carry no gradient.
     """
     with torch.no_grad():
-        t = _f(target)
+        t = upcast(target)
         vals, bucket = t[:, :-1], t[:, -1]
         has = sampled.any(1)
         ninf = torch.full((), NEG_INF, dtype=t.dtype)
@@ -143,7 +143,7 @@ def masked_sum(per_row: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.
 
 def sft_loss(student_logp_next: torch.Tensor, mask=None):
     """Cross-entropy −log pθ(y_{t+1}) of the reference next token. (N,) -> sum, count."""
-    return masked_sum(-_f(student_logp_next), mask)
+    return masked_sum(-upcast(student_logp_next), mask)
 
 
 def kd_loss(student_log, teacher_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
@@ -153,7 +153,7 @@ def kd_loss(student_log, teacher_log, mask=None, kind="fkl", beta=0.5, skew=0.1,
 
 def teacher_shift(ft_log: torch.Tensor, base_log: torch.Tensor, floor: float | None = None) -> torch.Tensor:
     """Δ = lT − lB, or max(lT, f) − max(lB, f) with a floor f; 0 where both are −inf (padding, empty tails)."""
-    ft_log, base_log = _f(ft_log), _f(base_log)
+    ft_log, base_log = upcast(ft_log), upcast(base_log)
     if floor is None:
         return log_ratio(ft_log, base_log)
     return ft_log.clamp_min(floor) - base_log.clamp_min(floor)
@@ -169,9 +169,9 @@ def delta_target(s0_log: torch.Tensor, ft_log: torch.Tensor, base_log: torch.Ten
     log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it. `cells` = (sampled, log_c)
     respreads the tail over the sampled ids (tail_cells).
     """
-    logits = _f(s0_log) + alpha * teacher_shift(ft_log, base_log, floor)
+    logits = upcast(s0_log) + alpha * teacher_shift(ft_log, base_log, floor)
     if tail_star is not None:
-        logits = torch.cat([logits[:, :-1], _f(tail_star)[:, None]], dim=-1)
+        logits = torch.cat([logits[:, :-1], upcast(tail_star)[:, None]], dim=-1)
     target = torch.log_softmax(logits, dim=-1)
     return target if cells is None else tail_cells(target, *cells)[0]
 
@@ -193,7 +193,7 @@ def _forward_with_cells(target, student_log, kind, beta, skew, cells, mask):
 
 def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
     """P2 other diagonal: D(πT ‖ norm(πB·πθ/πS0)): the student's shift applied to the teacher base."""
-    q = torch.log_softmax(_f(base_log) + log_ratio(_f(student_log), _f(s0_log)), dim=-1)
+    q = torch.log_softmax(upcast(base_log) + log_ratio(upcast(student_log), upcast(s0_log)), dim=-1)
     return _forward_with_cells(ft_log, q, kind, beta, skew, cells, mask)
 
 
@@ -201,7 +201,7 @@ def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, f
     """P3 shift-matching: Σ_y w(y)·(e(y) − ē)², e = Δθ − α·Δ, Δθ = lθ − lS0, w = π* (no gradient),
     ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant."""
     w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star, cells).detach().exp()
-    e = log_ratio(_f(student_log), _f(s0_log)) - alpha * teacher_shift(ft_log, base_log, floor)
+    e = log_ratio(upcast(student_log), upcast(s0_log)) - alpha * teacher_shift(ft_log, base_log, floor)
     zero = torch.zeros((), dtype=e.dtype)
     e = torch.where(w > 0, e, zero)
     centred = e - (w * e).sum(-1, keepdim=True)

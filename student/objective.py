@@ -105,9 +105,9 @@ def tail_cells_of(tg: dict, spec: LossSpec):
     if "sampled" not in tg or spec.tail != "bucket":
         return None
     sampled = tg["sampled"]
-    lt = L._f(tg["logp_ft"])
+    lt = L.upcast(tg["logp_ft"])
     # log c = max(lT, log τ) − lT; off the drawn entries (padding: lT = −inf) it is unused, set to 0.
-    log_c = (L._f(tg["sample_tau"])[:, None] - lt).clamp_min(0)
+    log_c = (L.upcast(tg["sample_tau"])[:, None] - lt).clamp_min(0)
     return sampled, torch.where(sampled, log_c, torch.zeros((), dtype=lt.dtype))
 
 
@@ -174,13 +174,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros_like(weight)
         grad_b = torch.zeros_like(bias) if bias is not None else None
-        sums = hidden.new_zeros(len(spec.active), dtype=L._f(hidden).dtype)
+        sums = hidden.new_zeros(len(spec.active), dtype=L.upcast(hidden).dtype)
         w_v = weight[:vocab]  # (V, H): output rows beyond the tokenizer get no gradient
         b_v = bias[:vocab] if bias is not None else None
         for s in range(0, n, rows):
             h = hidden[s:s + rows]
             tg = {k: v[s:s + rows] for k, v in zip(keys, tg_values)}
-            logits = L._f(torch.nn.functional.linear(h, w_v, b_v))  # (c, V), float32 or float64
+            logits = L.upcast(torch.nn.functional.linear(h, w_v, b_v))  # (c, V), float32 or float64
             if spec.temperature == 1.0:
                 terms, g = _fused_chunk(logits, tg, spec, weights)
             else:  # two softmaxes (τ and 1): plain autograd on the chunk
@@ -218,7 +218,7 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict, spe
         assert v.shape[0] == n, f"target {k} has {v.shape[0]} rows, hidden has {n}"
     keys = sorted(targets)
     weights = torch.tensor([float(spec.weights[t]) for t in spec.active], device=hidden.device,
-                           dtype=L._f(hidden).dtype)
+                           dtype=L.upcast(hidden).dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
         return _FusedHeadLoss.apply(hidden, head.weight, head.bias, weights, vocab, spec, keys,
                                     *[targets[k] for k in keys])

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deltakd.cache.format import schema, store
-from deltakd.cache.build.builder import CacheBuildConfig, Sequence, _load_stage, commit_student_shard, run_phases, stops_cleanly
+from deltakd.cache.build.builder import CacheBuildConfig, Sequence, load_stage, commit_student_shard, run_phases, stops_cleanly
 from deltakd.cache.build.forward import load_tokenizer, output_rows
 from deltakd.runtime.checkpoints import CheckpointError, checkpoint_identity
 from deltakd.runtime.lock import locked
@@ -97,7 +97,7 @@ def add_student(cfg: AddStudentConfig) -> dict:
     timings = run_phases(root, todo, shards, {"s0": cfg.student_base}, bcfg, manifest["vocab_size"],
                          tok.pad_token_id or 0, rank=0)
     for n in todo:
-        commit_student_shard(root, n, _load_stage(root, n, "s0"), manifest["value_dtype"], ident)
+        commit_student_shard(root, n, load_stage(root, n, "s0"), manifest["value_dtype"], ident)
     store.rmtree(store.local_stage(root))  # a finished cache has no stage
     metas = [json.loads((sdir / n / schema.SHARD_META).read_text()) for n in names]
     manifest["student"] = {"checkpoint": ident, "alphas": [],

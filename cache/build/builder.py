@@ -208,14 +208,14 @@ def _save_stage(path: Path, **arrays):
     os.replace(tmp, path)
 
 
-def _batches(seqs: list[Sequence], batch_size: int):
+def length_sorted_batches(seqs: list[Sequence], batch_size: int):
     """Batches of sequence indices, sorted by length so that padding stays small."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
     for s in range(0, len(order), batch_size):
         yield order[s:s + batch_size]
 
 
-def _pad_batch(seqs: list[Sequence], batch: list[int], pad_id: int, device):
+def pad_batch(seqs: list[Sequence], batch: list[int], pad_id: int, device):
     L = max(len(seqs[i].tokens) for i in batch)
     inp = torch.full((len(batch), L), pad_id, dtype=torch.long)
     att = torch.zeros((len(batch), L), dtype=torch.long)
@@ -279,8 +279,8 @@ def run_batches(models: dict, seqs: list[Sequence], cfg: CacheBuildConfig, vocab
     """
     out: list[dict | None] = [None] * len(seqs)
     device = input_device(next(iter(models.values())))  # a spread model takes its ids where its embedding is
-    for batch in _batches(seqs, cfg.batch_size):
-        inp, att, msk = _pad_batch(seqs, batch, pad_id, device)
+    for batch in length_sorted_batches(seqs, cfg.batch_size):
+        inp, att, msk = pad_batch(seqs, batch, pad_id, device)
         hidden = {r: supervised_hidden(m, inp, att, msk) for r, m in models.items()}
         counts = msk.sum(1).tolist()
         ids_flat = lengths = None
@@ -421,7 +421,7 @@ def _flatten(res: list[dict]) -> dict[str, np.ndarray]:
     return {"n": np.int64(len(res)), **arrays}
 
 
-def _load_stage(root: Path, name: str, phase: str) -> list[dict]:
+def load_stage(root: Path, name: str, phase: str) -> list[dict]:
     z = np.load(_stage(root, name) / f"{phase}.npz")
     n = int(z["n"])
     keys = {f.rsplit("_", 1)[0] for f in z.files if f != "n"}
@@ -431,7 +431,7 @@ def _load_stage(root: Path, name: str, phase: str) -> list[dict]:
 def _load_support(root: Path, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """(lengths, ids) per sequence: from this build's stage, else from the committed shard."""
     if (_stage(root, name) / "ft.npz").exists():
-        return [(d["len"], d["ids"]) for d in _load_stage(root, name, "ft")]
+        return [(d["len"], d["ids"]) for d in load_stage(root, name, "ft")]
     return support_from_committed(root, name)
 
 
@@ -634,7 +634,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
             timings.update(run_phases(root, pending, shards, {"s0": phases["s0"]}, cfg, vocab, pad_id, rank,
                                       sharding, writer))
         for n in pending if writer else []:
-            staged = [_load_stage(root, n, p) for p in phases if (_stage(root, n) / f"{p}.npz").exists()]
+            staged = [load_stage(root, n, p) for p in phases if (_stage(root, n) / f"{p}.npz").exists()]
             res = [dict(kv for d in per_phase for kv in d.items()) for per_phase in zip(*staged)] if staged else []
             commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)
     dist.barrier(world)

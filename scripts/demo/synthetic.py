@@ -146,7 +146,7 @@ def lm_batch(rows, pad_id: int):
     return ids, att, lab
 
 
-def _lm_train(model, sequences, steps: int, lr: float, batch: int, seed: int, desc: str):
+def lm_train(model, sequences, steps: int, lr: float, batch: int, seed: int, desc: str):
     """Plain next-token training on (ids, loss_mask) pairs; used only to make the demo checkpoints."""
     import torch
     from tqdm import tqdm
@@ -187,12 +187,12 @@ def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: in
         ids, plen, _ = encode_record(tok, r, 128)
         sft.append((ids, [0] * plen + [1] * (len(ids) - plen)))
     teacher = tiny_llama(len(tok), seed=seed + 1, max_positions=256, tokenizer=tok, **TEACHER)
-    _lm_train(teacher, pre, steps, 3e-3, 32, seed, "teacher base")
+    lm_train(teacher, pre, steps, 3e-3, 32, seed, "teacher base")
     save_checkpoint(teacher, tok, out / "teacher_base")
-    _lm_train(teacher, sft, sft_steps, 1e-3, 32, seed + 1, "teacher sft")
+    lm_train(teacher, sft, sft_steps, 1e-3, 32, seed + 1, "teacher sft")
     save_checkpoint(teacher, tok, out / "teacher_ft")
     student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **STUDENT)
-    _lm_train(student, pre, steps, 3e-3, 32, seed + 2, "student base")
+    lm_train(student, pre, steps, 3e-3, 32, seed + 2, "student base")
     save_checkpoint(student, tok, out / "student_base")
     (out / "WORLD.json").write_text(json.dumps({"seed": seed, "steps": steps, "sft_steps": sft_steps,
                                                 "teacher": TEACHER, "student": STUDENT, "vocab": len(tok)}, indent=1))
