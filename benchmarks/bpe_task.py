@@ -1,6 +1,6 @@
 """A seeded world with a realistic vocabulary: an 8k byte-level BPE, checkpoints pretrained on its corpus.
 
-    OMP_NUM_THREADS=1 python benchmarks/bpe_world.py --out runs/bpe_world   # ~12 min on a shared CPU; reused if present
+    OMP_NUM_THREADS=1 python -m benchmarks.bpe_task --out runs/bpe_world   # ~12 min on a shared CPU; reused if present
 
 (One thread: on a CPU shared with other jobs, two torch threads ran 10-20x slower than one.)
 

@@ -1,6 +1,6 @@
 """Cache build time divided by the bare forward passes of the same checkpoints on the same data.
 
-    python benchmarks/cache_build.py [--workdir runs/bench-build]
+    python -m benchmarks.cache_build [--workdir runs/bench-build]
 
 "Bare forward": each checkpoint's plain Hugging Face forward (full logits) over the
 same length-sorted batches, no_grad, models already loaded. "Build": the whole
@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-import synth_world  # noqa: E402
+from benchmarks import synth_vocab
 
 from deltakd.runtime import dist  # noqa: E402
 from deltakd.cache.build.builder import CacheBuildConfig, length_sorted_batches, pad_batch, build_cache, plan_shards  # noqa: E402
@@ -81,10 +79,10 @@ def main():
     demo = assets(DemoConfig(workdir=str(work / "demo")), work / "demo")
     demo["data"] = demo["train"]
     rows = [measure("demo (V=662)", demo, work / "cache-demo", max_length=128, batch_size=32, shard_tokens=32768),
-            measure("synthetic (V=32000)", synth_world.make(work / "synth"), work / "cache-synth", max_length=256,
+            measure("synthetic (V=32000)", synth_vocab.make(work / "synth"), work / "cache-synth", max_length=256,
                     batch_size=8, shard_tokens=65536),
             # Hidden 1024: the output projection weighs as in real models, relative to the extraction.
-            measure("synth wide (V=32000,H=1024)", synth_world.make(work / "synth-wide", n_records=64, teacher=(1024, 2),
+            measure("synth wide (V=32000,H=1024)", synth_vocab.make(work / "synth-wide", n_records=64, teacher=(1024, 2),
                                                                     student=(512, 2)),
                     work / "cache-synth-wide", max_length=256, batch_size=8, shard_tokens=65536)]
     print(f"\n{'world':<30}{'tokens':>8}{'bare fwd s':>12}{'build s':>10}{'phases s':>10}{'build/bare':>12}{'phases/bare':>13}")

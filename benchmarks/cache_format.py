@@ -1,6 +1,6 @@
 """Bytes on disk per supervised token and read throughput, by codec and chunking.
 
-    python benchmarks/cache_format.py [--workdir runs/bench-format]
+    python -m benchmarks.cache_format [--workdir runs/bench-format]
 
 Arrays come from the demo cache (k = 64, float16, a trained tiny teacher pair,
 vocabulary 662) and, with --smollm2-wheel, from a cache of real distributions at
@@ -69,8 +69,6 @@ def smollm2_cache(wheel: str, work: Path) -> Path:
 
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
     from deltakd.student.eval import read_eval_examples
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from real_eval import convert
 
     full = convert(wheel, work)

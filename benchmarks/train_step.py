@@ -1,8 +1,8 @@
 """Student step time and peak memory: Delta-KD from the cache vs plain SFT vs online KD.
 
-    python benchmarks/train_step.py [--workdir runs/bench-train] [--steps 12]
+    python -m benchmarks.train_step [--workdir runs/bench-train] [--steps 12]
 
-Synthetic world at vocabulary 32000 (benchmarks/synth_world.py): teachers 256x4,
+Synthetic world at vocabulary 32000 (benchmarks/synth_vocab.py): teachers 256x4,
 student 128x2, cache k = 64 float16 with student-base arrays. Every case runs in its
 own process (peak RSS is a per-process high-water mark) on the same batches:
   sft_hf      plain SFT: Hugging Face forward with labels (full logits), AdamW
@@ -21,8 +21,8 @@ Data parallel on CPU (gloo, 2 ranks under torchrun, same global batches):
                 lanes); tokens/s it delivers, its wall and CPU time against 1 rank, and the
                 share of the entry arrays' chunks it decoded
 
-    python benchmarks/train_step.py --only parallel   # just the data-parallel rows (~1 min)
-    python benchmarks/train_step.py --only loader     # just the loader per rank
+    python -m benchmarks.train_step --only parallel   # just the data-parallel rows (~1 min)
+    python -m benchmarks.train_step --only loader     # just the loader per rank
 
 Peers (optional: pip install -e ".[peers]"; benchmarks/peers.py says exactly what each one calls), plain KD
 (forward KL) on the same batches. Step times: all five in one process, steps interleaved batch by batch
@@ -36,7 +36,7 @@ state, activations and loss temporaries):
   trl_online    teacher_ft in memory, TRL DistillationTrainer's chunked divergence (beta 0)
   liger_online  teacher_ft in memory, Liger's LigerFusedLinearJSDLoss (beta 0, compiled=False)
 
-    OMP_NUM_THREADS=1 python benchmarks/train_step.py --only peers --steps 6   # just the peer rows (~14 min)
+    OMP_NUM_THREADS=1 python -m benchmarks.train_step --only peers --steps 6   # just the peer rows (~14 min)
 """
 from __future__ import annotations
 
@@ -53,37 +53,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+from benchmarks.synth_vocab import batches, rss_mb, setup
 
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def setup(work: Path) -> tuple[dict, Path]:
-    import synth_world
-
-    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
-
-    paths = synth_world.make(work / "synth")
-    cache = work / "cache"
-    if not (cache / "manifest.json").exists():
-        build_cache(CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
-                                     student_base=paths["student_base"], data=paths["data"], out=str(cache),
-                                     top_k=64, max_length=256, batch_size=8))
-    return paths, cache
-
-
-def batches(cache: Path, n: int, batch_tokens: int):
-    from deltakd.cache.format.reader import CacheReader
-    from deltakd.student.data import StreamingLoader
-
-    out = []
-    for b in StreamingLoader(CacheReader(cache), batch_tokens=batch_tokens, with_student=True, seed=0):
-        out.append(b)
-        if len(out) == n:
-            return out
-
+ROOT = Path(__file__).resolve().parents[1]  # subprocesses run `-m benchmarks.train_step` from here
 
 def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
@@ -244,9 +216,9 @@ def parallel_rows(work: Path, steps: int, batch_tokens: int) -> dict:
     out = {}
     for mode in ("ddp", "fsdp"):
         res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                              str(29700 + len(out)), __file__, "--workdir", str(work), "--steps", str(steps),
+                              str(29700 + len(out)), "-m", "benchmarks.train_step", "--workdir", str(work), "--steps", str(steps),
                               "--batch-tokens", str(batch_tokens), "--case", f"dist_{mode}"],
-                             capture_output=True, text=True, env=env)
+                             capture_output=True, text=True, env=env, cwd=ROOT)
         if res.returncode != 0:
             raise SystemExit(f"case {mode}2 failed:\n{res.stderr[-3000:]}")
         out[f"{mode}2"] = json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
@@ -289,11 +261,11 @@ def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> f
 
 def peer_rows(work: Path, steps: int, batch_tokens: int) -> dict:
     """deltakd cached/online KD and the peers (benchmarks/peers.py) on the same batches: time interleaved, memory alone."""
-    import peers
+    from benchmarks import peers
 
     def case_json(case: str, n_steps: int) -> dict:
-        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--steps", str(n_steps),
-                              "--batch-tokens", str(batch_tokens), "--case", case], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--workdir", str(work), "--steps", str(n_steps),
+                              "--batch-tokens", str(batch_tokens), "--case", case], capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -343,7 +315,7 @@ def main():
             print(json.dumps(res))
         return
     if a.case and a.case.startswith("peer"):
-        import peers
+        from benchmarks import peers
 
         res = (peers.run_interleaved_timing(work, a.steps, a.batch_tokens) if a.case == "peers_interleaved"
                else peers.run_peer_case(a.case.removeprefix("peer_"), work, a.steps, a.batch_tokens))
@@ -361,7 +333,7 @@ def main():
                           "batch_tokens": a.batch_tokens, "loader_per_rank": loader_rows}))
         return
     if a.only == "peers":
-        import peers
+        from benchmarks import peers
 
         try:
             peers.require()
@@ -384,13 +356,13 @@ def main():
         return
     res = {}
     for case in ("sft_hf", "sft_cache", "p1_cache", "p1_online", "chunked_loss", "naive_loss"):
-        out = subprocess.run([sys.executable, __file__, "--workdir", str(work), "--steps", str(a.steps),
-                              "--batch-tokens", str(a.batch_tokens), "--case", case], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--workdir", str(work), "--steps", str(a.steps),
+                              "--batch-tokens", str(a.batch_tokens), "--case", case], capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
         res[case] = json.loads(out.stdout.strip().splitlines()[-1])
     try:
-        import peers
+        from benchmarks import peers
 
         peers.require()
         peer = peer_rows(work, a.steps, a.batch_tokens)

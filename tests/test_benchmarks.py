@@ -10,7 +10,6 @@ import torch
 from deltakd.student.data import StreamingLoader
 from deltakd.student.trainer import TrainConfig, Trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def exact_cache(world, tmp_path_factory):
 def test_online_reference_equals_a_full_vocabulary_cache(world, exact_cache, tmp_path, opts):
     """Same batch, same student: the online targets (three frozen models, full vocabulary, floor −12) give the
     loss and gradient of a cache that stores the whole vocabulary; a wrong model, floor or row order would not."""
-    from online_ref import OnlineTrainer
+    from benchmarks.online_ref import OnlineTrainer
 
     cfg = TrainConfig(cache=exact_cache, student=world["student_base"], out=str(tmp_path / "r"), batch_tokens=256,
                       chunk_rows=17, **opts)
@@ -51,7 +50,7 @@ def test_online_reference_equals_a_full_vocabulary_cache(world, exact_cache, tmp
 
 def test_online_reference_differs_from_a_truncated_cache(world, cache_dir, tmp_path):
     """The comparison can fail: on a top-16 union cache the online P1 loss is not the cached one."""
-    from online_ref import OnlineTrainer
+    from benchmarks.online_ref import OnlineTrainer
 
     cfg = TrainConfig(cache=cache_dir, student=world["student_base"], out=str(tmp_path / "r"), loss="p1",
                       batch_tokens=256)
@@ -105,7 +104,7 @@ def test_peer_losses_are_deltakds_objective(divergence):
     different objectives. 4100 rows cross TRL's 4096-row tile; chunks of 1000 cross Liger's and ours."""
     pytest.importorskip("trl", reason=PEERS_REASON)
     pytest.importorskip("liger_kernel.chunked_loss", reason=PEERS_REASON)
-    import peers
+    from benchmarks import peers
 
     g = torch.Generator().manual_seed(0)
     N, Hs, Ht, V = 4100, 16, 24, 500  # the teacher is wider than the student, like the benchmark's
@@ -139,7 +138,7 @@ def test_peer_losses_are_deltakds_objective(divergence):
 
 def test_peers_missing_is_an_actionable_error(monkeypatch):
     """Without trl/liger the peer rows are refused with the install command, not silently dropped."""
-    import peers
+    from benchmarks import peers
 
     monkeypatch.setitem(sys.modules, "trl", None)  # import trl now raises ImportError
     with pytest.raises(ImportError, match=r'pip install -e "\.\[peers\]"'):

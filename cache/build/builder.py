@@ -555,7 +555,6 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
     return manifest
 
 
-@locked(lambda cfg: cfg.out, "cache build")
 def stops_cleanly(what: str, root_of):
     """Decorator for a cache writer `fn(cfg)`: a signal abandons the shard in progress and says what is kept."""
     def wrap(fn):
@@ -565,8 +564,6 @@ def stops_cleanly(what: str, root_of):
                 try:
                     return fn(cfg, *a, **kw)
                 except Stopped as e:
-                    from deltakd.cache.format import schema
-
                     root = root_of(cfg)
                     schema.clean_partials(root)  # what the interrupted shard left aside
                     kept = sum(1 for p in (root / schema.TEACHER_DIR).glob("shard-*") if schema.is_committed(p))
@@ -578,6 +575,7 @@ def stops_cleanly(what: str, root_of):
     return wrap
 
 
+@locked(lambda cfg: cfg.out, "cache build")
 @stops_cleanly("cache build", lambda cfg: store.cache_root(cfg.out))
 def build_cache(cfg: CacheBuildConfig) -> dict:
     rank, world = dist.init(cfg.device)
