@@ -20,6 +20,7 @@ train split. Facts of a third of the creatures are never asked about in training
 unseen word lists. The design is fixed before any objective is run on it: sizes
 and steps were set by time per step, not by any student's score.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,10 @@ from pathlib import Path
 COLORS = "red blue green yellow purple orange black white grey brown pink golden".split()
 SIZES = "tiny small large huge".split()
 LEGS = ["two", "four", "six", "eight", "no"]
-SYL = ("ka lo mi ru ze ta vo ni pu sha gri fen dor bel wix tor ana el quo vin sar mek lu bra sti "
-       "gon pel rix tha zu ol dra ke fi nor").split()
+SYL = (
+    "ka lo mi ru ze ta vo ni pu sha gri fen dor bel wix tor ana el quo vin sar mek lu bra sti "
+    "gon pel rix tha zu ol dra ke fi nor"
+).split()
 TEACHER = dict(hidden=128, layers=4, heads=4)
 STUDENT = dict(hidden=48, layers=2, heads=4)
 VOCAB = 8192
@@ -59,19 +62,33 @@ def make_world(seed: int, n_creatures: int, n_lex: int, n_docs: int):
     foods = lexicon(rng, 40, 2, 2, set(names))
     lex = lexicon(rng, n_lex, 1, 3, set(names) | set(foods))
     zipf = [1.0 / (i + 1) for i in range(len(lex))]
-    kb = [{"name": n, "color": rng.choice(COLORS), "home": rng.choice(homes), "food": rng.choice(foods),
-           "size": rng.choice(SIZES), "legs": rng.choice(LEGS)} for n in names]
+    kb = [
+        {
+            "name": n,
+            "color": rng.choice(COLORS),
+            "home": rng.choice(homes),
+            "food": rng.choice(foods),
+            "size": rng.choice(SIZES),
+            "legs": rng.choice(LEGS),
+        }
+        for n in names
+    ]
     docs = []
     for _ in range(n_docs):
         r = rng.random()
         if r < 0.6:
             c = rng.choice(kb)
             n = c["name"]
-            fs = [f"The {n} is {c['color']}.", f"The {n} lives in {c['home']}.", f"The {n} eats {c['food']}.",
-                  f"The {n} is {c['size']}.", f"The {n} has {c['legs']} legs.",
-                  f"A {c['size']} {c['color']} {n} was seen in {c['home']} eating {c['food']}."]
+            fs = [
+                f"The {n} is {c['color']}.",
+                f"The {n} lives in {c['home']}.",
+                f"The {n} eats {c['food']}.",
+                f"The {n} is {c['size']}.",
+                f"The {n} has {c['legs']} legs.",
+                f"A {c['size']} {c['color']} {n} was seen in {c['home']} eating {c['food']}.",
+            ]
             rng.shuffle(fs)
-            docs.append(" ".join(fs[:rng.randint(2, 5)]))
+            docs.append(" ".join(fs[: rng.randint(2, 5)]))
         elif r < 0.9:  # chronicle: Zipf-distributed lexicon words in loose sentences (the long vocabulary tail)
             sents = []
             for _ in range(rng.randint(2, 4)):
@@ -95,9 +112,11 @@ def instruction(kb: list[dict], lex: list[str], rng: random.Random) -> tuple[dic
     if kind == "food":
         return {"prompt": f"What does the {n} eat?", "response": f"The {n} eats {c['food']}."}, n
     if kind == "describe":
-        return {"prompt": f"Describe the {n}.",
-                "response": f"The {n} is a {c['size']} {c['color']} creature that lives in {c['home']} "
-                            f"and eats {c['food']}. It has {c['legs']} legs."}, n
+        return {
+            "prompt": f"Describe the {n}.",
+            "response": f"The {n} is a {c['size']} {c['color']} creature that lives in {c['home']} "
+            f"and eats {c['food']}. It has {c['legs']} legs.",
+        }, n
     ws = rng.sample(lex[:2000], rng.randint(3, 6))
     if kind == "reverse":
         return {"prompt": f"Reverse the words: {' '.join(ws)}", "response": " ".join(reversed(ws))}, None
@@ -106,14 +125,23 @@ def instruction(kb: list[dict], lex: list[str], rng: random.Random) -> tuple[dic
     return {"prompt": f"How many words are in: {' '.join(ws)}", "response": f"There are {len(ws)} words."}, None
 
 
-def write_data(out: Path, seed: int = 0, n_creatures: int = 150, n_lex: int = 6000, n_docs: int = 12000,
-               n_train: int = 3000, n_val: int = 100, n_test: int = 200) -> dict:
+def write_data(
+    out: Path,
+    seed: int = 0,
+    n_creatures: int = 150,
+    n_lex: int = 6000,
+    n_docs: int = 12000,
+    n_train: int = 3000,
+    n_val: int = 100,
+    n_test: int = 200,
+) -> dict:
     rng_i = random.Random(seed + 7)
     kb, lex, docs = make_world(seed, n_creatures, n_lex, n_docs)
     from deltakd.demo.synthetic import split_instructions
 
-    splits = split_instructions(lambda: instruction(kb, lex, rng_i), {c["name"] for c in kb[: len(kb) // 3]},
-                                n_train, n_val, n_test)
+    splits = split_instructions(
+        lambda: instruction(kb, lex, rng_i), {c["name"] for c in kb[: len(kb) // 3]}, n_train, n_val, n_test
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "corpus.txt").write_text("\n".join(docs) + "\n")
     paths = {"corpus": str(out / "corpus.txt")}
@@ -129,12 +157,13 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
     import torch
 
     from deltakd.cache.format.records import encode_record, read_records
-    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
     from deltakd.demo.synthetic import lm_train
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     out = Path(out)
     paths = {k: str(out / k) for k in ("teacher_base", "teacher_ft", "student_base")} | {
-        k: str(out / "data" / f"{k}.jsonl") for k in ("train", "validation", "test")}
+        k: str(out / "data" / f"{k}.jsonl") for k in ("train", "validation", "test")
+    }
     if (out / "WORLD.json").exists():
         return paths
     t0 = time.perf_counter()
@@ -143,8 +172,13 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
     docs = Path(data["corpus"]).read_text().splitlines()
     train_texts = [(r := json.loads(l))["prompt"] + " " + r["response"] for l in open(data["train"])]
     tok = train_tokenizer(docs + train_texts, VOCAB, out / "tokenizer")
-    pre = [(ids := [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"][:126] + [tok.eos_token_id],
-            [1] * len(ids)) for d in docs]
+    pre = [
+        (
+            ids := [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"][:126] + [tok.eos_token_id],
+            [1] * len(ids),
+        )
+        for d in docs
+    ]
     sft = []
     for r in read_records(data["train"]):
         ids, plen, _ = encode_record(tok, r, 128)
@@ -157,10 +191,23 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
     student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **STUDENT)
     lm_train(student, pre, steps, 3e-3, batch, seed + 2, "student base")
     save_checkpoint(student, tok, out / "student_base")
-    (out / "WORLD.json").write_text(json.dumps({
-        "seed": seed, "steps": steps, "sft_steps": sft_steps, "batch": batch, "teacher": TEACHER, "student": STUDENT,
-        "vocab": len(tok), "corpus_docs": len(docs), "mean_doc_tokens": sum(len(p[0]) for p in pre) / len(pre),
-        "build_seconds": time.perf_counter() - t0}, indent=1))
+    (out / "WORLD.json").write_text(
+        json.dumps(
+            {
+                "seed": seed,
+                "steps": steps,
+                "sft_steps": sft_steps,
+                "batch": batch,
+                "teacher": TEACHER,
+                "student": STUDENT,
+                "vocab": len(tok),
+                "corpus_docs": len(docs),
+                "mean_doc_tokens": sum(len(p[0]) for p in pre) / len(pre),
+                "build_seconds": time.perf_counter() - t0,
+            },
+            indent=1,
+        )
+    )
     return paths
 
 
@@ -178,10 +225,22 @@ def main(argv=None):
         d = write_data(Path(a.out) / "data", a.seed)
         docs = Path(d["corpus"]).read_text().splitlines()
         t0 = time.perf_counter()
-        tok = train_tokenizer(docs + [(r := json.loads(l))["prompt"] + " " + r["response"] for l in open(d["train"])], VOCAB, Path(a.out) / "tokenizer")
+        tok = train_tokenizer(
+            docs + [(r := json.loads(l))["prompt"] + " " + r["response"] for l in open(d["train"])],
+            VOCAB,
+            Path(a.out) / "tokenizer",
+        )
         lens = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in docs[:2000]]
-        print(json.dumps({"vocab": len(tok), "docs": len(docs), "mean_tokens": sum(lens) / len(lens),
-                          "tokenizer_s": time.perf_counter() - t0}))
+        print(
+            json.dumps(
+                {
+                    "vocab": len(tok),
+                    "docs": len(docs),
+                    "mean_tokens": sum(lens) / len(lens),
+                    "tokenizer_s": time.perf_counter() - t0,
+                }
+            )
+        )
         return
     print(json.dumps(build(a.out, a.seed, a.steps, a.sft_steps), indent=1))
 

@@ -8,23 +8,23 @@ same length-sorted batches, no_grad, models already loaded. "Build": the whole
 commit, manifest), and its compute phases alone. Two worlds: the demo's (vocabulary
 662) and synthetic ones at vocabulary 32000 (hidden 256 and 1024).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
-from benchmarks import synth_vocab
 
-from deltakd.runtime import dist  # noqa: E402
-from deltakd.cache.build.builder import CacheBuildConfig, length_sorted_batches, pad_batch, build_cache, plan_shards  # noqa: E402
+from benchmarks import synth_vocab
+from deltakd.cache.build.builder import CacheBuildConfig, build_cache, length_sorted_batches, pad_batch, plan_shards  # noqa: E402
 from deltakd.cache.build.forward import load_model, load_tokenizer  # noqa: E402
 from deltakd.cache.format.records import read_records  # noqa: E402
+from deltakd.runtime import dist  # noqa: E402
 
 
 @torch.no_grad()
@@ -57,16 +57,31 @@ def _sync(dev: torch.device):
 
 def measure(name: str, paths: dict, out: Path, **kw) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cfg = CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
-                           student_base=paths["student_base"], data=paths["data"], out=str(out), top_k=64, **kw)
+    cfg = CacheBuildConfig(
+        teacher_ft=paths["teacher_ft"],
+        teacher_base=paths["teacher_base"],
+        student_base=paths["student_base"],
+        data=paths["data"],
+        out=str(out),
+        top_k=64,
+        **kw,
+    )
     bare, _ = bare_forward_seconds(paths, cfg)
     t0 = time.perf_counter()
     m = build_cache(cfg)
     build = time.perf_counter() - t0
     phases = sum(p["seconds"] for p in m["summary"]["phases"].values())
-    return {"world": name, "vocab": m["vocab_size"], "tokens": m["totals"]["n_tokens"], "supervised": m["totals"]["n_supervised"],
-            "bare_forward_s": bare, "build_s": build, "build_phases_s": phases,
-            "ratio_build": build / bare, "ratio_phases": phases / bare}
+    return {
+        "world": name,
+        "vocab": m["vocab_size"],
+        "tokens": m["totals"]["n_tokens"],
+        "supervised": m["totals"]["n_supervised"],
+        "bare_forward_s": bare,
+        "build_s": build,
+        "build_phases_s": phases,
+        "ratio_build": build / bare,
+        "ratio_phases": phases / bare,
+    }
 
 
 def main():
@@ -78,19 +93,46 @@ def main():
 
     demo = assets(DemoConfig(workdir=str(work / "demo")), work / "demo")
     demo["data"] = demo["train"]
-    rows = [measure("demo (V=662)", demo, work / "cache-demo", max_length=128, batch_size=32, shard_tokens=32768),
-            measure("synthetic (V=32000)", synth_vocab.make(work / "synth"), work / "cache-synth", max_length=256,
-                    batch_size=8, shard_tokens=65536),
-            # Hidden 1024: the output projection weighs as in real models, relative to the extraction.
-            measure("synth wide (V=32000,H=1024)", synth_vocab.make(work / "synth-wide", n_records=64, teacher=(1024, 2),
-                                                                    student=(512, 2)),
-                    work / "cache-synth-wide", max_length=256, batch_size=8, shard_tokens=65536)]
-    print(f"\n{'world':<30}{'tokens':>8}{'bare fwd s':>12}{'build s':>10}{'phases s':>10}{'build/bare':>12}{'phases/bare':>13}")
+    rows = [
+        measure("demo (V=662)", demo, work / "cache-demo", max_length=128, batch_size=32, shard_tokens=32768),
+        measure(
+            "synthetic (V=32000)",
+            synth_vocab.make(work / "synth"),
+            work / "cache-synth",
+            max_length=256,
+            batch_size=8,
+            shard_tokens=65536,
+        ),
+        # Hidden 1024: the output projection weighs as in real models, relative to the extraction.
+        measure(
+            "synth wide (V=32000,H=1024)",
+            synth_vocab.make(work / "synth-wide", n_records=64, teacher=(1024, 2), student=(512, 2)),
+            work / "cache-synth-wide",
+            max_length=256,
+            batch_size=8,
+            shard_tokens=65536,
+        ),
+    ]
+    print(
+        f"\n{'world':<30}{'tokens':>8}{'bare fwd s':>12}{'build s':>10}{'phases s':>10}"
+        f"{'build/bare':>12}{'phases/bare':>13}"
+    )
     for r in rows:
-        print(f"{r['world']:<30}{r['tokens']:>8}{r['bare_forward_s']:12.2f}{r['build_s']:10.2f}{r['build_phases_s']:10.2f}"
-              f"{r['ratio_build']:12.2f}{r['ratio_phases']:13.2f}")
-    print(json.dumps({"benchmark": "cache_build", "machine": platform.machine(), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "results": rows}))
+        print(
+            f"{r['world']:<30}{r['tokens']:>8}{r['bare_forward_s']:12.2f}{r['build_s']:10.2f}{r['build_phases_s']:10.2f}"
+            f"{r['ratio_build']:12.2f}{r['ratio_phases']:13.2f}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "cache_build",
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "results": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ shard: serially on one thread, then in parallel the way `CacheReader` does. A la
 table reads whole shards through `CacheReader` with and without verification: chunks
 without and with the crc32c codec, the reader's checks (cache/verify.py) off and on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,22 @@ LAYOUTS = {
     "zstd-3, 4096": (4096, lambda isz: [ZstdCodec(level=3)]),
     "zstd-3, 16384 *": (16384, lambda isz: [ZstdCodec(level=3)]),
     "blosc lz4 shuffle, 4096": (4096, lambda isz: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=isz)]),
-    "blosc zstd-1 shuffle, 1024": (1024, lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)]),
-    "blosc zstd-1 shuffle, 4096": (4096, lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)]),
-    "blosc zstd-1 shuffle, 16384": (16384, lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)]),
-    "blosc zstd-3 bitshuffle, 4096": (4096, lambda isz: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=isz)]),
+    "blosc zstd-1 shuffle, 1024": (
+        1024,
+        lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)],
+    ),
+    "blosc zstd-1 shuffle, 4096": (
+        4096,
+        lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)],
+    ),
+    "blosc zstd-1 shuffle, 16384": (
+        16384,
+        lambda isz: [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=isz)],
+    ),
+    "blosc zstd-3 bitshuffle, 4096": (
+        4096,
+        lambda isz: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=isz)],
+    ),
 }
 
 
@@ -45,8 +58,13 @@ def write(arrays: dict, out: Path, rows: int, codecs) -> None:
     root = zarr.open_group(zarr.storage.LocalStore(str(out)), mode="w", zarr_format=3)
     for name, a in arrays.items():
         r = schema.TOKEN_CHUNK_ROWS if name in ("tokens", "loss_mask") else rows
-        root.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(1, min(r, a.shape[0])),) + a.shape[1:],
-                          compressors=codecs(a.dtype.itemsize) if codecs else None)[...] = a
+        root.create_array(
+            name,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=(max(1, min(r, a.shape[0])),) + a.shape[1:],
+            compressors=codecs(a.dtype.itemsize) if codecs else None,
+        )[...] = a
 
 
 def read_all(groups: list[Path], names: list[str], threads: int) -> float:
@@ -63,13 +81,12 @@ def read_all(groups: list[Path], names: list[str], threads: int) -> float:
 
 def smollm2_cache(wheel: str, work: Path) -> Path:
     """A cache of real 49k-vocabulary distributions (see the module docstring)."""
-    import sys
 
+    from real_eval import convert
     from transformers import AutoModelForCausalLM
 
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
     from deltakd.student.eval import read_eval_examples
-    from real_eval import convert
 
     full = convert(wheel, work)
     roles = {"teacher_ft": full}
@@ -84,12 +101,24 @@ def smollm2_cache(wheel: str, work: Path) -> Path:
         roles[name] = d
     data = work / "selfinstruct.jsonl"
     with open(data, "w") as f:
-        for rec, ref in read_eval_examples(str(Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl")):
+        for rec, ref in read_eval_examples(
+            str(Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl")
+        ):
             f.write(json.dumps({"prompt": rec.messages[-1][1], "response": ref}) + "\n")
     out = work / "cache-smollm2"
-    build_cache(CacheBuildConfig(teacher_ft=str(roles["teacher_ft"]), teacher_base=str(roles["teacher_base"]),
-                                 student_base=str(roles["student_base"]), data=str(data), out=str(out), top_k=64,
-                                 max_length=384, batch_size=8, chunk_rows=512))
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=str(roles["teacher_ft"]),
+            teacher_base=str(roles["teacher_base"]),
+            student_base=str(roles["student_base"]),
+            data=str(data),
+            out=str(out),
+            top_k=64,
+            max_length=384,
+            batch_size=8,
+            chunk_rows=512,
+        )
+    )
     return out
 
 
@@ -97,7 +126,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/bench-format")
     ap.add_argument("--threads", type=int, default=4)
-    ap.add_argument("--verification-only", action="store_true", help="only the table of read checks (crc32c, verify.py)")
+    ap.add_argument(
+        "--verification-only", action="store_true", help="only the table of read checks (crc32c, verify.py)"
+    )
     ap.add_argument("--smollm2-wheel", help="also measure a cache of SmolLM2-135M distributions (vocabulary 49152)")
     a = ap.parse_args()
     from deltakd.demo.pipeline import DemoConfig, assets, build_demo_cache
@@ -110,8 +141,11 @@ def main():
     for label, cache in sources.items():
         out[label] = {} if a.verification_only else measure(label, cache, work, a.threads)
         out[label]["verification"] = verification(label, cache, work, a.threads)
-    print(json.dumps({"benchmark": "cache_format", "machine": platform.machine(), "zarr": zarr.__version__,
-                      "sources": out}))
+    print(
+        json.dumps(
+            {"benchmark": "cache_format", "machine": platform.machine(), "zarr": zarr.__version__, "sources": out}
+        )
+    )
 
 
 def measure(source: str, cache: Path, work: Path, threads: int) -> dict:
@@ -142,14 +176,25 @@ def measure(source: str, cache: Path, work: Path, threads: int) -> dict:
         size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
         serial = min(read_all(groups, names, 1) for _ in range(3))
         par = min(read_all(groups, names, threads) for _ in range(3))
-        rows.append({"layout": label, "bytes_per_sup_token": size / n_sup, "ratio_to_plain": size / n_sup / plain,
-                     "read_serial_tok_s": n_tok / serial, "read_parallel_tok_s": n_tok / par})
-    print(f"\n{source}: {n_sup} supervised positions, k={k}, plain layout {plain} B per supervised token "
-          f"(* = the format's choice)")
+        rows.append(
+            {
+                "layout": label,
+                "bytes_per_sup_token": size / n_sup,
+                "ratio_to_plain": size / n_sup / plain,
+                "read_serial_tok_s": n_tok / serial,
+                "read_parallel_tok_s": n_tok / par,
+            }
+        )
+    print(
+        f"\n{source}: {n_sup} supervised positions, k={k}, plain layout {plain} B per supervised token "
+        f"(* = the format's choice)"
+    )
     print(f"{'layout':<32}{'B/sup tok':>10}{'vs plain':>10}{'read tok/s 1 thr':>18}{f'{threads} thr':>12}")
     for x in rows:
-        print(f"{x['layout']:<32}{x['bytes_per_sup_token']:10.1f}{x['ratio_to_plain']:10.2f}"
-              f"{x['read_serial_tok_s']:18.0f}{x['read_parallel_tok_s']:12.0f}")
+        print(
+            f"{x['layout']:<32}{x['bytes_per_sup_token']:10.1f}{x['ratio_to_plain']:10.2f}"
+            f"{x['read_serial_tok_s']:18.0f}{x['read_parallel_tok_s']:12.0f}"
+        )
     return {"k": k, "plain_bytes": plain, "supervised": n_sup, "tokens": n_tok, "results": rows}
 
 
@@ -175,8 +220,11 @@ def verification(source: str, cache: Path, work: Path, threads: int, rounds: int
                 e["checksums"] = schema.group_checksums(g)
         (d / schema.MANIFEST).write_text(json.dumps(m))
         copies[crc] = d
-    readers = [(crc, check, CacheReader(d, threads=threads, verify=check)) for crc, d in copies.items()
-               for check in (False, True)]
+    readers = [
+        (crc, check, CacheReader(d, threads=threads, verify=check))
+        for crc, d in copies.items()
+        for check in (False, True)
+    ]
     n_tok = sum(int(s["n_tokens"]) for s in m0["shards"])
     best = [float("inf")] * len(readers)
     for rnd in range(rounds + 1):  # round robin, so that a noisy moment hits every variant alike
@@ -188,14 +236,18 @@ def verification(source: str, cache: Path, work: Path, threads: int, rounds: int
             for n in r.shard_names:
                 r.read_shard(n)
             best[i] = min(best[i], time.perf_counter() - t0)
-    rows = [{"crc32c": crc, "reader_checks": check, "read_tok_s": n_tok / b} for (crc, check, _), b in zip(readers, best)]
+    rows = [
+        {"crc32c": crc, "reader_checks": check, "read_tok_s": n_tok / b} for (crc, check, _), b in zip(readers, best)
+    ]
     base = rows[0]["read_tok_s"]
     print(f"\n{source}: CacheReader.read_shard over all shards ({threads} threads), best of {rounds} rounds")
     print(f"{'chunks':<18}{'reader checks':>15}{'read tok/s':>14}{'vs unverified':>15}")
     for x in rows:
         x["ratio_to_unverified"] = x["read_tok_s"] / base
-        print(f"{'zstd-3 + crc32c' if x['crc32c'] else 'zstd-3':<18}{'on' if x['reader_checks'] else 'off':>15}"
-              f"{x['read_tok_s']:14.0f}{x['ratio_to_unverified']:15.2f}")
+        print(
+            f"{'zstd-3 + crc32c' if x['crc32c'] else 'zstd-3':<18}{'on' if x['reader_checks'] else 'off':>15}"
+            f"{x['read_tok_s']:14.0f}{x['ratio_to_unverified']:15.2f}"
+        )
     return rows
 
 

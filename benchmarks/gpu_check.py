@@ -10,21 +10,20 @@ Each step writes R/<step>.json; `report` reads them with the cache manifest and 
 runs' metrics.jsonl, prints the table and one JSON line. Models are random Llamas
 (nothing can be downloaded on the device machine): costs are real, quality is not.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 # (vocab, teacher hidden/layers/heads, student hidden/layers/heads, records)
-SIZES = {"h200": (32000, (2048, 16, 16), (1024, 8, 8), 2048),
-         "cpu": (2000, (64, 2, 4), (32, 2, 4), 48)}
+SIZES = {"h200": (32000, (2048, 16, 16), (1024, 8, 8), 2048), "cpu": (2000, (64, 2, 4), (32, 2, 4), 48)}
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak (SXM), the MFU denominator
 
 
@@ -32,7 +31,6 @@ def world(root: Path, size: str) -> dict:
     import random
 
     from benchmarks import synth_vocab
-
     from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
     if (root / "world.json").exists():
@@ -40,7 +38,11 @@ def world(root: Path, size: str) -> dict:
     vocab, teacher, student, n = SIZES[size]
     tok = synth_vocab.word_tokenizer(vocab, root / "tok")
     paths = {}
-    for name, (h, l, heads), seed in (("teacher_ft", teacher, 1), ("teacher_base", teacher, 2), ("student_base", student, 3)):
+    for name, (h, l, heads), seed in (
+        ("teacher_ft", teacher, 1),
+        ("teacher_base", teacher, 2),
+        ("student_base", student, 3),
+    ):
         m = tiny_llama(vocab, hidden=h, layers=l, heads=heads, seed=seed, tokenizer=tok, max_positions=1024)
         # Teachers stored in bf16 (as released checkpoints are); the student stays fp32 (trained).
         paths[name] = save_checkpoint(m.to(torch.bfloat16) if name != "student_base" else m, tok, root / name)
@@ -63,13 +65,20 @@ def _sync(device):
 def bare(root: Path, device: str, dtype: str, batch_size: int, max_length: int) -> dict:
     """Plain Hugging Face forwards (full logits) of the three checkpoints over the build's batches."""
     from benchmarks.cache_build import bare_forward_seconds
-
     from deltakd.cache.build.builder import CacheBuildConfig
 
     w = json.loads((root / "world.json").read_text())
-    cfg = CacheBuildConfig(teacher_ft=w["teacher_ft"], teacher_base=w["teacher_base"], data=w["data"], out=str(root / "unused"),
-                           model_dtype=dtype, device=device, batch_size=batch_size, max_length=max_length,
-                           shard_tokens=65536)
+    cfg = CacheBuildConfig(
+        teacher_ft=w["teacher_ft"],
+        teacher_base=w["teacher_base"],
+        data=w["data"],
+        out=str(root / "unused"),
+        model_dtype=dtype,
+        device=device,
+        batch_size=batch_size,
+        max_length=max_length,
+        shard_tokens=65536,
+    )
     total, tokens = bare_forward_seconds(w, cfg)
     return {"bare_forward_s": total, "tokens_x_models": tokens}
 
@@ -78,8 +87,8 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
     """Online Delta-KD P1 with both teachers and the student base in memory (the alternative to the cache)."""
     from transformers import AutoModelForCausalLM
 
-    from deltakd.runtime import dist
     from deltakd.cache.format.reader import CacheReader
+    from deltakd.runtime import dist
     from deltakd.student.data import StreamingLoader
     from deltakd.student.objective import LossSpec, terms_from_logits
 
@@ -88,9 +97,13 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
     bf16 = dev.type == "cuda"
     student = AutoModelForCausalLM.from_pretrained(w["student_base"], dtype=torch.float32).to(dev).train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    frozen = [AutoModelForCausalLM.from_pretrained(w[r], dtype=torch.bfloat16 if bf16 else torch.float32).to(dev).eval()
-              for r in ("teacher_ft", "teacher_base", "student_base")]
-    data = [b for _, b in zip(range(steps), StreamingLoader(CacheReader(root / "cache"), batch_tokens=batch_tokens, seed=0))]
+    frozen = [
+        AutoModelForCausalLM.from_pretrained(w[r], dtype=torch.bfloat16 if bf16 else torch.float32).to(dev).eval()
+        for r in ("teacher_ft", "teacher_base", "student_base")
+    ]
+    data = [
+        b for _, b in zip(range(steps), StreamingLoader(CacheReader(root / "cache"), batch_tokens=batch_tokens, seed=0))
+    ]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times, tokens = [], 0
@@ -99,12 +112,24 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
         _sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
-            lT, lB, lS0 = (torch.log_softmax(m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float(), -1)
-                           for m in frozen)
+            lT, lB, lS0 = (
+                torch.log_softmax(
+                    m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float(), -1
+                )
+                for m in frozen
+            )
             V = lT.shape[1]
             ninf = torch.full((lT.shape[0],), float("-inf"), device=dev)
-            tg = {"support_ids": torch.arange(V, device=dev).expand(lT.shape[0], V), "logp_ft": lT, "logp_base": lB,
-                  "logp_s0": lS0, "tail_ft": ninf, "tail_base": ninf, "tail_s0": ninf, "next_tokens": b.targets["next_tokens"]}
+            tg = {
+                "support_ids": torch.arange(V, device=dev).expand(lT.shape[0], V),
+                "logp_ft": lT,
+                "logp_base": lB,
+                "logp_s0": lS0,
+                "tail_ft": ninf,
+                "tail_base": ninf,
+                "tail_s0": ninf,
+                "next_tokens": b.targets["next_tokens"],
+            }
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float()
         loss = terms_from_logits(logits, tg, LossSpec(weights={"p1": 1.0}))[0] / b.n_supervised
@@ -137,8 +162,11 @@ def _train_metrics(run: Path) -> dict:
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "tokens_per_s" in r]
     last = steps[1:] or steps  # the first log window holds start-up (compile, allocator warm-up)
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in last),
-            "peak_mem_mb": max(r["peak_mem_mb"] for r in steps), "steps": steps[-1]["step"]}
+    return {
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in last),
+        "peak_mem_mb": max(r["peak_mem_mb"] for r in steps),
+        "steps": steps[-1]["step"],
+    }
 
 
 def report(root: Path) -> dict:
@@ -160,14 +188,22 @@ def report(root: Path) -> dict:
         "build_tokens_per_s": build_tok / max(build_s, 1e-9),
         "build_phases_over_bare_forwards": build_s / bare_r["bare_forward_s"],
         "build_wall_over_bare_forwards": wall / bare_r["bare_forward_s"],
-        "student": runs, "online_p1": onl,
-        "peak_mem_cached_over_online": (runs["ddp"]["peak_mem_mb"] / onl["peak_mem_mb"]) if onl["peak_mem_mb"] else None,
+        "student": runs,
+        "online_p1": onl,
+        "peak_mem_cached_over_online": (runs["ddp"]["peak_mem_mb"] / onl["peak_mem_mb"])
+        if onl["peak_mem_mb"]
+        else None,
         "loader_headroom": ld["loader_tokens_per_s"] / max(r["tokens_per_s"] for r in runs.values()),
     }
-    print(f"\ndevice: {gpu}; teacher {w['teacher_ft_params'] / 1e6:.0f}M params, student {n_params / 1e6:.0f}M, "
-          f"{m['totals']['n_tokens']} tokens, k={m['k']}")
-    print(f"build: {res['build_tokens_per_s']:.0f} tokens/s (3 checkpoints), phases / bare forwards "
-          f"{res['build_phases_over_bare_forwards']:.2f}, whole command / bare forwards {res['build_wall_over_bare_forwards']:.2f}")
+    print(
+        f"\ndevice: {gpu}; teacher {w['teacher_ft_params'] / 1e6:.0f}M params, student {n_params / 1e6:.0f}M, "
+        f"{m['totals']['n_tokens']} tokens, k={m['k']}"
+    )
+    print(
+        f"build: {res['build_tokens_per_s']:.0f} tokens/s (3 checkpoints), phases / bare forwards "
+        f"{res['build_phases_over_bare_forwards']:.2f}, "
+        f"whole command / bare forwards {res['build_wall_over_bare_forwards']:.2f}"
+    )
     for p, r in runs.items():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"student {p:5s} tokens/s {r['tokens_per_s']:10.0f}   MFU {mfu:>6}   peak GPU MB {r['peak_mem_mb']:8.0f}")
@@ -175,8 +211,11 @@ def report(root: Path) -> dict:
     if res["peak_mem_cached_over_online"] is not None:
         print(f"peak GPU memory cached / online: {res['peak_mem_cached_over_online']:.3f}")
     print(f"loader headroom (loader tokens/s / student tokens/s): {res['loader_headroom']:.1f}")
-    print(json.dumps({"benchmark": "gpu_check", "device": gpu, "torch": torch.__version__, "machine": platform.machine(),
-                      **res}))
+    print(
+        json.dumps(
+            {"benchmark": "gpu_check", "device": gpu, "torch": torch.__version__, "machine": platform.machine(), **res}
+        )
+    )
     return res
 
 

@@ -17,6 +17,7 @@ Memory: only the frozen models the active terms read are loaded (plain KD: teach
 alone; P1/P2/P3: all three). Their log-probs exist for the supervised rows of one
 micro-batch, computed `chunk_rows` rows at a time; (N_sup, V) float32 each.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,10 @@ def full_vocab_logprobs(model, input_ids, attention_mask, loss_mask, vocab: int,
     """log πX over the whole vocabulary at the supervised rows, (N_sup, V) float32."""
     h = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[loss_mask]
     head = model.get_output_embeddings()
-    out = [torch.log_softmax(head(h[s:s + chunk_rows]).float()[:, :vocab], dim=-1)
-           for s in range(0, h.shape[0], chunk_rows)]
+    out = [
+        torch.log_softmax(head(h[s : s + chunk_rows]).float()[:, :vocab], dim=-1)
+        for s in range(0, h.shape[0], chunk_rows)
+    ]
     return torch.cat(out) if out else h.new_zeros(0, vocab)
 
 
@@ -47,10 +50,12 @@ def full_vocab_targets(logp: dict, next_tokens: torch.Tensor, vocab: int) -> dic
     """Loss targets whose support is the whole vocabulary (no tail): `logp` maps ft/base/s0 to (N, V) log-probs;
     a model not given is never read by the active terms and gets a cheap −inf stand-in of the same shape."""
     n, device = next_tokens.shape[0], next_tokens.device
-    tg = {"next_tokens": next_tokens,
-          # expand: one (V,) row shared by every position, no (N, V) index tensor
-          "support_ids": torch.arange(vocab, device=device).expand(n, vocab),
-          "valid": torch.ones(1, 1, dtype=torch.bool, device=device).expand(n, vocab)}
+    tg = {
+        "next_tokens": next_tokens,
+        # expand: one (V,) row shared by every position, no (N, V) index tensor
+        "support_ids": torch.arange(vocab, device=device).expand(n, vocab),
+        "valid": torch.ones(1, 1, dtype=torch.bool, device=device).expand(n, vocab),
+    }
     ninf = torch.full((n,), float("-inf"), device=device)
     for key in ("ft", "base", "s0"):
         lp = logp.get(key)
@@ -69,7 +74,9 @@ class OnlineTrainer(Trainer):
 
         super().__init__(cfg)
         if self.spec.temperature != 1.0:
-            raise ValueError("the online reference compares at temperature 1 (the cache stores temperature-1 log-probs)")
+            raise ValueError(
+                "the online reference compares at temperature 1 (the cache stores temperature-1 log-probs)"
+            )
         self.spec = dataclasses.replace(self.spec, floor=floor, star_col=None)
         # The step calls the loss module built in Trainer.__init__ (under DDP/FSDP when there are ranks):
         # it carries its own copy of the spec, fitted to the cache; give it the online one.
@@ -91,13 +98,23 @@ class OnlineTrainer(Trainer):
             self.frozen[key] = m
 
     def batch_targets(self, batch) -> dict:
-        logp = {key: full_vocab_logprobs(self.frozen[key], batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                         self.vocab, self.spec.chunk_rows) for key in self.needs}
+        logp = {
+            key: full_vocab_logprobs(
+                self.frozen[key],
+                batch.input_ids,
+                batch.attention_mask,
+                batch.loss_mask,
+                self.vocab,
+                self.spec.chunk_rows,
+            )
+            for key in self.needs
+        }
         return full_vocab_targets(logp, batch.targets["next_tokens"], self.vocab)
 
 
-def train_online(cfg: TrainConfig, teacher_ft: str, teacher_base: str, student_base: str,
-                 floor: float | None = -12.0) -> dict:
+def train_online(
+    cfg: TrainConfig, teacher_ft: str, teacher_base: str, student_base: str, floor: float | None = -12.0
+) -> dict:
     """`deltakd.student.trainer.train(cfg)` with online full-vocabulary targets (seeded the same way)."""
     import random
 

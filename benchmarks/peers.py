@@ -24,6 +24,7 @@ step: zero grads, forward(s), loss / N_sup, backward, clip to norm 1, AdamW step
 load of other processes on a shared machine falls on every contender alike; `run_peer_case` runs one contender
 alone in its own process for its peak RSS (a per-process high-water mark that cannot be reset).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -72,8 +73,9 @@ def liger_loss(h_s, w_s, h_t, w_t, labels, beta: float = 0.0, chunk_size: int = 
     """Liger's chunked fused-linear JSD (torch path, compiled=False), soft loss only: mean over the N rows."""
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=False,
-                                 chunk_size=chunk_size)
+    fn = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta, compiled=False, chunk_size=chunk_size
+    )
     return fn(h_s, w_s, h_t, w_t, labels)
 
 
@@ -84,13 +86,16 @@ def deltakd_loss(h_s, head, h_t, w_t, next_tokens, divergence: str = "fkl", chun
     vocabulary, chunk_rows rows at a time, no tail), so this is `--loss kd` with k = V.
     """
     from benchmarks.online_ref import full_vocab_targets
-
     from deltakd.student.objective import LossSpec, chunked_loss
 
     V = w_t.shape[0]
     with torch.no_grad():
-        lT = torch.cat([torch.log_softmax(torch.nn.functional.linear(h_t[s:s + chunk_rows], w_t).float(), -1)
-                        for s in range(0, h_t.shape[0], chunk_rows)])
+        lT = torch.cat(
+            [
+                torch.log_softmax(torch.nn.functional.linear(h_t[s : s + chunk_rows], w_t).float(), -1)
+                for s in range(0, h_t.shape[0], chunk_rows)
+            ]
+        )
     spec = LossSpec(weights={"kd": 1.0}, divergence=divergence, chunk_rows=chunk_rows)
     total, _ = chunked_loss(h_s, head, full_vocab_targets({"ft": lT}, next_tokens, V), spec, V)
     return total / h_s.shape[0]
@@ -153,12 +158,19 @@ def build_contender(case: str, paths: dict, cache: Path, work: Path, steps: int,
     from deltakd.student.trainer import TrainConfig, Trainer, lr_at
 
     assert case in CASES, f"unknown case {case!r}; cases are {CASES}"
-    cfg = TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / f"peers-{case}"),
-                      loss="p1" if case == "p1_cache" else "kd", max_steps=steps, batch_tokens=batch_tokens,
-                      eval_percent=0)
+    cfg = TrainConfig(
+        cache=str(cache),
+        student=paths["student_base"],
+        out=str(work / f"peers-{case}"),
+        loss="p1" if case == "p1_cache" else "kd",
+        max_steps=steps,
+        batch_tokens=batch_tokens,
+        eval_percent=0,
+    )
     if case in ("trl_online", "liger_online"):
-        return OnlinePeerStep(case.split("_")[0], paths["student_base"], paths["teacher_ft"],
-                              lr_for=lambda i: lr_at(i, cfg, steps)).step
+        return OnlinePeerStep(
+            case.split("_")[0], paths["student_base"], paths["teacher_ft"], lr_for=lambda i: lr_at(i, cfg, steps)
+        ).step
     if case == "kd_online":
         from benchmarks.online_ref import OnlineTrainer
 
@@ -170,6 +182,7 @@ def build_contender(case: str, paths: dict, cache: Path, work: Path, steps: int,
     def step(b):
         r = tr.train_step([b])
         return float(r["term_sums"][0]) / r["n"]
+
     return step
 
 
@@ -192,9 +205,16 @@ def run_peer_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
         losses.append(step(b))
         times.append(time.perf_counter() - t0)
     peak = rss_mb()
-    return {"case": case, "alone_step_s": statistics.median(times[1:] or times), "peak_rss_mb": peak,
-            "rss_after_imports_mb": base, "working_mb": peak - base, "models_mb": after_load - base,
-            "memory_steps": len(data), "versions": versions}
+    return {
+        "case": case,
+        "alone_step_s": statistics.median(times[1:] or times),
+        "peak_rss_mb": peak,
+        "rss_after_imports_mb": base,
+        "working_mb": peak - base,
+        "models_mb": after_load - base,
+        "memory_steps": len(data),
+        "versions": versions,
+    }
 
 
 def run_interleaved_timing(work: Path, steps: int, batch_tokens: int) -> dict:
@@ -205,7 +225,7 @@ def run_interleaved_timing(work: Path, steps: int, batch_tokens: int) -> dict:
     times = {c: [] for c in CASES}
     losses = {c: [] for c in CASES}
     for i, b in enumerate(data):
-        for c in CASES[i % len(CASES):] + CASES[:i % len(CASES)]:
+        for c in CASES[i % len(CASES) :] + CASES[: i % len(CASES)]:
             t0 = time.perf_counter()
             losses[c].append(contenders[c](b))
             times[c].append(time.perf_counter() - t0)
@@ -213,7 +233,13 @@ def run_interleaved_timing(work: Path, steps: int, batch_tokens: int) -> dict:
     out = {}
     for c in CASES:
         warm = times[c][2:] if len(times[c]) > 4 else times[c]
-        out[c] = {"step_s": statistics.median(warm), "step_best_s": min(warm), "tokens_per_s": tokens / sum(times[c]),
-                  "first_loss": losses[c][0], "last_loss": losses[c][-1], "steps": len(data),
-                  "supervised_first_batch": data[0].n_supervised}
+        out[c] = {
+            "step_s": statistics.median(warm),
+            "step_best_s": min(warm),
+            "tokens_per_s": tokens / sum(times[c]),
+            "first_loss": losses[c][0],
+            "last_loss": losses[c][-1],
+            "steps": len(data),
+            "supervised_first_batch": data[0].n_supervised,
+        }
     return out

@@ -10,6 +10,7 @@ lam 0.2 (more weight on the distillation term, where the choice of its target ma
 Uses the demo world (shipped checkpoints, test split of 200 prompts, greedy decoding).
 Prints mean and spread (sample std) per variant; ends with one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,14 @@ def main():
     ap.add_argument("--workdir", default="runs/quality")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
-                    help=f"subset to run (default: all): {', '.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help=f"subset to run (default: all): {', '.join(VARIANTS)}",
+    )
     ap.add_argument("--test-examples", type=int, default=200)
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -57,16 +64,45 @@ def main():
         for seed in a.seeds:
             out = work / "runs" / f"{name}-s{seed}"
             if not (out / "final" / "config.json").exists():
-                train(TrainConfig(cache=str(cache), student=paths["student_base"], out=str(out), max_steps=a.steps,
-                                  batch_tokens=2048, lr=2e-3, warmup_steps=20, log_every=100, save_every=10_000,
-                                  eval_percent=5.0, seed=seed, **VARIANTS[name]))
+                train(
+                    TrainConfig(
+                        cache=str(cache),
+                        student=paths["student_base"],
+                        out=str(out),
+                        max_steps=a.steps,
+                        batch_tokens=2048,
+                        lr=2e-3,
+                        warmup_steps=20,
+                        log_every=100,
+                        save_every=10_000,
+                        eval_percent=5.0,
+                        seed=seed,
+                        **VARIANTS[name],
+                    )
+                )
             ev = out / "eval" / "summary.json"
             if not ev.exists():
-                run_eval(EvalConfig(models=(str(out / "final"),), data=paths["test"], out=str(out / "eval"),
-                                    max_new_tokens=40, batch_size=50, max_examples=a.test_examples))
+                run_eval(
+                    EvalConfig(
+                        models=(str(out / "final"),),
+                        data=paths["test"],
+                        out=str(out / "eval"),
+                        max_new_tokens=40,
+                        batch_size=50,
+                        max_examples=a.test_examples,
+                    )
+                )
             scores.setdefault(name, []).append(json.loads(ev.read_text())["results"][0]["rougeL"])
-    base = run_eval(EvalConfig(models=(paths["teacher_ft"], paths["student_base"]), data=paths["test"],
-                               out=str(work / "eval-ref"), max_new_tokens=40, batch_size=50, max_examples=a.test_examples))
+    base = run_eval(
+        EvalConfig(
+            models=(paths["teacher_ft"], paths["student_base"]),
+            data=paths["test"],
+            out=str(work / "eval-ref"),
+            max_new_tokens=40,
+            batch_size=50,
+            max_examples=a.test_examples,
+        )
+    )
     print(f"\nROUGE-L on {a.test_examples} test prompts, {a.steps} steps, seeds {a.seeds}")
     print(f"{'variant':<16}{'mean':>8}{'std':>8}   per seed   objective")
     print(f"{'teacher_ft':<16}{base[0]['rougeL']:8.2f}{'':>8}")
@@ -77,18 +113,32 @@ def main():
         objective = TrainConfig(cache="", student="", out="", **VARIANTS[name]).objective()
         summary[name] = {"mean": mean, "std": std, "per_seed": v, "objective": objective}
         print(f"{name:<16}{mean:8.2f}{std:8.2f}   " + " ".join(f"{x:.2f}" for x in v) + f"   {objective}")
-    print(json.dumps({"benchmark": "quality", "machine": platform.machine(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "steps": a.steps, "seeds": a.seeds,
-                      "teacher_ft": base[0]["rougeL"], "student_base": base[1]["rougeL"], "variants": summary,
-                      "seconds": time.perf_counter() - t0}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality",
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "steps": a.steps,
+                "seeds": a.seeds,
+                "teacher_ft": base[0]["rougeL"],
+                "student_base": base[1]["rougeL"],
+                "variants": summary,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------ cache vs online full-vocabulary reference
 # Supports compared against the online reference: format v1's top-64 of piT, and v2's default union.
 # union16+s16 adds 16 ids per position drawn from πT's tail (--tail-samples 16) where the top-k leaves ≥ 1% of it.
-SUPPORTS = {"topk64": dict(support="topk", top_k=64, mode="sequential", tail_samples=0),
-            "union16": dict(support="union", top_k=16, tail_samples=0),
-            "union16+s16": dict(support="union", top_k=16, tail_samples=16)}
+SUPPORTS = {
+    "topk64": dict(support="topk", top_k=64, mode="sequential", tail_samples=0),
+    "union16": dict(support="union", top_k=16, tail_samples=0),
+    "union16+s16": dict(support="union", top_k=16, tail_samples=16),
+}
 ONLINE_VARIANTS = ("sft", "kd_fkl", "kd_rkl", "p1_a0.5", "p1_a1.0", "p1_a1.5", "p3_a1.0", "kd+p3")
 
 
@@ -110,9 +160,19 @@ def world_paths(world: str, work: Path) -> dict:
 def build_support_cache(paths: dict, out: Path, support: str) -> Path:
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
-    build_cache(CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
-                                 student_base=paths["student_base"], data=paths["train"], out=str(out),
-                                 max_length=128, batch_size=32, shard_tokens=32768, **SUPPORTS[support]))
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=paths["teacher_ft"],
+            teacher_base=paths["teacher_base"],
+            student_base=paths["student_base"],
+            data=paths["train"],
+            out=str(out),
+            max_length=128,
+            batch_size=32,
+            shard_tokens=32768,
+            **SUPPORTS[support],
+        )
+    )
     return out
 
 
@@ -129,8 +189,16 @@ def held_out_objective(model: Path, cache: Path, paths: dict, name: str) -> dict
     out = {}
     # KD fkl's own objective is KL(πT ‖ πθ): one evaluation serves both.
     for key, variant in (("own", name),) + ((("kl_t", "kd_fkl"),) if name != "kd_fkl" else ()):
-        cfg = TrainConfig(cache=str(cache), student=str(model), out=str(model.parent / "heldout-scratch"), max_steps=1,
-                          eval_percent=5.0, eval_batches=100_000, batch_tokens=4096, **VARIANTS[variant])
+        cfg = TrainConfig(
+            cache=str(cache),
+            student=str(model),
+            out=str(model.parent / "heldout-scratch"),
+            max_steps=1,
+            eval_percent=5.0,
+            eval_batches=100_000,
+            batch_tokens=4096,
+            **VARIANTS[variant],
+        )
         tr = OnlineTrainer(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
         ev = tr.evaluate()
         out[key] = sum(tr.spec.weights[t] * ev[f"eval_{t}"] for t in tr.spec.active)
@@ -141,25 +209,35 @@ def held_out_objective(model: Path, cache: Path, paths: dict, name: str) -> dict
 
 def main_online(argv=None):
     """ROUGE-L of students trained from caches (per support) and from the online full-vocabulary reference."""
-    import sys
 
-    from deltakd.cache.format.summary import summarize
     from benchmarks.online_ref import train_online
+    from deltakd.cache.format.summary import summarize
 
     ap = argparse.ArgumentParser(prog="quality.py online", description=main_online.__doc__)
-    ap.add_argument("--world", default="bpe", help="bpe (benchmarks/bpe_task.py, V = 8192), demo, or a bpe_world folder")
+    ap.add_argument(
+        "--world", default="bpe", help="bpe (benchmarks/bpe_task.py, V = 8192), demo, or a bpe_world folder"
+    )
     ap.add_argument("--workdir", default="runs/quality-online")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=list(ONLINE_VARIANTS), choices=ONLINE_VARIANTS, metavar="NAME",
-                    help=f"subset to run (default: all): {', '.join(ONLINE_VARIANTS)}")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(ONLINE_VARIANTS),
+        choices=ONLINE_VARIANTS,
+        metavar="NAME",
+        help=f"subset to run (default: all): {', '.join(ONLINE_VARIANTS)}",
+    )
     ap.add_argument("--supports", nargs="+", default=list(SUPPORTS), choices=list(SUPPORTS))
     ap.add_argument("--test-examples", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=40)
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: the table from the runs already finished in --workdir (a cut-short benchmark)")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the table from the runs already finished in --workdir (a cut-short benchmark)",
+    )
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     t0 = time.perf_counter()
@@ -167,17 +245,30 @@ def main_online(argv=None):
     caches = {s: build_support_cache(paths, work / f"cache-{s}", s) for s in a.supports}
     inspect = {s: summarize(c) for s, c in caches.items()}
     for s, i in inspect.items():
-        print(f"cache {s}: support length mean {i['support_length_mean']:.1f}; mass of piT held, quantiles "
-              + " ".join(f"q{q}={v:.3f}" for q, v in i["topk_mass_quantiles"].items()))
+        print(
+            f"cache {s}: support length mean {i['support_length_mean']:.1f}; mass of piT held, quantiles "
+            + " ".join(f"q{q}={v:.3f}" for q, v in i["topk_mass_quantiles"].items())
+        )
     ev = dict(data=paths["test"], max_new_tokens=a.max_new_tokens, batch_size=50, max_examples=a.test_examples)
 
     def run(mode: str, name: str, seed: int) -> float | None:
         # SFT reads no target: its cached and online runs are the same computation; run it once.
         out = work / "runs" / ("sft" if name == "sft" else mode) / f"{name}-s{seed}"
         cache = caches[a.supports[0] if mode in ("online", "sft") or name == "sft" else mode]
-        cfg = TrainConfig(cache=str(cache), student=paths["student_base"], out=str(out), max_steps=a.steps,
-                          batch_tokens=a.batch_tokens, lr=a.lr, warmup_steps=min(20, a.steps // 5), log_every=50,
-                          save_every=10_000, eval_percent=5.0, seed=seed, **VARIANTS[name])
+        cfg = TrainConfig(
+            cache=str(cache),
+            student=paths["student_base"],
+            out=str(out),
+            max_steps=a.steps,
+            batch_tokens=a.batch_tokens,
+            lr=a.lr,
+            warmup_steps=min(20, a.steps // 5),
+            log_every=50,
+            save_every=10_000,
+            eval_percent=5.0,
+            seed=seed,
+            **VARIANTS[name],
+        )
         if a.report_only and not (out / "eval" / "summary.json").exists():
             return None
         if not (out / "final" / "config.json").exists():
@@ -186,8 +277,11 @@ def main_online(argv=None):
                 train_online(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
             else:
                 train(cfg)
-            print(f"[{time.perf_counter() - t0:7.0f}s] trained {mode} {name} seed {seed} in {time.perf_counter() - t:.0f}s",
-                  flush=True)
+            print(
+                f"[{time.perf_counter() - t0:7.0f}s] trained {mode} {name} seed {seed} "
+                f"in {time.perf_counter() - t:.0f}s",
+                flush=True,
+            )
         summary = out / "eval" / "summary.json"
         if not summary.exists():
             run_eval(EvalConfig(models=(str(out / "final"),), out=str(out / "eval"), **ev))
@@ -207,8 +301,10 @@ def main_online(argv=None):
                 if (r := run(mode, name, seed)) is not None:
                     scores[name][mode].append(r)
     base = run_eval(EvalConfig(models=(paths["teacher_ft"], paths["student_base"]), out=str(work / "eval-ref"), **ev))
-    print(f"\nROUGE-L on {a.test_examples} test prompts, world {a.world}, {a.steps} steps, seeds {a.seeds}: "
-          "mean ± sample std over seeds; diff = cache − online per seed, then mean ± std")
+    print(
+        f"\nROUGE-L on {a.test_examples} test prompts, world {a.world}, {a.steps} steps, seeds {a.seeds}: "
+        "mean ± sample std over seeds; diff = cache − online per seed, then mean ± std"
+    )
     head = f"{'variant':<10}" + "".join(f"{m:>16}" for m in modes) + "".join(f"{'diff ' + s:>18}" for s in a.supports)
     print(head)
     print(f"{'teacher_ft':<10}{base[0]['rougeL']:16.2f}\n{'student_0':<10}{base[1]['rougeL']:16.2f}")
@@ -226,8 +322,10 @@ def main_online(argv=None):
             row += f"{mu:+12.2f} ±{sd:4.2f}"
         summary[name] = rec
         print(row + ("   (one run: SFT reads no target)" if name == "sft" else ""))
-    print("\nHeld-out full-vocabulary objective of each student (its own objective; lower is better), "
-          "mean ± std over seeds; KL(πT ‖ πθ) in brackets")
+    print(
+        "\nHeld-out full-vocabulary objective of each student (its own objective; lower is better), "
+        "mean ± std over seeds; KL(πT ‖ πθ) in brackets"
+    )
     print(f"{'variant':<10}" + "".join(f"{m:>26}" for m in modes))
     for name, by_mode in heldout.items():
         row = f"{name:<10}"
@@ -236,16 +334,34 @@ def main_online(argv=None):
             summary[name][m]["heldout"] = {"own": own, "kl_t": kl, "per_seed": by_mode[m]}
             row += f"{own[0]:11.4f} ±{own[1]:6.4f} [{kl[0]:5.3f}]"
         print(row)
-    print(json.dumps({"benchmark": "quality_online", "world": a.world, "machine": platform.machine(),
-                      "torch": torch.__version__, "threads": torch.get_num_threads(), "steps": a.steps,
-                      "batch_tokens": a.batch_tokens, "seeds": a.seeds, "test_examples": a.test_examples,
-                      "teacher_ft": base[0]["rougeL"], "student_base": base[1]["rougeL"],
-                      "cache_inspect": {s: {"support_length_mean": i["support_length_mean"],
-                                            "topk_mass_quantiles": i["topk_mass_quantiles"],
-                                            "mass_held_quantiles": i["mass_held_quantiles"],
-                                            "bytes_per_token": i.get("bytes_per_supervised_token")}
-                                        for s, i in inspect.items()},
-                      "variants": summary, "seconds": time.perf_counter() - t0}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality_online",
+                "world": a.world,
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "steps": a.steps,
+                "batch_tokens": a.batch_tokens,
+                "seeds": a.seeds,
+                "test_examples": a.test_examples,
+                "teacher_ft": base[0]["rougeL"],
+                "student_base": base[1]["rougeL"],
+                "cache_inspect": {
+                    s: {
+                        "support_length_mean": i["support_length_mean"],
+                        "topk_mass_quantiles": i["topk_mass_quantiles"],
+                        "mass_held_quantiles": i["mass_held_quantiles"],
+                        "bytes_per_token": i.get("bytes_per_supervised_token"),
+                    }
+                    for s, i in inspect.items()
+                },
+                "variants": summary,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

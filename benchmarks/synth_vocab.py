@@ -3,6 +3,7 @@
 Word-level tokenizer over 32000 made-up words, random Llama teachers and student,
 random prompt/response records. Distributions are meaningless; shapes and costs are real.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,16 @@ def word_tokenizer(vocab: int, out: Path):
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(vocab - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(str(out))
     return fast
 
 
-def make(root: str | Path, vocab: int = 32000, n_records: int = 256, teacher=(256, 4), student=(128, 2), seed: int = 0) -> dict:
+def make(
+    root: str | Path, vocab: int = 32000, n_records: int = 256, teacher=(256, 4), student=(128, 2), seed: int = 0
+) -> dict:
     from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
     root = Path(root)
@@ -34,8 +38,9 @@ def make(root: str | Path, vocab: int = 32000, n_records: int = 256, teacher=(25
     tok = word_tokenizer(vocab, root / "tok")
     paths = {}
     for name, (h, l), s in (("teacher_ft", teacher, 1), ("teacher_base", teacher, 2), ("student_base", student, 3)):
-        paths[name] = save_checkpoint(tiny_llama(vocab, hidden=h, layers=l, heads=4, seed=seed + s, tokenizer=tok),
-                                      tok, root / name)
+        paths[name] = save_checkpoint(
+            tiny_llama(vocab, hidden=h, layers=l, heads=4, seed=seed + s, tokenizer=tok), tok, root / name
+        )
     with open(root / "train.jsonl", "w") as f:
         for _ in range(n_records):
             w = lambda n: " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(n))  # noqa: E731
@@ -55,9 +60,18 @@ def setup(work: Path) -> tuple[dict, Path]:
     paths = make(work / "synth")
     cache = work / "cache"
     if not (cache / "manifest.json").exists():
-        build_cache(CacheBuildConfig(teacher_ft=paths["teacher_ft"], teacher_base=paths["teacher_base"],
-                                     student_base=paths["student_base"], data=paths["data"], out=str(cache),
-                                     top_k=64, max_length=256, batch_size=8))
+        build_cache(
+            CacheBuildConfig(
+                teacher_ft=paths["teacher_ft"],
+                teacher_base=paths["teacher_base"],
+                student_base=paths["student_base"],
+                data=paths["data"],
+                out=str(cache),
+                top_k=64,
+                max_length=256,
+                batch_size=8,
+            )
+        )
     return paths, cache
 
 

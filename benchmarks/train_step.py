@@ -38,13 +38,13 @@ state, activations and loss temporaries):
 
     OMP_NUM_THREADS=1 python -m benchmarks.train_step --only peers --steps 6   # just the peer rows (~14 min)
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +57,7 @@ from benchmarks.synth_vocab import batches, rss_mb, setup
 
 ROOT = Path(__file__).resolve().parents[1]  # subprocesses run `-m benchmarks.train_step` from here
 
+
 def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -68,8 +69,17 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
     data = batches(cache, steps, batch_tokens)
     times = []
     if case in ("sft_cache", "p1_cache"):
-        tr = Trainer(TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / case),
-                                 loss=case.split("_")[0], max_steps=steps, batch_tokens=batch_tokens, eval_percent=0))
+        tr = Trainer(
+            TrainConfig(
+                cache=str(cache),
+                student=paths["student_base"],
+                out=str(work / case),
+                loss=case.split("_")[0],
+                max_steps=steps,
+                batch_tokens=batch_tokens,
+                eval_percent=0,
+            )
+        )
         base = rss_mb()
         for b in data:
             t0 = time.perf_counter()
@@ -82,9 +92,16 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
         # Targets built without any (N, V) tensor, so the baseline high-water mark stays low.
         ids = torch.stack([torch.randperm(V, generator=g)[:64] for _ in range(N)])
         lp = torch.log_softmax(torch.randn(N, 65, generator=g) * 2, -1)
-        tg = {"support_ids": ids, "logp_ft": lp[:, :64], "logp_base": lp[:, :64] - torch.randn(N, 64, generator=g) * 0.1,
-              "logp_s0": lp[:, :64] - 0.1, "tail_ft": lp[:, 64], "tail_base": lp[:, 64] - 0.2,
-              "tail_s0": lp[:, 64] - 0.1, "next_tokens": ids[:, 0]}
+        tg = {
+            "support_ids": ids,
+            "logp_ft": lp[:, :64],
+            "logp_base": lp[:, :64] - torch.randn(N, 64, generator=g) * 0.1,
+            "logp_s0": lp[:, :64] - 0.1,
+            "tail_ft": lp[:, 64],
+            "tail_base": lp[:, 64] - 0.2,
+            "tail_s0": lp[:, 64] - 0.1,
+            "next_tokens": ids[:, 0],
+        }
         h = torch.randn(N, H, requires_grad=True)
         head = torch.nn.Linear(H, V, bias=False)
         spec = LossSpec(weights={"p1": 1.0, "sft": 0.1}, chunk_rows=1024)
@@ -102,8 +119,10 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
         opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
         frozen = []
         if case == "p1_online":
-            frozen = [AutoModelForCausalLM.from_pretrained(paths[r], dtype=torch.float32).eval()
-                      for r in ("teacher_ft", "teacher_base", "student_base")]
+            frozen = [
+                AutoModelForCausalLM.from_pretrained(paths[r], dtype=torch.float32).eval()
+                for r in ("teacher_ft", "teacher_base", "student_base")
+            ]
         V = student.config.vocab_size
         base = rss_mb()
         for b in data:
@@ -114,12 +133,24 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
                 loss = student(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels).loss
             else:
                 with torch.no_grad():
-                    lT, lB, lS0 = (torch.log_softmax(m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float(), -1)
-                                   for m in frozen)
+                    lT, lB, lS0 = (
+                        torch.log_softmax(
+                            m(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float(), -1
+                        )
+                        for m in frozen
+                    )
                     ids = torch.arange(V).expand(lT.shape[0], V)  # full vocabulary: k = V
                     ninf = torch.full((lT.shape[0],), float("-inf"))
-                    tg = {"support_ids": ids, "logp_ft": lT, "logp_base": lB, "logp_s0": lS0, "tail_ft": ninf,
-                          "tail_base": ninf, "tail_s0": ninf, "next_tokens": b.targets["next_tokens"]}
+                    tg = {
+                        "support_ids": ids,
+                        "logp_ft": lT,
+                        "logp_base": lB,
+                        "logp_s0": lS0,
+                        "tail_ft": ninf,
+                        "tail_base": ninf,
+                        "tail_s0": ninf,
+                        "next_tokens": b.targets["next_tokens"],
+                    }
                 logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.loss_mask].float()
                 loss = terms_from_logits(logits, tg, LossSpec(weights={"p1": 1.0}))[0] / b.n_supervised
             opt.zero_grad()
@@ -128,8 +159,14 @@ def run_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
             times.append(time.perf_counter() - t0)
         tokens = sum(int(b.attention_mask.sum()) for b in data)
     warm = times[2:] if len(times) > 4 else times
-    return {"case": case, "step_s": statistics.median(warm), "tokens_per_s": tokens / sum(times),
-            "peak_rss_mb": rss_mb(), "rss_before_steps_mb": base, "rss_growth_mb": rss_mb() - base}
+    return {
+        "case": case,
+        "step_s": statistics.median(warm),
+        "tokens_per_s": tokens / sum(times),
+        "peak_rss_mb": rss_mb(),
+        "rss_before_steps_mb": base,
+        "rss_growth_mb": rss_mb() - base,
+    }
 
 
 def run_dist_case(mode: str, work: Path, steps: int, batch_tokens: int) -> dict | None:
@@ -139,8 +176,18 @@ def run_dist_case(mode: str, work: Path, steps: int, batch_tokens: int) -> dict 
     from deltakd.student.trainer import TrainConfig, Trainer
 
     paths, cache = setup(work)
-    tr = Trainer(TrainConfig(cache=str(cache), student=paths["student_base"], out=str(work / f"dist-{mode}"),
-                             loss="p1", max_steps=steps, batch_tokens=batch_tokens, eval_percent=0, parallel=mode))
+    tr = Trainer(
+        TrainConfig(
+            cache=str(cache),
+            student=paths["student_base"],
+            out=str(work / f"dist-{mode}"),
+            loss="p1",
+            max_steps=steps,
+            batch_tokens=batch_tokens,
+            eval_percent=0,
+            parallel=mode,
+        )
+    )
     loader = StreamingLoader(tr.reader, **tr.train_loader_kw)
     data = [b for _, b in zip(range(steps), loader)]
     loader.close()
@@ -155,8 +202,14 @@ def run_dist_case(mode: str, work: Path, steps: int, batch_tokens: int) -> dict 
     if tr.rank != 0:
         return None
     warm = times[2:] if len(times) > 4 else times
-    return {"case": f"{mode}2", "step_s": statistics.median(warm), "tokens_per_s": float(tokens) / sum(times),
-            "peak_rss_mb": float(peak[0]), "rss_growth_mb": float(peak[1]), "ranks": tr.world}
+    return {
+        "case": f"{mode}2",
+        "step_s": statistics.median(warm),
+        "tokens_per_s": float(tokens) / sum(times),
+        "peak_rss_mb": float(peak[0]),
+        "rss_growth_mb": float(peak[1]),
+        "ranks": tr.world,
+    }
 
 
 def decoded_share(reader, fn) -> float:
@@ -183,7 +236,9 @@ def decoded_share(reader, fn) -> float:
     return len(seen) / max(total, 1)
 
 
-def loader_per_rank(work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1), (2, 2)), repeats: int = 3) -> list[dict]:
+def loader_per_rank(
+    work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1), (2, 2)), repeats: int = 3
+) -> list[dict]:
     """Rank 0 of N (accumulating `accum`) streams three epochs; best of `repeats`."""
     from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
@@ -202,9 +257,18 @@ def loader_per_rank(work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1)
                 tokens += b.n_tokens
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             best, cpu = (dt, dc) if best is None else (min(best, dt), min(cpu, dc))
-        share = decoded_share(reader, lambda: list(StreamingLoader(reader, epochs=1, **kw)))
-        rows.append({"ranks": n, "accum": accum, "rank0_tokens": tokens, "epoch_s": best, "cpu_s": cpu,
-                     "tokens_per_s_per_rank": tokens / best, "entry_chunks_decoded": share})
+        share = decoded_share(reader, lambda: list(StreamingLoader(reader, epochs=1, **kw)))  # noqa: B023 (called here)
+        rows.append(
+            {
+                "ranks": n,
+                "accum": accum,
+                "rank0_tokens": tokens,
+                "epoch_s": best,
+                "cpu_s": cpu,
+                "tokens_per_s_per_rank": tokens / best,
+                "entry_chunks_decoded": share,
+            }
+        )
     for r in rows:
         r["epoch_s_vs_1_rank"] = r["epoch_s"] / rows[0]["epoch_s"]
         r["cpu_s_vs_1_rank"] = r["cpu_s"] / rows[0]["cpu_s"]
@@ -215,10 +279,31 @@ def parallel_rows(work: Path, steps: int, batch_tokens: int) -> dict:
     env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
     out = {}
     for mode in ("ddp", "fsdp"):
-        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                              str(29700 + len(out)), "-m", "benchmarks.train_step", "--workdir", str(work), "--steps", str(steps),
-                              "--batch-tokens", str(batch_tokens), "--case", f"dist_{mode}"],
-                             capture_output=True, text=True, env=env, cwd=ROOT)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(29700 + len(out)),
+                "-m",
+                "benchmarks.train_step",
+                "--workdir",
+                str(work),
+                "--steps",
+                str(steps),
+                "--batch-tokens",
+                str(batch_tokens),
+                "--case",
+                f"dist_{mode}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
         if res.returncode != 0:
             raise SystemExit(f"case {mode}2 failed:\n{res.stderr[-3000:]}")
         out[f"{mode}2"] = json.loads([l for l in res.stdout.splitlines() if l.startswith("{")][-1])
@@ -228,20 +313,28 @@ def parallel_rows(work: Path, steps: int, batch_tokens: int) -> dict:
 def print_parallel(par: dict, loader_rows: list[dict]) -> dict:
     print(f"\n{'2 ranks, CPU gloo':<18}{'step s':>9}{'tokens/s':>11}{'peak RSS MB':>13}{'growth MB':>11}")
     for r in par.values():
-        print(f"{r['case']:<18}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}{r['rss_growth_mb']:11.0f}")
+        print(
+            f"{r['case']:<18}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}{r['rss_growth_mb']:11.0f}"
+        )
     print_loader(loader_rows)
-    return {"fsdp2/ddp2 step": par["fsdp2"]["step_s"] / par["ddp2"]["step_s"],
-            "fsdp2/ddp2 peak RSS": par["fsdp2"]["peak_rss_mb"] / par["ddp2"]["peak_rss_mb"],
-            "fsdp2/ddp2 RSS growth": par["fsdp2"]["rss_growth_mb"] / max(par["ddp2"]["rss_growth_mb"], 1e-9)}
+    return {
+        "fsdp2/ddp2 step": par["fsdp2"]["step_s"] / par["ddp2"]["step_s"],
+        "fsdp2/ddp2 peak RSS": par["fsdp2"]["peak_rss_mb"] / par["ddp2"]["peak_rss_mb"],
+        "fsdp2/ddp2 RSS growth": par["fsdp2"]["rss_growth_mb"] / max(par["ddp2"]["rss_growth_mb"], 1e-9),
+    }
 
 
 def print_loader(loader_rows: list[dict]) -> None:
-    print(f"\n{'loader ranks x accum':<22}{'rank-0 tokens':>14}{'3 epochs s':>11}{'tok/s per rank':>16}"
-          f"{'time vs 1':>11}{'CPU s vs 1':>12}{'chunks decoded':>16}")
+    print(
+        f"\n{'loader ranks x accum':<22}{'rank-0 tokens':>14}{'3 epochs s':>11}{'tok/s per rank':>16}"
+        f"{'time vs 1':>11}{'CPU s vs 1':>12}{'chunks decoded':>16}"
+    )
     for r in loader_rows:
-        print(f"{str(r['ranks']) + ' x ' + str(r['accum']):<22}{r['rank0_tokens']:>14}{r['epoch_s']:11.3f}"
-              f"{r['tokens_per_s_per_rank']:16.0f}{r['epoch_s_vs_1_rank']:11.2f}{r['cpu_s_vs_1_rank']:12.2f}"
-              f"{r['entry_chunks_decoded']:16.2f}")
+        print(
+            f"{str(r['ranks']) + ' x ' + str(r['accum']):<22}{r['rank0_tokens']:>14}{r['epoch_s']:11.3f}"
+            f"{r['tokens_per_s_per_rank']:16.0f}{r['epoch_s_vs_1_rank']:11.2f}{r['cpu_s_vs_1_rank']:12.2f}"
+            f"{r['entry_chunks_decoded']:16.2f}"
+        )
 
 
 def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> float:
@@ -260,12 +353,30 @@ def loader_throughput(work: Path, batch_tokens: int, seconds: float = 10.0) -> f
 
 
 def peer_rows(work: Path, steps: int, batch_tokens: int) -> dict:
-    """deltakd cached/online KD and the peers (benchmarks/peers.py) on the same batches: time interleaved, memory alone."""
+    """deltakd cached/online KD and the peers (benchmarks/peers.py) on the same batches.
+
+    Time is measured interleaved in one process, memory alone per process."""
     from benchmarks import peers
 
     def case_json(case: str, n_steps: int) -> dict:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--workdir", str(work), "--steps", str(n_steps),
-                              "--batch-tokens", str(batch_tokens), "--case", case], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.train_step",
+                "--workdir",
+                str(work),
+                "--steps",
+                str(n_steps),
+                "--batch-tokens",
+                str(batch_tokens),
+                "--case",
+                case,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if out.returncode != 0:
             raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
@@ -275,27 +386,38 @@ def peer_rows(work: Path, steps: int, batch_tokens: int) -> dict:
     # from the first), so three steps suffice.
     rows = {c: {"case": c} | timing[c] | case_json(f"peer_{c}", min(steps, 3)) for c in peers.CASES}
     ref = rows["kd_cache"]
-    print(f"\n{'KD, same batches':<14}{'step s':>8}{'best s':>8}{'tokens/s':>9}{'peak RSS MB':>12}{'working MB':>11}"
-          f"{'step/ours':>10}{'peak/ours':>10}{'work/ours':>10}{'1st loss':>9}")
+    print(
+        f"\n{'KD, same batches':<14}{'step s':>8}{'best s':>8}{'tokens/s':>9}{'peak RSS MB':>12}{'working MB':>11}"
+        f"{'step/ours':>10}{'peak/ours':>10}{'work/ours':>10}{'1st loss':>9}"
+    )
     for r in rows.values():
         r["step_vs_kd_cache"] = r["step_s"] / ref["step_s"]
         r["peak_vs_kd_cache"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
         r["working_vs_kd_cache"] = r["working_mb"] / ref["working_mb"]
-        print(f"{r['case']:<14}{r['step_s']:8.2f}{r['step_best_s']:8.2f}{r['tokens_per_s']:9.0f}{r['peak_rss_mb']:12.0f}"
-              f"{r['working_mb']:11.0f}{r['step_vs_kd_cache']:10.2f}{r['peak_vs_kd_cache']:10.2f}"
-              f"{r['working_vs_kd_cache']:10.2f}{r['first_loss']:9.4f}")
+        print(
+            f"{r['case']:<14}{r['step_s']:8.2f}{r['step_best_s']:8.2f}{r['tokens_per_s']:9.0f}{r['peak_rss_mb']:12.0f}"
+            f"{r['working_mb']:11.0f}{r['step_vs_kd_cache']:10.2f}{r['peak_vs_kd_cache']:10.2f}"
+            f"{r['working_vs_kd_cache']:10.2f}{r['first_loss']:9.4f}"
+        )
     # The three online forward-KL losses are one objective on one student and teacher: their first-step
     # values must agree (tests/test_benchmarks.py checks values and gradients on smaller shapes).
     online = [rows[c]["first_loss"] for c in ("kd_online", "trl_online", "liger_online")]
     spread = (max(online) - min(online)) / abs(statistics.mean(online))
     last = [rows[c]["last_loss"] for c in ("kd_online", "trl_online", "liger_online")]
     last_spread = (max(last) - min(last)) / abs(statistics.mean(last))
-    print(f"forward KL of the online rows: relative spread {spread:.1e} at the first step (one objective), "
-          f"{last_spread:.1e} after {steps - 1} updates (one gradient); kd_cache trains the cache's objective (support + tail bucket or samples)")
+    print(
+        f"forward KL of the online rows: relative spread {spread:.1e} at the first step (one objective), "
+        f"{last_spread:.1e} after {steps - 1} updates (one gradient); "
+        "kd_cache trains the cache's objective (support + tail bucket or samples)"
+    )
     if spread > 1e-4:
         raise SystemExit(f"the online KD losses disagree ({online}): the contenders do not compute one objective")
-    return {"cases": rows, "online_first_loss_rel_spread": spread, "online_last_loss_rel_spread": last_spread,
-            "versions": rows["trl_online"]["versions"]}
+    return {
+        "cases": rows,
+        "online_first_loss_rel_spread": spread,
+        "online_last_loss_rel_spread": last_spread,
+        "versions": rows["trl_online"]["versions"],
+    }
 
 
 def main():
@@ -303,9 +425,13 @@ def main():
     ap.add_argument("--workdir", default="runs/bench-train")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--only", choices=["all", "parallel", "loader", "peers"], default="all",
-                    help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank; loader: only the loader "
-                         "per rank; peers: only the TRL/Liger comparison (needs pip install -e \".[peers]\")")
+    ap.add_argument(
+        "--only",
+        choices=["all", "parallel", "loader", "peers"],
+        default="all",
+        help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank; loader: only the loader "
+        'per rank; peers: only the TRL/Liger comparison (needs pip install -e ".[peers]")',
+    )
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
     work = Path(a.workdir)
@@ -317,8 +443,11 @@ def main():
     if a.case and a.case.startswith("peer"):
         from benchmarks import peers
 
-        res = (peers.run_interleaved_timing(work, a.steps, a.batch_tokens) if a.case == "peers_interleaved"
-               else peers.run_peer_case(a.case.removeprefix("peer_"), work, a.steps, a.batch_tokens))
+        res = (
+            peers.run_interleaved_timing(work, a.steps, a.batch_tokens)
+            if a.case == "peers_interleaved"
+            else peers.run_peer_case(a.case.removeprefix("peer_"), work, a.steps, a.batch_tokens)
+        )
         print(json.dumps(res))
         return
     if a.case:
@@ -328,9 +457,20 @@ def main():
     if a.only == "loader":
         loader_rows = loader_per_rank(work, a.batch_tokens)
         print_loader(loader_rows)
-        print(json.dumps({"benchmark": "train_step", "part": "loader", "machine": platform.machine(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(), "vocab": 32000,
-                          "batch_tokens": a.batch_tokens, "loader_per_rank": loader_rows}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "train_step",
+                    "part": "loader",
+                    "machine": platform.machine(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "vocab": 32000,
+                    "batch_tokens": a.batch_tokens,
+                    "loader_per_rank": loader_rows,
+                }
+            )
+        )
         return
     if a.only == "peers":
         from benchmarks import peers
@@ -338,11 +478,23 @@ def main():
         try:
             peers.require()
         except ImportError as e:
-            raise SystemExit(str(e))
+            raise SystemExit(str(e)) from None
         out = peer_rows(work, a.steps, a.batch_tokens)
-        print(json.dumps({"benchmark": "train_step", "part": "peers", "machine": platform.machine(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(), "vocab": 32000,
-                          "batch_tokens": a.batch_tokens, "steps": a.steps} | out))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "train_step",
+                    "part": "peers",
+                    "machine": platform.machine(),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "vocab": 32000,
+                    "batch_tokens": a.batch_tokens,
+                    "steps": a.steps,
+                }
+                | out
+            )
+        )
         return
     par = parallel_rows(work, a.steps, a.batch_tokens)
     loader_rows = loader_per_rank(work, a.batch_tokens)
@@ -350,14 +502,43 @@ def main():
         ratios = print_parallel(par, loader_rows)
         for k, v in ratios.items():
             print(f"{k:<34}{v:8.3f}")
-        print(json.dumps({"benchmark": "train_step", "part": "parallel", "machine": platform.machine(),
-                          "torch": torch.__version__, "threads_per_rank": 1, "vocab": 32000,
-                          "batch_tokens": a.batch_tokens, "cases": par, "loader_per_rank": loader_rows, "ratios": ratios}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "train_step",
+                    "part": "parallel",
+                    "machine": platform.machine(),
+                    "torch": torch.__version__,
+                    "threads_per_rank": 1,
+                    "vocab": 32000,
+                    "batch_tokens": a.batch_tokens,
+                    "cases": par,
+                    "loader_per_rank": loader_rows,
+                    "ratios": ratios,
+                }
+            )
+        )
         return
     res = {}
     for case in ("sft_hf", "sft_cache", "p1_cache", "p1_online", "chunked_loss", "naive_loss"):
-        out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--workdir", str(work), "--steps", str(a.steps),
-                              "--batch-tokens", str(a.batch_tokens), "--case", case], capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.train_step",
+                "--workdir",
+                str(work),
+                "--steps",
+                str(a.steps),
+                "--batch-tokens",
+                str(a.batch_tokens),
+                "--case",
+                case,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if out.returncode != 0:
             raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
         res[case] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -372,7 +553,9 @@ def main():
     loader_tps = loader_throughput(work, a.batch_tokens)
     print(f"\n{'case':<14}{'step s':>9}{'tokens/s':>11}{'peak RSS MB':>13}{'growth MB':>11}")
     for r in res.values():
-        print(f"{r['case']:<14}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}{r['rss_growth_mb']:11.0f}")
+        print(
+            f"{r['case']:<14}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}{r['rss_growth_mb']:11.0f}"
+        )
     p1, sft, onl = res["p1_cache"], res["sft_hf"], res["p1_online"]
     ratios = {
         "p1_cache/sft_hf step": p1["step_s"] / sft["step_s"],
@@ -381,16 +564,30 @@ def main():
         "p1_cache/p1_online step": p1["step_s"] / onl["step_s"],
         "p1_cache/p1_online peak RSS": p1["peak_rss_mb"] / onl["peak_rss_mb"],
         "loader/trainer tokens per s": loader_tps / p1["tokens_per_s"],
-        "chunked/naive loss RSS growth": res["chunked_loss"]["rss_growth_mb"] / max(res["naive_loss"]["rss_growth_mb"], 1e-9),
+        "chunked/naive loss RSS growth": res["chunked_loss"]["rss_growth_mb"]
+        / max(res["naive_loss"]["rss_growth_mb"], 1e-9),
     }
     ratios.update(print_parallel(par, loader_rows))
     print(f"\nloader: {loader_tps:.0f} tokens/s")
     for k, v in ratios.items():
         print(f"{k:<34}{v:8.3f}")
-    print(json.dumps({"benchmark": "train_step", "machine": platform.machine(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads(), "vocab": 32000, "batch_tokens": a.batch_tokens,
-                      "cases": res | par, "loader_tokens_per_s": loader_tps, "loader_per_rank": loader_rows,
-                      "ratios": ratios, "peers": peer}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_step",
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "vocab": 32000,
+                "batch_tokens": a.batch_tokens,
+                "cases": res | par,
+                "loader_tokens_per_s": loader_tps,
+                "loader_per_rank": loader_rows,
+                "ratios": ratios,
+                "peers": peer,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

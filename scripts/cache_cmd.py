@@ -1,10 +1,11 @@
 """`deltakd cache build|add-student|inspect|validate`: the cache side's commands.
 
-    deltakd cache build --teacher-ft FT --teacher-base BASE [--student-base S0] --data D.jsonl --out CACHE
-    deltakd cache add-student --cache CACHE --student-base S0
-    deltakd cache inspect CACHE [--example N] [--plot FILE.png]
-    deltakd cache validate CACHE
+deltakd cache build --teacher-ft FT --teacher-base BASE [--student-base S0] --data D.jsonl --out CACHE
+deltakd cache add-student --cache CACHE --student-base S0
+deltakd cache inspect CACHE [--example N] [--plot FILE.png]
+deltakd cache validate CACHE
 """
+
 from __future__ import annotations
 
 import errno
@@ -52,10 +53,15 @@ def _build(ns) -> int:
         raise
     if m:
         t = m["totals"]
-        print(f"cache ready: {cfg.out}  {t['n_seqs']} sequences, {t['n_tokens']} tokens, "
-              f"{t['n_supervised']} supervised, k={m['k']}, truncated={m['summary']['n_truncated']}")
+        print(
+            f"cache ready: {cfg.out}  {t['n_seqs']} sequences, {t['n_tokens']} tokens, "
+            f"{t['n_supervised']} supervised, k={m['k']}, truncated={m['summary']['n_truncated']}"
+        )
         for phase, d in (m["summary"].get("phases") or {}).items():
-            print(f"  {phase:5s} {d['tokens']} tokens in {d['seconds']:.1f}s = {d['tokens'] / max(d['seconds'], 1e-9):.0f} tok/s")
+            print(
+                f"  {phase:5s} {d['tokens']} tokens in {d['seconds']:.1f}s = "
+                f"{d['tokens'] / max(d['seconds'], 1e-9):.0f} tok/s"
+            )
     return 0
 
 
@@ -90,8 +96,8 @@ def _add_student(ns) -> int:
 
 
 def _inspect(ns) -> int:
-    from deltakd.cache.format.summary import format_example, format_summary, plot, summarize
     from deltakd.cache.format.reader import CacheReader
+    from deltakd.cache.format.summary import format_example, format_summary, plot, summarize
 
     if ns.example is not None:
         print(format_example(ns.cache, ns.example, tokenizer_path=ns.tokenizer))

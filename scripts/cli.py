@@ -1,8 +1,9 @@
 """The `deltakd` console command: one subcommand per verb, each in its own module.
 
-    deltakd cache build|add-student|inspect|validate ...
-    deltakd train ...      deltakd eval ...      deltakd demo ...
+deltakd cache build|add-student|inspect|validate ...
+deltakd train ...      deltakd eval ...      deltakd demo ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,11 @@ def run_verb(ns) -> int:
         return fail(str(e))
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            return fail(f"no space left on the device while writing {e.filename or 'the output'}"
-                        f"{getattr(e, 'deltakd_need', '')}; free space (or choose another folder) and run the same "
-                        "command again: finished work is kept")
+            return fail(
+                f"no space left on the device while writing {e.filename or 'the output'}"
+                f"{getattr(e, 'deltakd_need', '')}; free space (or choose another folder) and run the same "
+                "command again: finished work is kept"
+            )
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             return fail(f"cannot write {e.filename or 'the output'} ({e.strerror}): choose a folder you can write to")
         if e.errno == errno.ENOENT:

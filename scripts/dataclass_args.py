@@ -1,4 +1,5 @@
 """Generate argparse options from a frozen config dataclass (one source of truth per verb)."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,13 +27,20 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
         help_ = f.metadata.get("help", "")
         if tp is bool:
             # default None: an option not given leaves the config file's (or dataclass's) value.
-            parser.add_argument(opt, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{help_} (default: {f.default})")
+            parser.add_argument(
+                opt, action=argparse.BooleanOptionalAction, default=None, help=f"{help_} (default: {f.default})"
+            )
         else:
             if not required:
                 help_ += f" (default: {f.default})"
-            parser.add_argument(opt, type=tp, default=None, required=False, help=help_ + (" [required]" if required else ""),
-                                choices=f.metadata.get("choices"))
+            parser.add_argument(
+                opt,
+                type=tp,
+                default=None,
+                required=False,
+                help=help_ + (" [required]" if required else ""),
+                choices=f.metadata.get("choices"),
+            )
 
 
 def config_from_args(cls, ns: argparse.Namespace, base: dict | None = None, source: str | None = None, **extra):
@@ -50,8 +58,11 @@ def config_from_args(cls, ns: argparse.Namespace, base: dict | None = None, sour
     unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ValueError(f"{where}unknown config field(s): {', '.join(sorted(unknown))}")
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values
+    ]
     if missing:
         raise ValueError("missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing))
     try:

@@ -1,7 +1,8 @@
 """`deltakd eval`: generate with one or more models and compare ROUGE-L in one table.
 
-    deltakd eval --model RUN/final --model TEACHER --data test.jsonl --out EVAL [--sample --seeds 0 1 2]
+deltakd eval --model RUN/final --model TEACHER --data test.jsonl --out EVAL [--sample --seeds 0 1 2]
 """
+
 from __future__ import annotations
 
 
@@ -28,8 +29,19 @@ def _eval(ns) -> int:
 
     for m in ns.model:  # a mistyped folder fails now, not after a model hub lookup
         local_checkpoint(m, "--model")
-    cfg = EvalConfig(models=tuple(ns.model), data=ns.data, out=ns.out, max_new_tokens=ns.max_new_tokens,
-                     batch_size=ns.batch_size, max_examples=ns.max_examples, max_prompt_tokens=ns.max_prompt_tokens,
-                     sample=ns.sample, temperature=ns.temperature, top_p=ns.top_p, seeds=tuple(ns.seeds), device=ns.device)
+    cfg = EvalConfig(
+        models=tuple(ns.model),
+        data=ns.data,
+        out=ns.out,
+        max_new_tokens=ns.max_new_tokens,
+        batch_size=ns.batch_size,
+        max_examples=ns.max_examples,
+        max_prompt_tokens=ns.max_prompt_tokens,
+        sample=ns.sample,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        seeds=tuple(ns.seeds),
+        device=ns.device,
+    )
     print(format_table(run_eval(cfg)))
     return 0

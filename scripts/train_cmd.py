@@ -1,9 +1,10 @@
 """`deltakd train`: train a student from a cache (no teacher in memory).
 
-    deltakd train --cache CACHE --student S0 --out RUN --loss p1 --alpha 1.0 --max-steps 200
-    deltakd train --config run.toml [--lr 1e-4 ...]   # options override the file
-    deltakd train ... --dry-run                        # check, one step, peak memory, exit
+deltakd train --cache CACHE --student S0 --out RUN --loss p1 --alpha 1.0 --max-steps 200
+deltakd train --config run.toml [--lr 1e-4 ...]   # options override the file
+deltakd train ... --dry-run                        # check, one step, peak memory, exit
 """
+
 from __future__ import annotations
 
 import errno
@@ -54,8 +55,9 @@ def _checkpoint_need(cfg, path) -> str:
     """Disk space of one more checkpoint: weights + AdamW's two moments (float32), plus the final export."""
     import shutil
 
-    weights = sum(f.stat().st_size for f in Path(cfg.student).glob("*.safetensors")) or \
-        sum(f.stat().st_size for f in Path(cfg.student).glob("*.bin"))
+    weights = sum(f.stat().st_size for f in Path(cfg.student).glob("*.safetensors")) or sum(
+        f.stat().st_size for f in Path(cfg.student).glob("*.bin")
+    )
     need = 4 * weights
     free = shutil.disk_usage(next((p for p in Path(path).parents if p.exists()), Path("."))).free
     return f"; a checkpoint needs about {need / 2**20:.1f} MB, {free / 2**20:.0f} MB are free"
@@ -82,11 +84,15 @@ def _train(ns) -> int:
             e.deltakd_need = _checkpoint_need(cfg, e.filename or cfg.out)
         raise
     if res.get("already_finished"):
-        print(f"{cfg.out} is already finished: the final student is in {Path(cfg.out) / 'final'}; nothing was "
-              "changed (use another --out to train again)")
+        print(
+            f"{cfg.out} is already finished: the final student is in {Path(cfg.out) / 'final'}; nothing was "
+            "changed (use another --out to train again)"
+        )
     elif cfg.dry_run:
         print(json.dumps(res, indent=1))
     else:
-        print(f"final student: {Path(cfg.out) / 'final'}  " + " ".join(f"{k}={v:.4g}" for k, v in res.items()
-                                                                      if isinstance(v, float)))
+        print(
+            f"final student: {Path(cfg.out) / 'final'}  "
+            + " ".join(f"{k}={v:.4g}" for k, v in res.items() if isinstance(v, float))
+        )
     return 0

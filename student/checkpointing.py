@@ -8,6 +8,7 @@ A checkpoint is written aside and renamed into place, so a kill during a save
 leaves the previous checkpoint as the newest complete one. Under FSDP every rank
 writes its shards into the same folder; rank 0 renames it after a barrier.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,6 @@ import numpy as np
 import torch
 
 from deltakd.runtime import dist
-
 from deltakd.student import parallel
 
 # Fields that may change between a run and its resume without changing the result.
@@ -48,8 +48,10 @@ def find_resume(out, cfg, world: int = 1) -> Path | None:
     if state.get("world_size", world) != world:
         diff.append(f"world size {state['world_size']} -> {world}, which changes the batch order")
     if diff:
-        raise ValueError(f"{out} holds a run with other settings ({', '.join(diff)}); "
-                         "use another --out folder to start a new run, or the same settings to resume")
+        raise ValueError(
+            f"{out} holds a run with other settings ({', '.join(diff)}); "
+            "use another --out folder to start a new run, or the same settings to resume"
+        )
     return done[-1]
 
 
@@ -84,9 +86,12 @@ def save_training_state(tr) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, part / "rng.pt")
-    (part / "state.json").write_text(json.dumps(
-        {"step": tr.step, "loader": tr.loader_state, "config": dataclasses.asdict(tr.cfg), "world_size": tr.world},
-        indent=1))
+    (part / "state.json").write_text(
+        json.dumps(
+            {"step": tr.step, "loader": tr.loader_state, "config": dataclasses.asdict(tr.cfg), "world_size": tr.world},
+            indent=1,
+        )
+    )
     os.replace(part, final)
     for old in sorted(p for p in d.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
@@ -144,8 +149,10 @@ def _plain_copy(model, state: dict):
         plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     if unexpected or missing:
-        raise RuntimeError(f"the gathered FSDP state does not fit {type(plain).__name__}: missing {sorted(missing)}, "
-                           f"unexpected {sorted(unexpected)}")
+        raise RuntimeError(
+            f"the gathered FSDP state does not fit {type(plain).__name__}: missing {sorted(missing)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     if getattr(model.config, "tie_word_embeddings", False):
         # The gathered state names the tied tensor twice; make it one again so the
         # export is tied like the student it came from.

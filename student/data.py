@@ -27,6 +27,7 @@ resumed from any rank's position starts at the next round of `world` global batc
 so the trainer's one saved position (rank 0's last micro-batch of a step) resumes
 every rank at the next step.
 """
+
 from __future__ import annotations
 
 import queue
@@ -44,13 +45,13 @@ STUDENT_KEYS = ("logp_s0", "tail_s0", "tail_star")
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor       # (B, L) int64, right-padded
+    input_ids: torch.Tensor  # (B, L) int64, right-padded
     attention_mask: torch.Tensor  # (B, L) int64
-    loss_mask: torch.Tensor       # (B, L) bool; hidden[loss_mask] lines up with the target rows
-    targets: dict                 # (N_sup, K) support / (N_sup,) tail tensors, batch-major; next_tokens (N_sup,)
+    loss_mask: torch.Tensor  # (B, L) bool; hidden[loss_mask] lines up with the target rows
+    targets: dict  # (N_sup, K) support / (N_sup,) tail tensors, batch-major; next_tokens (N_sup,)
     example_ids: list
-    state: dict                   # loader position after this batch
-    counts: tuple | None = None   # (supervised, tokens), taken on the host so that no step syncs for them
+    state: dict  # loader position after this batch
+    counts: tuple | None = None  # (supervised, tokens), taken on the host so that no step syncs for them
 
     @property
     def n_supervised(self) -> int:
@@ -60,18 +61,30 @@ class Batch:
     def n_tokens(self) -> int:
         return self.counts[1] if self.counts else int(self.attention_mask.sum())
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked host copies (loader thread), so that `to(cuda, non_blocking=True)` is asynchronous."""
         pin = lambda t: t.pin_memory()  # noqa: E731
-        return Batch(pin(self.input_ids), pin(self.attention_mask), pin(self.loss_mask),
-                     {k: pin(v) for k, v in self.targets.items()}, self.example_ids, self.state,
-                     (self.n_supervised, self.n_tokens))
+        return Batch(
+            pin(self.input_ids),
+            pin(self.attention_mask),
+            pin(self.loss_mask),
+            {k: pin(v) for k, v in self.targets.items()},
+            self.example_ids,
+            self.state,
+            (self.n_supervised, self.n_tokens),
+        )
 
     def to(self, device, non_blocking: bool = False):
         mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.loss_mask),
-                     {k: mv(v) for k, v in self.targets.items()}, self.example_ids, self.state,
-                     (self.n_supervised, self.n_tokens))
+        return Batch(
+            mv(self.input_ids),
+            mv(self.attention_mask),
+            mv(self.loss_mask),
+            {k: mv(v) for k, v in self.targets.items()},
+            self.example_ids,
+            self.state,
+            (self.n_supervised, self.n_tokens),
+        )
 
 
 def in_split(example_ids: np.ndarray, split: str, eval_percent: float) -> np.ndarray:
@@ -87,7 +100,7 @@ def plan_shard(lengths: np.ndarray, rows: np.ndarray, batch_tokens: int, window:
         rows = rows[rng.permutation(len(rows))]
     batches = []
     for s in range(0, len(rows), window):
-        w = rows[s:s + window]
+        w = rows[s : s + window]
         w = w[np.argsort(lengths[w], kind="stable")]
         cur, longest = [], 0
         for r in w.tolist():
@@ -102,7 +115,6 @@ def plan_shard(lengths: np.ndarray, rows: np.ndarray, batch_tokens: int, window:
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
-
 
 
 def _prime_factors(m: int) -> list[int]:
@@ -148,7 +160,9 @@ def lane_ranges(lengths: np.ndarray, rows: np.ndarray, m: int) -> list[np.ndarra
     return [rows[piece == j] for j in range(m)]
 
 
-def plan_lanes(lengths: np.ndarray, rows: np.ndarray, batch_tokens: int, window: int, rng, m: int) -> list[list[list[int]]]:
+def plan_lanes(
+    lengths: np.ndarray, rows: np.ndarray, batch_tokens: int, window: int, rng, m: int
+) -> list[list[list[int]]]:
     """Each lane's batches (as `plan_shard`, one rng consumed lane by lane: m = 1 is `plan_shard`)."""
     pieces, where = lane_ranges(lengths, rows, m), lane_range_of(m)
     return [plan_shard(lengths, pieces[where[lane]], batch_tokens, window, rng) for lane in range(m)]
@@ -183,6 +197,7 @@ def interleave(lanes: list[list[list[int]]], first: int = 0) -> list[list[int]]:
     assert taken == [len(b) for b in lanes]
     return out
 
+
 def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) -> tuple:
     a = shard.arrays
     off = a["seq_offsets"]
@@ -198,7 +213,7 @@ def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) 
         ids[i, :n] = a["tokens"][t0:t1]
         att[i, :n] = 1
         msk[i, :n] = a["loss_mask"][t0:t1]
-        nxt[i, :n - 1] = a["tokens"][t0 + 1:t1]
+        nxt[i, : n - 1] = a["tokens"][t0 + 1 : t1]
         sup_rows.append(torch.arange(int(shard.sup_offsets[r]), int(shard.sup_offsets[r + 1])))
     got = shard.rows(torch.cat(sup_rows))  # supports padded to the batch's widest row
     keys = TARGET_KEYS + (STUDENT_KEYS if with_student else ())
@@ -211,10 +226,25 @@ def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) 
 class StreamingLoader:
     """Endless iterator of this rank's batches, prefetched by a background thread."""
 
-    def __init__(self, reader: CacheReader, batch_tokens: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle: bool = True, split: str = "train", eval_percent: float = 0.0, with_student: bool = False,
-                 pad_id: int = 0, window: int = 256, prefetch: int = 8, state: dict | None = None, epochs: int | None = None,
-                 pin_memory: bool = False, accum: int = 1):
+    def __init__(
+        self,
+        reader: CacheReader,
+        batch_tokens: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        split: str = "train",
+        eval_percent: float = 0.0,
+        with_student: bool = False,
+        pad_id: int = 0,
+        window: int = 256,
+        prefetch: int = 8,
+        state: dict | None = None,
+        epochs: int | None = None,
+        pin_memory: bool = False,
+        accum: int = 1,
+    ):
         if not (0 <= rank < world) or accum < 1:
             raise ValueError(f"rank {rank} of world {world} with accum {accum}: need 0 <= rank < world and accum >= 1")
         self.reader, self.batch_tokens, self.rank, self.world = reader, batch_tokens, rank, world
@@ -263,7 +293,9 @@ class StreamingLoader:
                 idx = self._shard_index(names[sp])
                 start = index - batch0  # global index of the shard's batch 0
                 plan = self._shard_plan(names[sp], sp, epoch, start, idx)
-                mine = [b for b in range(batch0, len(plan)) if start + b >= first and (start + b) % self.world == self.rank]
+                mine = [
+                    b for b in range(batch0, len(plan)) if start + b >= first and (start + b) % self.world == self.rank
+                ]
                 index = start + len(plan)
                 if mine:
                     rows = np.unique(np.concatenate([plan[b] for b in mine]))
@@ -273,8 +305,15 @@ class StreamingLoader:
                 for b in mine:
                     ids, att, msk, tg, ex = collate(shard, at[plan[b]].tolist(), self.pad_id, self.with_student)
                     done = start + b + 1  # global index after batch b
-                    batch = Batch(ids, att, msk, tg, ex, {"epoch": epoch, "shard": sp, "batch": b + 1, "index": done},
-                                  (int(msk.sum()), int(att.sum())))
+                    batch = Batch(
+                        ids,
+                        att,
+                        msk,
+                        tg,
+                        ex,
+                        {"epoch": epoch, "shard": sp, "batch": b + 1, "index": done},
+                        (int(msk.sum()), int(att.sum())),
+                    )
                     self._put(batch.pin_memory() if self.pin_memory else batch)
                     if self._stop.is_set():
                         return

@@ -7,6 +7,7 @@ student is evaluated on the prompt format it was distilled on. Besides the proje
 JSONL (prompt/response or messages), the Self-Instruct layout (`instruction`,
 `instances: [{input, output}]`) is read, one example per instance.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from deltakd.runtime import dist
 from deltakd.cache.format.records import DataError, Record, encode_prompt, read_records
+from deltakd.runtime import dist
 
 
 @dataclass(frozen=True)
@@ -88,22 +89,29 @@ def generate(model, tok, records: list[Record], cfg: EvalConfig, seed: int, bar=
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     order = sorted(range(len(records)), key=lambda i: -len(records[i].messages[-1][1]))
-    prompts = {i: encode_prompt(tok, records[i])[-cfg.max_prompt_tokens:] for i in order}
+    prompts = {i: encode_prompt(tok, records[i])[-cfg.max_prompt_tokens :] for i in order}
     texts: dict[int, str] = {}
     for s in range(0, len(order), cfg.batch_size):
-        idx = order[s:s + cfg.batch_size]
+        idx = order[s : s + cfg.batch_size]
         L = max(len(prompts[i]) for i in idx)
         # Left padding: every prompt ends where generation starts.
         ids = torch.full((len(idx), L), pad, dtype=torch.long)
         att = torch.zeros((len(idx), L), dtype=torch.long)
         for r, i in enumerate(idx):
-            ids[r, L - len(prompts[i]):] = torch.tensor(prompts[i])
-            att[r, L - len(prompts[i]):] = 1
+            ids[r, L - len(prompts[i]) :] = torch.tensor(prompts[i])
+            att[r, L - len(prompts[i]) :] = 1
         torch.manual_seed(seed)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=cfg.max_new_tokens,
-                             do_sample=cfg.sample, temperature=cfg.temperature if cfg.sample else None,
-                             top_p=cfg.top_p if cfg.sample else None, top_k=None, pad_token_id=pad,
-                             eos_token_id=tok.eos_token_id)
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=att.to(device),
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.sample,
+            temperature=cfg.temperature if cfg.sample else None,
+            top_p=cfg.top_p if cfg.sample else None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
         for r, i in enumerate(idx):
             texts[i] = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
         if bar is not None:
@@ -127,15 +135,29 @@ def evaluate_model(path: str, examples, cfg: EvalConfig, out_dir: Path) -> dict:
         for (rec, ref), out in zip(examples, outputs):
             sc = rouge_l(out, ref)
             scores.append(sc)
-            rows.append({"example_id": rec.example_id, "seed": seed, "prompt": rec.messages[-1][1],
-                         "reference": ref, "output": out, "rougeL": sc})
+            rows.append(
+                {
+                    "example_id": rec.example_id,
+                    "seed": seed,
+                    "prompt": rec.messages[-1][1],
+                    "reference": ref,
+                    "output": out,
+                    "rougeL": sc,
+                }
+            )
     bar.close()
     name = _label(path)
     with open(out_dir / f"{name}.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    return {"model": str(path), "name": name, "rougeL": sum(scores) / max(len(scores), 1), "n": len(records),
-            "seeds": list(seeds), "seconds": time.perf_counter() - t0}
+    return {
+        "model": str(path),
+        "name": name,
+        "rougeL": sum(scores) / max(len(scores), 1),
+        "n": len(records),
+        "seeds": list(seeds),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _label(path: str) -> str:
@@ -144,7 +166,7 @@ def _label(path: str) -> str:
 
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
-    examples = read_eval_examples(cfg.data)[:cfg.max_examples]
+    examples = read_eval_examples(cfg.data)[: cfg.max_examples]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(m, examples, cfg, out) for m in cfg.models]

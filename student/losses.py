@@ -11,6 +11,7 @@ lθ student; Δ = lT − lB. Every function returns `(sum over valid rows, numbe
 valid rows)`; the training loop divides once by the tokens of the whole step.
 Everything is computed in float32 (or float64 when given float64).
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,12 +55,15 @@ def _mix(a_log, b_log, w: float):
     both = torch.isneginf(a_log) & torch.isneginf(b_log)
     zero = torch.zeros((), dtype=a_log.dtype)
     # logaddexp(-inf, -inf) has a NaN gradient: route empty entries through zeros.
-    mixed = torch.logaddexp(torch.where(both, zero, a_log) + w_t.log(), torch.where(both, zero, b_log) + torch.log1p(-w_t))
+    mixed = torch.logaddexp(
+        torch.where(both, zero, a_log) + w_t.log(), torch.where(both, zero, b_log) + torch.log1p(-w_t)
+    )
     return torch.where(both, torch.full((), float("-inf"), dtype=a_log.dtype), mixed)
 
 
-def divergence(target_log: torch.Tensor, student_log: torch.Tensor, kind: str = "fkl",
-               beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+def divergence(
+    target_log: torch.Tensor, student_log: torch.Tensor, kind: str = "fkl", beta: float = 0.5, skew: float = 0.1
+) -> torch.Tensor:
     """D(target ‖ student) per row. (N, m), (N, m) -> (N,).
 
     fkl       KL(t ‖ s)                                   forward KL, mode covering
@@ -159,8 +163,15 @@ def teacher_shift(ft_log: torch.Tensor, base_log: torch.Tensor, floor: float | N
     return ft_log.clamp_min(floor) - base_log.clamp_min(floor)
 
 
-def delta_target(s0_log: torch.Tensor, ft_log: torch.Tensor, base_log: torch.Tensor, alpha: float,
-                 floor: float | None = None, tail_star: torch.Tensor | None = None, cells=None) -> torch.Tensor:
+def delta_target(
+    s0_log: torch.Tensor,
+    ft_log: torch.Tensor,
+    base_log: torch.Tensor,
+    alpha: float,
+    floor: float | None = None,
+    tail_star: torch.Tensor | None = None,
+    cells=None,
+) -> torch.Tensor:
     """log π* = log_softmax(lS0 + α·Δ) on the support: π* ∝ πS0·(πT/πB)^α, Δ = teacher_shift(lT, lB, floor).
 
     α = 0 gives πS0; with πS0 = πB, α = 1 and no floor it gives πT exactly. The tail
@@ -176,8 +187,20 @@ def delta_target(s0_log: torch.Tensor, ft_log: torch.Tensor, base_log: torch.Ten
     return target if cells is None else tail_cells(target, *cells)[0]
 
 
-def delta_p1_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, kind="fkl", beta=0.5, skew=0.1,
-                  floor=None, tail_star=None, cells=None):
+def delta_p1_loss(
+    student_log,
+    s0_log,
+    ft_log,
+    base_log,
+    alpha=1.0,
+    mask=None,
+    kind="fkl",
+    beta=0.5,
+    skew=0.1,
+    floor=None,
+    tail_star=None,
+    cells=None,
+):
     """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...). `cells`: forward KL only (see tail_cells)."""
     target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star)
     return _forward_with_cells(target, student_log, kind, beta, skew, cells, mask)

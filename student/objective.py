@@ -5,6 +5,7 @@ gradient is formed during the forward pass (see _FusedHeadLoss), so the backward
 neither keeps nor recomputes logits. Peak extra memory is a few chunk_rows x vocab
 floats plus one head-sized gradient buffer, independent of batch size and length.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from deltakd.cache.format.support import masked_tail, support_logprobs
-
 from deltakd.student import losses as L
 
 TERMS = ("sft", "kd", "p1", "p2", "p3")
@@ -31,8 +31,8 @@ class LossSpec:
     jsd_beta: float = 0.5
     skew: float = 0.1
     chunk_rows: int = 1024
-    floor: float | None = None     # log-prob floor inside Δ (losses.teacher_shift); part of P1/P2/P3's definition
-    star_col: int | None = None    # column of the cache's tail_star for `alpha` (exact π* tail), if it has one
+    floor: float | None = None  # log-prob floor inside Δ (losses.teacher_shift); part of P1/P2/P3's definition
+    star_col: int | None = None  # column of the cache's tail_star for `alpha` (exact π* tail), if it has one
 
     def __post_init__(self):
         bad = set(self.weights) - set(TERMS)
@@ -48,8 +48,10 @@ class LossSpec:
             raise ValueError("temperature and chunk_rows must be positive")
         if self.divergence == "jsd" and not 0 < self.jsd_beta < 1:
             # JSD(β) is identically zero at β = 0 and β = 1: training would silently do nothing.
-            raise ValueError(f"--jsd-beta {self.jsd_beta}: JSD needs 0 < beta < 1 (at 0 and 1 it is identically "
-                             "zero); for forward or reverse KL use --divergence fkl or rkl")
+            raise ValueError(
+                f"--jsd-beta {self.jsd_beta}: JSD needs 0 < beta < 1 (at 0 and 1 it is identically "
+                "zero); for forward or reverse KL use --divergence fkl or rkl"
+            )
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -87,13 +89,18 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
         elif t == "kd":
             out.append(scale * L.kd_loss(student, ft, cells=fwd, **kw)[0])
         elif t == "p1":
-            out.append(scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star,
-                                               cells=fwd, **kw)[0])
+            out.append(
+                scale
+                * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, cells=fwd, **kw)[
+                    0
+                ]
+            )
         elif t == "p2":
             out.append(scale * L.delta_p2_loss(student, s0, ft, base, cells=fwd, **kw)[0])
         elif t == "p3":
-            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star,
-                                       cells=cells)[0])
+            out.append(
+                L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, cells=cells)[0]
+            )
     return torch.stack(out)
 
 
@@ -178,8 +185,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         w_v = weight[:vocab]  # (V, H): output rows beyond the tokenizer get no gradient
         b_v = bias[:vocab] if bias is not None else None
         for s in range(0, n, rows):
-            h = hidden[s:s + rows]
-            tg = {k: v[s:s + rows] for k, v in zip(keys, tg_values)}
+            h = hidden[s : s + rows]
+            tg = {k: v[s : s + rows] for k, v in zip(keys, tg_values)}
             logits = L.upcast(torch.nn.functional.linear(h, w_v, b_v))  # (c, V), float32 or float64
             if spec.temperature == 1.0:
                 terms, g = _fused_chunk(logits, tg, spec, weights)
@@ -190,7 +197,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                     (g,) = torch.autograd.grad((terms * weights).sum(), logits)
             sums += terms.detach()
             g = g.to(weight.dtype)
-            grad_h[s:s + rows] = g @ w_v
+            grad_h[s : s + rows] = g @ w_v
             grad_w[:vocab] += g.T @ h
             if grad_b is not None:
                 grad_b[:vocab] += g.sum(0)
@@ -217,15 +224,17 @@ def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict, spe
     for k, v in targets.items():
         assert v.shape[0] == n, f"target {k} has {v.shape[0]} rows, hidden has {n}"
     keys = sorted(targets)
-    weights = torch.tensor([float(spec.weights[t]) for t in spec.active], device=hidden.device,
-                           dtype=L.upcast(hidden).dtype)
+    weights = torch.tensor(
+        [float(spec.weights[t]) for t in spec.active], device=hidden.device, dtype=L.upcast(hidden).dtype
+    )
     if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-        return _FusedHeadLoss.apply(hidden, head.weight, head.bias, weights, vocab, spec, keys,
-                                    *[targets[k] for k in keys])
+        return _FusedHeadLoss.apply(
+            hidden, head.weight, head.bias, weights, vocab, spec, keys, *[targets[k] for k in keys]
+        )
     sums = hidden.new_zeros(len(spec.active), dtype=torch.float32)
     for s in range(0, n, spec.chunk_rows):
-        logits = head(hidden[s:s + spec.chunk_rows]).float()[:, :vocab]
-        sums += terms_from_logits(logits, {k: v[s:s + spec.chunk_rows] for k, v in targets.items()}, spec)
+        logits = head(hidden[s : s + spec.chunk_rows]).float()[:, :vocab]
+        sums += terms_from_logits(logits, {k: v[s : s + spec.chunk_rows] for k, v in targets.items()}, spec)
     return (sums * weights).sum(), sums
 
 
@@ -236,8 +245,8 @@ def student_base_targets(model, input_ids, attention_mask, loss_mask, support_id
     head = model.get_output_embeddings()
     vals, tails = [], []
     for s in range(0, h.shape[0], chunk_rows):
-        ids, ok = support_ids[s:s + chunk_rows], valid[s:s + chunk_rows]
-        v, t, _, _ = support_logprobs(head(h[s:s + chunk_rows]).float()[:, :vocab], ids, ok)
+        ids, ok = support_ids[s : s + chunk_rows], valid[s : s + chunk_rows]
+        v, t, _, _ = support_logprobs(head(h[s : s + chunk_rows]).float()[:, :vocab], ids, ok)
         vals.append(v)
         tails.append(t)
     k = support_ids.shape[1]

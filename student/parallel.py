@@ -17,16 +17,15 @@ Gradient scale: the loss is already normalised by the step's supervised tokens o
 all ranks, so gradients must be *summed* across ranks; both engines average by
 default, which is switched off below.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
-
 from pathlib import Path
 
 import torch
 
 from deltakd.runtime import dist
-
 from deltakd.student.objective import LossSpec, chunked_loss
 
 PARALLEL = ("ddp", "fsdp")
@@ -54,8 +53,9 @@ class StudentLoss(torch.nn.Module):
 def decoder_layers(model) -> list[torch.nn.Module]:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__}: no decoder `.layers` list to shard with --parallel fsdp; "
-                         "use --parallel ddp")
+        raise ValueError(
+            f"{type(model).__name__}: no decoder `.layers` list to shard with --parallel fsdp; use --parallel ddp"
+        )
     return list(layers)
 
 
@@ -66,15 +66,18 @@ def wrap(module: StudentLoss, mode: str, device: torch.device, bf16: bool) -> to
     if not dist.active():
         return module
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         import inspect
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
         # No buffer broadcast in forward: the only buffers (rotary frequencies) never change,
         # and a broadcast in every forward would also put a collective in eval. (torch 2.13
         # renamed the switch; older versions only know broadcast_buffers.)
-        no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                           else {"broadcast_buffers": False})
+        no_sync_buffers = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False}
+        )
         ddp = DDP(module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync_buffers)
         ddp.register_comm_hook(None, _sum_allreduce_hook)
         return ddp
@@ -84,8 +87,11 @@ def wrap(module: StudentLoss, mode: str, device: torch.device, bf16: bool) -> to
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     # cast_forward_inputs off: the root's inputs include the cached float targets, which
     # must not be rounded to bf16; hidden states are bf16 anyway once the embedding is.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                              reduce_dtype=torch.float32 if bf16 else None, cast_forward_inputs=False)
+    mp = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32 if bf16 else None,
+        cast_forward_inputs=False,
+    )
     for layer in decoder_layers(module.model):
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(module, mesh=mesh, mp_policy=mp)

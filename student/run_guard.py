@@ -15,6 +15,7 @@
 - SIGTERM / Ctrl-C: the loop saves a checkpoint at the next step boundary and stops
   (see deltakd.runtime.stop); the same command resumes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,12 +26,11 @@ import os
 import sys
 from pathlib import Path
 
-from deltakd.runtime.lock import folder_lock
-from deltakd.runtime.checkpoints import checkpoint_identity, local_checkpoint
 from deltakd.cache.format.reader import CacheReader
 from deltakd.cache.format.schema import MANIFEST
+from deltakd.runtime.checkpoints import checkpoint_identity, local_checkpoint
+from deltakd.runtime.lock import folder_lock
 from deltakd.runtime.stop import graceful_stop
-
 from deltakd.student.checkpointing import RESUME_FREE
 
 IDENTITY_FILE = "cache_identity.json"
@@ -54,8 +54,11 @@ def check_student_base(cfg, reader: CacheReader) -> None:
     if not spec.needs_student_base:
         return
     if cfg.student_base_online:
-        same, base = Path(cfg.student_base_online).resolve() == Path(cfg.student).resolve() or _same_checkpoint(
-            checkpoint_identity(cfg.student_base_online), cfg.student), cfg.student_base_online
+        same, base = (
+            Path(cfg.student_base_online).resolve() == Path(cfg.student).resolve()
+            or _same_checkpoint(checkpoint_identity(cfg.student_base_online), cfg.student),
+            cfg.student_base_online,
+        )
     elif reader.has_student:
         rec = reader.manifest["student"]["checkpoint"]
         same, base = _same_checkpoint(rec, cfg.student), rec.get("path", "?")
@@ -64,10 +67,12 @@ def check_student_base(cfg, reader: CacheReader) -> None:
     if same:
         return
     terms = "/".join(t.upper() for t in spec.active if t in ("p1", "p2", "p3"))
-    msg = (f"the student {cfg.student} is not the checkpoint the student-base log-probs come from ({base}); "
-           f"the Delta-KD terms ({terms}) assume that piS0 is the student's own start, so their target is off. "
-           f"Train that checkpoint, or run `deltakd cache add-student --cache {cfg.cache} --student-base {cfg.student}`, "
-           f"or pass --student-base-online {cfg.student}")
+    msg = (
+        f"the student {cfg.student} is not the checkpoint the student-base log-probs come from ({base}); "
+        f"the Delta-KD terms ({terms}) assume that piS0 is the student's own start, so their target is off. "
+        f"Train that checkpoint, or run `deltakd cache add-student --cache {cfg.cache} --student-base {cfg.student}`, "
+        f"or pass --student-base-online {cfg.student}"
+    )
     if getattr(cfg, "strict", False):
         raise ValueError(msg)
     bar = "!" * 78
@@ -102,7 +107,8 @@ def check_cache_identity(cfg, reader: CacheReader) -> None:
             raise ValueError(
                 f"{out} holds a run trained from another cache: the manifest of {cfg.cache} changed since "
                 f"the run started (rebuilt, or student arrays added or replaced); use another --out folder, "
-                "or the cache the run started with")
+                "or the cache the run started with"
+            )
         return
     if int(os.environ.get("RANK", "0")) == 0:
         out.mkdir(parents=True, exist_ok=True)

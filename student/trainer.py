@@ -7,6 +7,7 @@ The loss of a step is Σ_terms weight · (sum over the supervised tokens of all 
 micro-batches on all ranks) / (number of those tokens): normalised once per step.
 Data parallelism is torch's own (student/parallel.py): DDP or FSDP2 sum the gradients.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,30 +21,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltakd.runtime import dist
 from deltakd.cache.format.reader import CacheReader
-from deltakd.runtime.config import check_fields
 from deltakd.cache.format.schema import CacheFormatError
+from deltakd.runtime import dist
+from deltakd.runtime.config import check_fields
 from deltakd.runtime.stop import Stopped, signal_name, stop_requested
-
+from deltakd.student import parallel
 from deltakd.student.checkpointing import find_resume, load_training_state, save_final, save_training_state
 from deltakd.student.data import StreamingLoader
-from deltakd.student import parallel
 from deltakd.student.objective import TERMS, LossSpec, student_base_targets
 from deltakd.student.run_guard import guarded
 
-LOSS_PRESETS = {"sft": {"sft": 1.0}, "kd": {"kd": 1.0}, "p1": {"p1": 1.0}, "p2": {"p2": 1.0},
-                "p3": {"p3": 1.0}, "kd+p3": {"kd": 1.0, "p3": 1.0}}
+LOSS_PRESETS = {
+    "sft": {"sft": 1.0},
+    "kd": {"kd": 1.0},
+    "p1": {"p1": 1.0},
+    "p2": {"p2": 1.0},
+    "p3": {"p3": 1.0},
+    "kd+p3": {"kd": 1.0, "p3": 1.0},
+}
 
 
 # Range of each numeric option (types and finiteness are checked for every field).
 TRAIN_RULES = {
-    "w_sft": (">=0",), "w_kd": (">=0",), "w_p1": (">=0",), "w_p2": (">=0",), "w_p3": (">=0",),
-    "temperature": (">0",), "skew": (">=0", "<1"), "lr": (">=0",),  # jsd_beta: LossSpec, for JSD
-    "weight_decay": (">=0",), "warmup_steps": (">=0",), "min_lr_ratio": (">=0", "<=1"), "batch_tokens": (">=1",),
-    "grad_accum": (">=1",), "clip": (">=0",), "max_steps": (">=1",), "epochs": (">0",), "eval_every": (">=0",),
-    "eval_percent": (">=0", "<100"), "eval_batches": (">=1",), "log_every": (">=1",), "save_every": (">=1",),
-    "seed": (">=0",), "chunk_rows": (">=1",),
+    "w_sft": (">=0",),
+    "w_kd": (">=0",),
+    "w_p1": (">=0",),
+    "w_p2": (">=0",),
+    "w_p3": (">=0",),
+    "temperature": (">0",),
+    "skew": (">=0", "<1"),
+    "lr": (">=0",),  # jsd_beta: LossSpec, for JSD
+    "weight_decay": (">=0",),
+    "warmup_steps": (">=0",),
+    "min_lr_ratio": (">=0", "<=1"),
+    "batch_tokens": (">=1",),
+    "grad_accum": (">=1",),
+    "clip": (">=0",),
+    "max_steps": (">=1",),
+    "epochs": (">0",),
+    "eval_every": (">=0",),
+    "eval_percent": (">=0", "<100"),
+    "eval_batches": (">=1",),
+    "log_every": (">=1",),
+    "save_every": (">=1",),
+    "seed": (">=0",),
+    "chunk_rows": (">=1",),
 }
 
 
@@ -61,12 +84,26 @@ class TrainConfig:
     cache: str = field(metadata={"help": "teacher cache folder (deltakd cache build)"})
     student: str = field(metadata={"help": "student checkpoint to start from (Hugging Face folder)"})
     out: str = field(metadata={"help": "run folder: checkpoints, metrics.jsonl, final/"})
-    loss: str | None = field(default=None, metadata={"help": (
-        f"preset: {', '.join(LOSS_PRESETS)} (default p1). Not combinable with --w-*: named weights are the "
-        "whole mix. With --lam it names the distillation term D")})
-    lam: float | None = field(default=None, metadata={"help": (
-        "the paper's recipe lam*SFT + (1-lam)*D, D = the --loss preset (kd, p1, p2, p3, kd+p3); lam in [0, 1]")})
-    w_sft: float | None = field(default=None, metadata={"help": "weight of SFT cross-entropy (any --w-*: the named weights are the whole mix)"})
+    loss: str | None = field(
+        default=None,
+        metadata={
+            "help": (
+                f"preset: {', '.join(LOSS_PRESETS)} (default p1). Not combinable with --w-*: named weights are the "
+                "whole mix. With --lam it names the distillation term D"
+            )
+        },
+    )
+    lam: float | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "the paper's recipe lam*SFT + (1-lam)*D, D = the --loss preset (kd, p1, p2, p3, kd+p3); lam in [0, 1]"
+            )
+        },
+    )
+    w_sft: float | None = field(
+        default=None, metadata={"help": "weight of SFT cross-entropy (any --w-*: the named weights are the whole mix)"}
+    )
     w_kd: float | None = field(default=None, metadata={"help": "weight of KD D(pT||p_theta)"})
     w_p1: float | None = field(default=None, metadata={"help": "weight of Delta-KD P1 D(pi*||p_theta)"})
     w_p2: float | None = field(default=None, metadata={"help": "weight of Delta-KD P2 D(pT||norm(pB p_theta/pS0))"})
@@ -77,7 +114,13 @@ class TrainConfig:
     tail: str = field(default="bucket", metadata={"help": "bucket (tail mass as one outcome) or renorm"})
     jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalised JSD"})
     skew: float = field(default=0.1, metadata={"help": "lambda of skew KL"})
-    floor: str = field(default="cache", metadata={"help": "log-prob floor f inside the teacher shift of P1/P2/P3, delta = max(lT,f) - max(lB,f): a number, 'none', or 'cache' (the floor the cache was built with)"})
+    floor: str = field(
+        default="cache",
+        metadata={
+            "help": "log-prob floor f inside the teacher shift of P1/P2/P3, delta = max(lT,f) - max(lB,f): "
+            "a number, 'none', or 'cache' (the floor the cache was built with)"
+        },
+    )
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps"})
@@ -97,13 +140,21 @@ class TrainConfig:
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute transformer activations in backward"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast for the student forward (accelerators)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N"})
-    parallel: str = field(default="ddp", metadata={
-        "help": "under torchrun: ddp (a full replica per rank) or fsdp (FSDP2, parameters, gradients and "
-                "optimizer state sharded; --bf16 then means bf16 compute with fp32 gradient reduction)",
-        "choices": parallel.PARALLEL})
-    student_base_online: str | None = field(default=None, metadata={"help": "compute lS0 from this frozen checkpoint instead of the cache"})
+    parallel: str = field(
+        default="ddp",
+        metadata={
+            "help": "under torchrun: ddp (a full replica per rank) or fsdp (FSDP2, parameters, gradients and "
+            "optimizer state sharded; --bf16 then means bf16 compute with fp32 gradient reduction)",
+            "choices": parallel.PARALLEL,
+        },
+    )
+    student_base_online: str | None = field(
+        default=None, metadata={"help": "compute lS0 from this frozen checkpoint instead of the cache"}
+    )
     dry_run: bool = field(default=False, metadata={"help": "check cache vs student, run one step, report memory, exit"})
-    strict: bool = field(default=False, metadata={"help": "make warnings errors (e.g. a student that is not the cache's student base)"})
+    strict: bool = field(
+        default=False, metadata={"help": "make warnings errors (e.g. a student that is not the cache's student base)"}
+    )
 
     def __post_init__(self):
         check_fields(self, TRAIN_RULES)
@@ -125,15 +176,19 @@ class TrainConfig:
         explicit = {t: getattr(self, f"w_{t}") for t in TERMS if getattr(self, f"w_{t}") is not None}
         preset = LOSS_PRESETS[self.loss or "p1"]
         if explicit and self.lam is not None:
-            raise ValueError(f"--lam sets every weight itself ({describe_mix(explicit)} was also given): "
-                             "use --lam with --loss, or --w-* alone")
+            raise ValueError(
+                f"--lam sets every weight itself ({describe_mix(explicit)} was also given): "
+                "use --lam with --loss, or --w-* alone"
+            )
         if explicit and self.loss is not None:
             # Before, the preset stayed in the mix at its own weight; say what that was, since a
             # user who names weights rarely means it.
-            raise ValueError(f"--loss {self.loss} with --w-* weights: that would train "
-                             f"{describe_mix(_nonzero({**preset, **explicit}))}. Named weights are the whole mix: "
-                             f"drop --loss to train {describe_mix(_nonzero(explicit)) or 'nothing'}, or name every "
-                             "term you want as --w-*")
+            raise ValueError(
+                f"--loss {self.loss} with --w-* weights: that would train "
+                f"{describe_mix(_nonzero({**preset, **explicit}))}. Named weights are the whole mix: "
+                f"drop --loss to train {describe_mix(_nonzero(explicit)) or 'nothing'}, or name every "
+                "term you want as --w-*"
+            )
         if explicit:
             return _nonzero(explicit)
         if self.lam is None:
@@ -141,8 +196,10 @@ class TrainConfig:
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"--lam {self.lam}: must lie in [0, 1] (lam*SFT + (1-lam)*D)")
         if "sft" in preset:
-            raise ValueError(f"--lam mixes SFT with a distillation term: --loss must be one of "
-                             f"{', '.join(p for p in LOSS_PRESETS if 'sft' not in LOSS_PRESETS[p])}, not {self.loss}")
+            raise ValueError(
+                f"--lam mixes SFT with a distillation term: --loss must be one of "
+                f"{', '.join(p for p in LOSS_PRESETS if 'sft' not in LOSS_PRESETS[p])}, not {self.loss}"
+            )
         return _nonzero({"sft": self.lam, **{t: (1.0 - self.lam) * w for t, w in preset.items()}})
 
     def objective(self) -> str:
@@ -160,9 +217,16 @@ class TrainConfig:
         return describe_mix(w) + (f" ({', '.join(extra)})" if extra else "")
 
     def loss_spec(self) -> LossSpec:
-        return LossSpec(weights=self.weights(), divergence=self.divergence, alpha=self.alpha,
-                        temperature=self.temperature, tail=self.tail, jsd_beta=self.jsd_beta, skew=self.skew,
-                        chunk_rows=self.chunk_rows)
+        return LossSpec(
+            weights=self.weights(),
+            divergence=self.divergence,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            tail=self.tail,
+            jsd_beta=self.jsd_beta,
+            skew=self.skew,
+            chunk_rows=self.chunk_rows,
+        )
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -190,17 +254,20 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
             raise CacheFormatError(
                 f"--alpha {spec.alpha}: {reader.root} holds the exact Delta-KD target tails for alphas "
                 f"{', '.join(f'{a:g}' for a in grid)} only; train with one of them, or rebuild the cache with "
-                f"--alphas including {spec.alpha:g}")
+                f"--alphas including {spec.alpha:g}"
+            )
         if f != cache_floor:
             raise CacheFormatError(
                 f"--floor {floor}: the target tails in {reader.root} were computed with floor {cache_floor}; "
-                "train with --floor cache, or rebuild the cache with the floor you want")
+                "train with --floor cache, or rebuild the cache with the floor you want"
+            )
         star_col = hits[0]
     if spec.temperature != 1.0 and spec.tail == "bucket" and not reader.covers_vocabulary:
         raise CacheFormatError(
             f"--temperature {spec.temperature} with --tail bucket: {reader.root} stores log-probs at temperature 1 on "
             "a support smaller than the vocabulary, and the tail bucket (a sum of many probabilities) cannot be "
-            "re-tempered; train at temperature 1, use --tail renorm, or build with --top-k >= the vocabulary size")
+            "re-tempered; train at temperature 1, use --tail renorm, or build with --top-k >= the vocabulary size"
+        )
     return dataclasses.replace(spec, floor=f, star_col=star_col)
 
 
@@ -216,7 +283,8 @@ def check_student(reader: CacheReader, student_dir: str, needs_s0: bool, online:
         raise CacheFormatError(
             f"{reader.root} was built with another tokenizer than the student's ({student_dir}): "
             f"vocabulary {reader.manifest['tokenizer']['vocab_size']} vs {tid['vocab_size']}, or special tokens "
-            "differ; build the cache with checkpoints that share the student's tokenizer")
+            "differ; build the cache with checkpoints that share the student's tokenizer"
+        )
     rows = AutoConfig.from_pretrained(student_dir).vocab_size
     if rows < reader.vocab_size:
         raise CacheFormatError(f"{student_dir}: {rows} output rows, the cache's vocabulary has {reader.vocab_size}")
@@ -224,7 +292,8 @@ def check_student(reader: CacheReader, student_dir: str, needs_s0: bool, online:
         raise CacheFormatError(
             f"{reader.root} holds no student-base arrays, which the Delta-KD terms need: run "
             f"`deltakd cache add-student --cache {reader.root} --student-base {student_dir}`, "
-            "or pass --student-base-online DIR to compute them during training")
+            "or pass --student-base-online DIR to compute them during training"
+        )
     return tok
 
 
@@ -259,7 +328,9 @@ class Trainer:
         self.model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(self.device)
         if cfg.grad_checkpointing:
             # transformers 5 renamed the switch; 4.x only has the old name.
-            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            enable = (
+                getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            )
             enable()
         self.model.train()
         self.s0_model = None
@@ -270,21 +341,33 @@ class Trainer:
         # self.model stays the Hugging Face model (export, tests); self.module is what the
         # step calls: decoder + loss in one forward, under DDP or FSDP2 when there are ranks.
         fsdp = cfg.parallel == "fsdp"
-        self.module = parallel.wrap(parallel.StudentLoss(self.model, self.spec, self.vocab, cfg.bf16 and not fsdp),
-                                    cfg.parallel, self.device, bf16=cfg.bf16 and fsdp)
+        self.module = parallel.wrap(
+            parallel.StudentLoss(self.model, self.spec, self.vocab, cfg.bf16 and not fsdp),
+            cfg.parallel,
+            self.device,
+            bf16=cfg.bf16 and fsdp,
+        )
         # Created after wrapping: FSDP2 replaces the parameters with sharded DTensors.
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
-        loader_kw = dict(batch_tokens=cfg.batch_tokens, seed=cfg.seed, eval_percent=cfg.eval_percent,
-                         with_student=self.cache_s0, pad_id=self.tok.pad_token_id or 0,
-                         pin_memory=self.device.type == "cuda")
+        loader_kw = dict(
+            batch_tokens=cfg.batch_tokens,
+            seed=cfg.seed,
+            eval_percent=cfg.eval_percent,
+            with_student=self.cache_s0,
+            pad_id=self.tok.pad_token_id or 0,
+            pin_memory=self.device.type == "cuda",
+        )
         # The plan depends on world × grad_accum (data.py): every rank decodes only its ~1/world of a shard.
-        self.train_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=True, split="train",
-                                    accum=cfg.grad_accum)
+        self.train_loader_kw = dict(
+            loader_kw, rank=self.rank, world=self.world, shuffle=True, split="train", accum=cfg.grad_accum
+        )
         self.eval_loader_kw = dict(loader_kw, rank=self.rank, world=self.world, shuffle=False, split="eval", epochs=1)
         per_epoch = StreamingLoader(self.reader, **self.train_loader_kw).batches_per_epoch()
         if per_epoch == 0:
-            raise CacheFormatError(f"{cfg.cache}: no training sequences (all held out? --eval-percent {cfg.eval_percent})")
+            raise CacheFormatError(
+                f"{cfg.cache}: no training sequences (all held out? --eval-percent {cfg.eval_percent})"
+            )
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * per_epoch) // (self.world * cfg.grad_accum))
         self.out = Path(cfg.out)
         self.step, self.loader_state = 0, None
@@ -296,8 +379,15 @@ class Trainer:
         targets = dict(batch.targets)
         if self.s0_model is not None:
             targets["logp_s0"], targets["tail_s0"] = student_base_targets(
-                self.s0_model, batch.input_ids, batch.attention_mask, batch.loss_mask, targets["support_ids"], targets["valid"],
-                self.vocab, self.spec.chunk_rows)
+                self.s0_model,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.loss_mask,
+                targets["support_ids"],
+                targets["valid"],
+                self.vocab,
+                self.spec.chunk_rows,
+            )
         return targets
 
     def forward_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,16 +418,23 @@ class Trainer:
             bad = [micro[i].example_ids[:8] for i in range(len(micro)) if not finite[i]]
             raise NonFiniteLoss(
                 f"non-finite loss at step {self.step + 1} (examples {bad or 'on another rank'}); the optimizer "
-                f"step was not taken; the last checkpoint in {self.out / 'checkpoints'} is intact")
+                f"step was not taken; the last checkpoint in {self.out / 'checkpoints'} is intact"
+            )
         gnorm = parallel.full_value(
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else float("inf")))
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip if self.cfg.clip > 0 else float("inf"))
+        )
         lr = lr_at(self.step, self.cfg, self.total_steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.step()
         self.step += 1
-        return {"term_sums": dist.all_sum(term_sums), "n": n_total, "grad_norm": gnorm, "lr": lr,
-                "tokens": dist.all_sum(torch.tensor([n_tokens], device=self.device))}
+        return {
+            "term_sums": dist.all_sum(term_sums),
+            "n": n_total,
+            "grad_norm": gnorm,
+            "lr": lr,
+            "tokens": dist.all_sum(torch.tensor([n_tokens], device=self.device)),
+        }
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -372,9 +469,18 @@ class Trainer:
             self.step, self.loader_state = load_training_state(resume, self)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg) | {
-                "resolved_weights": self.spec.weights, "objective": cfg.objective(), "total_steps": self.total_steps,
-                "world_size": self.world}, indent=1))
+            (self.out / "train_config.json").write_text(
+                json.dumps(
+                    dataclasses.asdict(cfg)
+                    | {
+                        "resolved_weights": self.spec.weights,
+                        "objective": cfg.objective(),
+                        "total_steps": self.total_steps,
+                        "world_size": self.world,
+                    },
+                    indent=1,
+                )
+            )
             if resume is None and not cfg.dry_run:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
                 # The first line says what is being optimised (a resume keeps it: step 0 survives truncation).
@@ -386,8 +492,13 @@ class Trainer:
         it = iter(loader)
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.rank != 0 or cfg.dry_run,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            disable=self.rank != 0 or cfg.dry_run,
+            dynamic_ncols=True,
+        )
         t_log, tok_log, since = time.perf_counter(), 0.0, torch.zeros(len(self.spec.active))
         n_since, last = 0, {}
         try:
@@ -405,13 +516,21 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                     dt = time.perf_counter() - t_log
                     steps_left = self.total_steps - self.step
-                    rec = {"step": self.step, "lr": res["lr"], "grad_norm": float(res["grad_norm"]),
-                           "loss": float((since * torch.tensor([self.spec.weights[t] for t in self.spec.active])).sum()) / max(n_since, 1),
-                           **{t: float(s) / max(n_since, 1) for t, s in zip(self.spec.active, since)},
-                           "tokens_per_s": tok_log / max(dt, 1e-9), "peak_mem_mb": peak_memory_mb(self.device),
-                           "eta_s": dt / cfg.log_every * steps_left if self.step >= cfg.log_every else None}
+                    rec = {
+                        "step": self.step,
+                        "lr": res["lr"],
+                        "grad_norm": float(res["grad_norm"]),
+                        "loss": float((since * torch.tensor([self.spec.weights[t] for t in self.spec.active])).sum())
+                        / max(n_since, 1),
+                        **{t: float(s) / max(n_since, 1) for t, s in zip(self.spec.active, since)},
+                        "tokens_per_s": tok_log / max(dt, 1e-9),
+                        "peak_mem_mb": peak_memory_mb(self.device),
+                        "eta_s": dt / cfg.log_every * steps_left if self.step >= cfg.log_every else None,
+                    }
                     self.log(rec)
-                    bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())) if self.rank == 0 else None
+                    bar.write(
+                        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+                    ) if self.rank == 0 else None
                     last = rec
                     t_log, tok_log, since, n_since = time.perf_counter(), 0.0, torch.zeros_like(since), 0
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
@@ -421,8 +540,11 @@ class Trainer:
                 sig = stop_requested(self.world, self.device)  # SIGTERM / Ctrl-C: stop at this step boundary
                 if sig and self.step < self.total_steps:
                     save_training_state(self)
-                    raise Stopped(f"train stopped by {signal_name(sig)} after step {self.step}: checkpoint saved in "
-                                  f"{self.out / 'checkpoints'}; run the same command to resume", sig)
+                    raise Stopped(
+                        f"train stopped by {signal_name(sig)} after step {self.step}: checkpoint saved in "
+                        f"{self.out / 'checkpoints'}; run the same command to resume",
+                        sig,
+                    )
         finally:
             loader.close()
             bar.close()
@@ -435,12 +557,18 @@ class Trainer:
         return last | ev
 
     def _dry_report(self, res) -> dict:
-        rec = {"dry_run": True, "objective": self.cfg.objective(),
-               "loss_terms": {t: float(s) / max(res["n"], 1) for t, s in zip(self.spec.active, res["term_sums"])},
-               "grad_norm": float(res["grad_norm"]), "peak_mem_mb": peak_memory_mb(self.device),
-               "cache_sequences": len(self.reader), "k": self.reader.k, "vocab": self.vocab,
-               "student_base_arrays": "cache" if self.cache_s0 else ("online" if self.s0_model else "not needed"),
-               "total_steps": self.total_steps}
+        rec = {
+            "dry_run": True,
+            "objective": self.cfg.objective(),
+            "loss_terms": {t: float(s) / max(res["n"], 1) for t, s in zip(self.spec.active, res["term_sums"])},
+            "grad_norm": float(res["grad_norm"]),
+            "peak_mem_mb": peak_memory_mb(self.device),
+            "cache_sequences": len(self.reader),
+            "k": self.reader.k,
+            "vocab": self.vocab,
+            "student_base_arrays": "cache" if self.cache_s0 else ("online" if self.s0_model else "not needed"),
+            "total_steps": self.total_steps,
+        }
         return rec
 
 

@@ -7,6 +7,7 @@ gloo, which would accept a tensor anywhere, so this wrapper asserts what NCCL ne
 each tensor handed to a collective lives on the device the rank computes on
 (`cuda:LOCAL_RANK` for `--device cuda`, else cpu). Each rank writes the calls it saw.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,14 +19,26 @@ import sys
 import torch
 import torch.distributed as td
 
-OPS = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter",
-       "reduce", "all_to_all_single", "gather", "scatter")
+OPS = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "reduce",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+)
 calls: collections.Counter = collections.Counter()
 
 
 def expected_device(argv: list[str]) -> torch.device:
     dev = argv[argv.index("--device") + 1] if "--device" in argv else "cpu"
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dev.startswith("cuda") else torch.device("cpu")
+    return (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dev.startswith("cuda") else torch.device("cpu")
+    )
 
 
 def tensors(x):
@@ -45,6 +58,7 @@ def guard(op: str, fn, want: torch.device):
                 raise AssertionError(f"torch.distributed.{op} got a tensor on {local.device}; NCCL needs {want}")
         calls[op] += 1
         return fn(*args, **kwargs)
+
     return wrapped
 
 

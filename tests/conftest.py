@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny tokenizer, tiny random Llama checkpoints and a JSONL data file."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,10 @@ import random
 import pytest
 import torch
 
-WORDS = ("alpha beta gamma delta river stone cloud seven green light north market tiny paper "
-         "count list reverse upper lower answer question what is the of and to").split()
+WORDS = (
+    "alpha beta gamma delta river stone cloud seven green light north market tiny paper "
+    "count list reverse upper lower answer question what is the of and to"
+).split()
 
 
 def sentence(rng, n):
@@ -21,8 +24,12 @@ def write_data(path, n=24, seed=0, long_every=0):
         for i in range(n):
             resp = sentence(rng, rng.randint(3, 12) * (6 if long_every and i % long_every == 0 else 1))
             if i % 3 == 0:
-                rec = {"messages": [{"role": "user", "content": sentence(rng, rng.randint(2, 8))},
-                                    {"role": "assistant", "content": resp}]}
+                rec = {
+                    "messages": [
+                        {"role": "user", "content": sentence(rng, rng.randint(2, 8))},
+                        {"role": "assistant", "content": resp},
+                    ]
+                }
             else:
                 rec = {"prompt": sentence(rng, rng.randint(2, 8)), "response": resp}
             f.write(json.dumps(rec) + "\n")
@@ -47,7 +54,8 @@ def world(tmp_path_factory):
         "teacher_base": save_checkpoint(base, tok, root / "teacher_base"),
         "student_base": save_checkpoint(s0, tok, root / "student_base"),
         "data": write_data(root / "train.jsonl", n=24, long_every=7),
-        "root": root, "vocab": V,
+        "root": root,
+        "vocab": V,
     }
     return paths
 
@@ -59,9 +67,18 @@ def cache_dir(world, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cache") / "c"
     data = write_data(tmp_path_factory.mktemp("data") / "train.jsonl", n=60, seed=1)
-    build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=data,
-                                 out=str(out), student_base=world["student_base"], top_k=16, max_length=64,
-                                 shard_tokens=300))
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=world["teacher_ft"],
+            teacher_base=world["teacher_base"],
+            data=data,
+            out=str(out),
+            student_base=world["student_base"],
+            top_k=16,
+            max_length=64,
+            shard_tokens=300,
+        )
+    )
     return str(out)
 
 

@@ -3,6 +3,7 @@
 Each asserts the exit code, the one-line message, and that no file of the cache or
 run folder was changed by the refused command (sha256 of every file, lock files aside).
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,16 +24,19 @@ import numpy as np
 import pytest
 
 from deltakd.cache.format import schema
-from deltakd.runtime.lock import HOLDER_FILE, is_lock_file
 from deltakd.cache.format.validate import validate
 from deltakd.cli import main
+from deltakd.runtime.lock import HOLDER_FILE, is_lock_file
 
 
 def snapshot(folder) -> dict[str, str]:
     """sha256 of every file under `folder` (lock files excluded: they come and go with writers)."""
     root = Path(folder)
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not is_lock_file(p)}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not is_lock_file(p)
+    }
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -54,15 +58,58 @@ def one_error_line(err: str) -> str:
 
 
 def train_args(world, cache, out, *extra):
-    return ["train", "--cache", cache, "--student", world["student_base"], "--out", out, "--loss", "p1",
-            "--max-steps", "4", "--batch-tokens", "256", "--log-every", "1", "--eval-percent", "10",
-            "--eval-batches", "1", "--warmup-steps", "1", "--chunk-rows", "13", *extra]
+    return [
+        "train",
+        "--cache",
+        cache,
+        "--student",
+        world["student_base"],
+        "--out",
+        out,
+        "--loss",
+        "p1",
+        "--max-steps",
+        "4",
+        "--batch-tokens",
+        "256",
+        "--log-every",
+        "1",
+        "--eval-percent",
+        "10",
+        "--eval-batches",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--chunk-rows",
+        "13",
+        *extra,
+    ]
 
 
 def build_args(world, out, *extra, student=True):
-    args = ["cache", "build", "--teacher-ft", world["teacher_ft"], "--teacher-base", world["teacher_base"],
-            "--data", world["data"], "--out", out, "--top-k", "16", "--max-length", "64", "--shard-tokens", "200",
-            "--batch-size", "3", "--chunk-rows", "7", *extra]
+    args = [
+        "cache",
+        "build",
+        "--teacher-ft",
+        world["teacher_ft"],
+        "--teacher-base",
+        world["teacher_base"],
+        "--data",
+        world["data"],
+        "--out",
+        out,
+        "--top-k",
+        "16",
+        "--max-length",
+        "64",
+        "--shard-tokens",
+        "200",
+        "--batch-size",
+        "3",
+        "--chunk-rows",
+        "7",
+        *extra,
+    ]
     return args + (["--student-base", world["student_base"]] if student else [])
 
 
@@ -140,8 +187,10 @@ def test_validate_checks_totals_dtypes_and_unlisted_shards(cache_copy):
 
 # ------------------------------------------------------------------ 2. one writer per folder
 def _hold_lock(folder):
-    code = ("import sys, time; from deltakd.runtime.lock import folder_lock\n"
-            "with folder_lock(sys.argv[1], 'test holder'):\n    print('locked', flush=True); time.sleep(120)\n")
+    code = (
+        "import sys, time; from deltakd.runtime.lock import folder_lock\n"
+        "with folder_lock(sys.argv[1], 'test holder'):\n    print('locked', flush=True); time.sleep(120)\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
     return p
@@ -153,8 +202,11 @@ def test_one_writer_per_folder(world, cache_copy, tmp_path):
     holders = [_hold_lock(cache_copy), _hold_lock(run)]
     try:
         before_cache, before_run = snapshot(cache_copy), snapshot(run)
-        for args in (build_args(world, cache_copy), ["cache", "add-student", "--cache", cache_copy, "--student-base",
-                                                     world["student_base"]], train_args(world, cache_copy, run)):
+        for args in (
+            build_args(world, cache_copy),
+            ["cache", "add-student", "--cache", cache_copy, "--student-base", world["student_base"]],
+            train_args(world, cache_copy, run),
+        ):
             code, _, err = cli(*args)
             line = one_error_line(err)
             assert code == 2 and f"pid {holders[0].pid if args[0] == 'cache' else holders[1].pid}" in line, line
@@ -166,8 +218,9 @@ def test_one_writer_per_folder(world, cache_copy, tmp_path):
             h.wait()
     # A holder killed with -9 leaves its record: the next writer takes over, and says so.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (run / HOLDER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "command": "train",
-                                               "since": time.time()}))
+    (run / HOLDER_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "command": "train", "since": time.time()})
+    )
     from deltakd.runtime.lock import folder_lock
 
     err = io.StringIO()
@@ -220,8 +273,20 @@ def test_resume_checks_cache_identity_and_finished_runs_change_nothing(world, ca
 
 def test_student_other_than_the_cache_student_base(world, cache_dir, tmp_path):
     # teacher_base shares the tokenizer, so only the student-base check can object.
-    args = ["train", "--cache", cache_dir, "--student", world["teacher_base"], "--loss", "p1", "--batch-tokens", "256",
-            "--eval-percent", "10", "--dry-run"]
+    args = [
+        "train",
+        "--cache",
+        cache_dir,
+        "--student",
+        world["teacher_base"],
+        "--loss",
+        "p1",
+        "--batch-tokens",
+        "256",
+        "--eval-percent",
+        "10",
+        "--dry-run",
+    ]
     code, _, err = cli(*args, "--out", tmp_path / "a")
     assert code == 0 and "WARNING: the student" in err and "add-student" in err
     code, _, err = cli(*args, "--out", tmp_path / "b", "--strict")
@@ -232,18 +297,21 @@ def test_student_other_than_the_cache_student_base(world, cache_dir, tmp_path):
 
 
 # ------------------------------------------------------------------ 4. strict options
-@pytest.mark.parametrize("opts,match", [
-    (["--alpha", "nan"], "alpha (--alpha) must be a finite number"),
-    (["--lr", "inf"], "lr (--lr) must be a finite number"),
-    (["--max-steps", "-1"], "max_steps (--max-steps) must be >= 1"),
-    (["--max-steps", "0"], "max_steps (--max-steps) must be >= 1"),
-    (["--clip", "-1"], "clip (--clip) must be >= 0"),
-    (["--warmup-steps", "-3"], "warmup_steps (--warmup-steps) must be >= 0"),
-    (["--save-every", "0"], "save_every (--save-every) must be >= 1"),
-    (["--log-every", "0"], "log_every (--log-every) must be >= 1"),
-    (["--temperature", "0"], "temperature (--temperature) must be > 0"),
-    (["--w-kd", "-1"], "w_kd (--w-kd) must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "opts,match",
+    [
+        (["--alpha", "nan"], "alpha (--alpha) must be a finite number"),
+        (["--lr", "inf"], "lr (--lr) must be a finite number"),
+        (["--max-steps", "-1"], "max_steps (--max-steps) must be >= 1"),
+        (["--max-steps", "0"], "max_steps (--max-steps) must be >= 1"),
+        (["--clip", "-1"], "clip (--clip) must be >= 0"),
+        (["--warmup-steps", "-3"], "warmup_steps (--warmup-steps) must be >= 0"),
+        (["--save-every", "0"], "save_every (--save-every) must be >= 1"),
+        (["--log-every", "0"], "log_every (--log-every) must be >= 1"),
+        (["--temperature", "0"], "temperature (--temperature) must be > 0"),
+        (["--w-kd", "-1"], "w_kd (--w-kd) must be >= 0"),
+    ],
+)
 def test_strict_options(world, cache_dir, tmp_path, opts, match):
     code, _, err = cli(*train_args(world, cache_dir, tmp_path / "r"), *opts)
     line = one_error_line(err)
@@ -251,12 +319,15 @@ def test_strict_options(world, cache_dir, tmp_path, opts, match):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("text,match", [
-    ('bf16 = "false"\n', "bf16 (--bf16) must be true or false, got the string 'false'"),
-    ("max_steps = 2.5\n", "max_steps (--max-steps) must be a whole number, got 2.5"),
-    ('alpha = "one"\n', "alpha (--alpha) must be a number"),
-    ("lerning_rate = 1\n", "unknown config field(s): lerning_rate"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ('bf16 = "false"\n', "bf16 (--bf16) must be true or false, got the string 'false'"),
+        ("max_steps = 2.5\n", "max_steps (--max-steps) must be a whole number, got 2.5"),
+        ('alpha = "one"\n', "alpha (--alpha) must be a number"),
+        ("lerning_rate = 1\n", "unknown config field(s): lerning_rate"),
+    ],
+)
 def test_config_files_are_type_checked(world, cache_dir, tmp_path, text, match):
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'cache = "{cache_dir}"\nstudent = "{world["student_base"]}"\nout = "{tmp_path / "r"}"\n' + text)
@@ -267,12 +338,21 @@ def test_config_files_are_type_checked(world, cache_dir, tmp_path, text, match):
     assert code == 2 and "no such file" in one_error_line(err)
 
 
-@pytest.mark.parametrize("raw,match", [
-    (b'{"prompt": "a", "response": "b"}\n{"messages": [{"role": 1, "content": "x"}, '
-     b'{"role": "assistant", "content": "y"}]}\n', "train.jsonl:2: messages[0].role must be a string"),
-    (b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ["b"]}\n', "train.jsonl:2: 'response' must be a string"),
-    (b'{"prompt": "a", "response": "b"}\n\n{"prompt": "caf\xe9", "response": "b"}\n', "train.jsonl:3: not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "raw,match",
+    [
+        (
+            b'{"prompt": "a", "response": "b"}\n{"messages": [{"role": 1, "content": "x"}, '
+            b'{"role": "assistant", "content": "y"}]}\n',
+            "train.jsonl:2: messages[0].role must be a string",
+        ),
+        (
+            b'{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ["b"]}\n',
+            "train.jsonl:2: 'response' must be a string",
+        ),
+        (b'{"prompt": "a", "response": "b"}\n\n{"prompt": "caf\xe9", "response": "b"}\n', "train.jsonl:3: not UTF-8"),
+    ],
+)
 def test_bad_records_name_file_and_line(world, tmp_path, raw, match):
     data = tmp_path / "train.jsonl"
     data.write_bytes(raw)
@@ -298,7 +378,10 @@ def test_no_tracebacks_for_what_users_do(world, cache_copy, tmp_path, monkeypatc
         (build_args(world, tmp_path / "c", "--teacher-ft", "runs/ft"), "no such checkpoint folder"),
         (["cache", "inspect", cache_copy, "--example", "9999"], "--example 9999: the cache holds"),
         (["cache", "inspect", cache_copy, "--example", "-1"], "--example -1: the cache holds"),
-        (["cache", "add-student", "--cache", tmp_path / "nocache", "--student-base", world["student_base"]], "no such folder"),
+        (
+            ["cache", "add-student", "--cache", tmp_path / "nocache", "--student-base", world["student_base"]],
+            "no such folder",
+        ),
     ]
     for args, match in cases:
         code, _, err = cli(*args)
@@ -347,8 +430,12 @@ def test_full_disk_names_the_path_and_the_space_needed_and_resumes(world, tmp_pa
 
 # ------------------------------------------------------------------ 6. graceful stops
 def _train_cmd(world, cache, out):
-    return [sys.executable, "-m", "deltakd.cli", *map(str, train_args(world, cache, out, "--max-steps", "6",
-                                                                       "--save-every", "100", "--grad-accum", "2"))]
+    return [
+        sys.executable,
+        "-m",
+        "deltakd.cli",
+        *map(str, train_args(world, cache, out, "--max-steps", "6", "--save-every", "100", "--grad-accum", "2")),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -367,8 +454,9 @@ def _metrics(run):
 def test_train_stops_gracefully_and_resumes_exactly(world, cache_dir, tmp_path, reference_run, sig):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_train_cmd(world, cache_dir, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        _train_cmd(world, cache_dir, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     for line in proc.stdout:
         if line.startswith("step=2 "):
             proc.send_signal(sig)
@@ -392,8 +480,12 @@ def test_train_stops_gracefully_and_resumes_exactly(world, cache_dir, tmp_path, 
 def test_build_stops_gracefully_and_resumes(world, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "c"
     assert cli(*build_args(world, ref))[0] == 0
-    proc = subprocess.Popen([sys.executable, "-m", "deltakd.cli", *map(str, build_args(world, out))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deltakd.cli", *map(str, build_args(world, out))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not list(out.glob("shards/shard-?????")):
         time.sleep(0.01)
@@ -401,7 +493,9 @@ def test_build_stops_gracefully_and_resumes(world, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "cache build stopped by SIGTERM" in err and "run the same command to resume" in err and "Traceback" not in err
+    assert (
+        "cache build stopped by SIGTERM" in err and "run the same command to resume" in err and "Traceback" not in err
+    )
     assert 1 <= len(list(out.glob("shards/shard-?????"))) < len(list(ref.glob("shards/shard-?????")))
     assert not list(out.rglob("*.partial")) and not (out / schema.MANIFEST).exists()
     code, _, err = cli(*build_args(world, out))

@@ -1,8 +1,8 @@
 """Benchmark code that other figures rest on: the online full-vocabulary reference of quality.py."""
+
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,28 +11,53 @@ from deltakd.student.data import StreamingLoader
 from deltakd.student.trainer import TrainConfig, Trainer
 
 
-
 @pytest.fixture(scope="module")
 def exact_cache(world, tmp_path_factory):
     """A cache whose support is the whole vocabulary, values in float32: the cached twin of the online reference."""
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     out = tmp_path_factory.mktemp("exact") / "c"
-    build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
-                                 out=str(out), student_base=world["student_base"], support="topk",
-                                 top_k=world["vocab"], mode="sequential", tail_samples=0, max_length=64, dtype="float32"))
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=world["teacher_ft"],
+            teacher_base=world["teacher_base"],
+            data=world["data"],
+            out=str(out),
+            student_base=world["student_base"],
+            support="topk",
+            top_k=world["vocab"],
+            mode="sequential",
+            tail_samples=0,
+            max_length=64,
+            dtype="float32",
+        )
+    )
     return str(out)
 
 
-@pytest.mark.parametrize("opts", [dict(loss="kd"), dict(loss="kd", divergence="rkl"), dict(loss="p1", alpha=1.5),
-                                  dict(loss="p3", alpha=0.5), dict(w_sft=0.3, w_kd=1.0, w_p3=1.0)])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(loss="kd"),
+        dict(loss="kd", divergence="rkl"),
+        dict(loss="p1", alpha=1.5),
+        dict(loss="p3", alpha=0.5),
+        dict(w_sft=0.3, w_kd=1.0, w_p3=1.0),
+    ],
+)
 def test_online_reference_equals_a_full_vocabulary_cache(world, exact_cache, tmp_path, opts):
     """Same batch, same student: the online targets (three frozen models, full vocabulary, floor −12) give the
     loss and gradient of a cache that stores the whole vocabulary; a wrong model, floor or row order would not."""
     from benchmarks.online_ref import OnlineTrainer
 
-    cfg = TrainConfig(cache=exact_cache, student=world["student_base"], out=str(tmp_path / "r"), batch_tokens=256,
-                      chunk_rows=17, **opts)
+    cfg = TrainConfig(
+        cache=exact_cache,
+        student=world["student_base"],
+        out=str(tmp_path / "r"),
+        batch_tokens=256,
+        chunk_rows=17,
+        **opts,
+    )
     cached = Trainer(cfg)
     online = OnlineTrainer(cfg, world["teacher_ft"], world["teacher_base"], world["student_base"], floor=-12.0)
     assert cached.spec.floor == online.spec.floor == -12.0
@@ -52,12 +77,15 @@ def test_online_reference_differs_from_a_truncated_cache(world, cache_dir, tmp_p
     """The comparison can fail: on a top-16 union cache the online P1 loss is not the cached one."""
     from benchmarks.online_ref import OnlineTrainer
 
-    cfg = TrainConfig(cache=cache_dir, student=world["student_base"], out=str(tmp_path / "r"), loss="p1",
-                      batch_tokens=256)
+    cfg = TrainConfig(
+        cache=cache_dir, student=world["student_base"], out=str(tmp_path / "r"), loss="p1", batch_tokens=256
+    )
     batch = next(iter(StreamingLoader(Trainer(cfg).reader, batch_tokens=256, with_student=True, seed=0)))
     with torch.no_grad():
         a = Trainer(cfg).forward_loss(batch)[1]
-        b = OnlineTrainer(cfg, world["teacher_ft"], world["teacher_base"], world["student_base"], -12.0).forward_loss(batch)[1]
+        b = OnlineTrainer(cfg, world["teacher_ft"], world["teacher_base"], world["student_base"], -12.0).forward_loss(
+            batch
+        )[1]
     assert not torch.allclose(a, b, rtol=1e-4)
 
 
@@ -67,6 +95,7 @@ def test_real_pair_smoke_runs_end_to_end_on_a_stand_in(tmp_path, capsys):
     import random
 
     import real_pair
+
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     rng = random.Random(0)

@@ -1,4 +1,5 @@
 """The student side never imports the code that runs teachers (STYLE.md)."""
+
 import subprocess
 import sys
 

@@ -1,5 +1,6 @@
 """The cache builder against a float64 full-vocabulary recomputation, plus resume,
 distributed, add-student, validate and the refusals of bad input."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from deltakd.cache.format import schema
 from deltakd.cache.build.add_student import AddStudentConfig, add_student
 from deltakd.cache.build.builder import CacheBuildConfig, build_cache
-from deltakd.runtime.checkpoints import CheckpointError
+from deltakd.cache.format import schema
 from deltakd.cache.format.reader import CacheReader
 from deltakd.cache.format.records import DataError
 from deltakd.cache.format.validate import validate
+from deltakd.runtime.checkpoints import CheckpointError
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # relative rounding of each value dtype
 
@@ -28,9 +29,14 @@ TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # relative roundin
 def build(world, out, student=True, **kw):
     if kw.get("mode") == "sequential":
         kw.setdefault("tail_samples", 0)  # samples are drawn in lockstep builds only
-    cfg = CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
-                           out=str(out), student_base=world["student_base"] if student else None,
-                           **{"top_k": 16, "max_length": 64, "batch_size": 3, "shard_tokens": 200, "chunk_rows": 7, **kw})
+    cfg = CacheBuildConfig(
+        teacher_ft=world["teacher_ft"],
+        teacher_base=world["teacher_base"],
+        data=world["data"],
+        out=str(out),
+        student_base=world["student_base"] if student else None,
+        **{"top_k": 16, "max_length": 64, "batch_size": 3, "shard_tokens": 200, "chunk_rows": 7, **kw},
+    )
     return build_cache(cfg)
 
 
@@ -69,12 +75,22 @@ def reference_sources(lT, lB, lS, support, alphas, floor):
     return [lT, lB, lS] + [torch.log_softmax(lS + a * shift, -1) for a in alphas]
 
 
-@pytest.mark.parametrize("support,mode,dtype,samples", [
-    ("topk", "sequential", "float32", 0), ("topk", "sequential", "float16", 0), ("topk", "lockstep", "bfloat16", 0),
-    ("union", "lockstep", "float32", 0), ("union", "lockstep", "float16", 0), ("union", "lockstep", "float32", 5)])
+@pytest.mark.parametrize(
+    "support,mode,dtype,samples",
+    [
+        ("topk", "sequential", "float32", 0),
+        ("topk", "sequential", "float16", 0),
+        ("topk", "lockstep", "bfloat16", 0),
+        ("union", "lockstep", "float32", 0),
+        ("union", "lockstep", "float16", 0),
+        ("union", "lockstep", "float32", 5),
+    ],
+)
 def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, mode, dtype, samples):
     min_tail = 0.2
-    build(world, tmp_path / "c", dtype=dtype, support=support, mode=mode, tail_samples=samples, sample_min_tail=min_tail)
+    build(
+        world, tmp_path / "c", dtype=dtype, support=support, mode=mode, tail_samples=samples, sample_min_tail=min_tail
+    )
     r = CacheReader(tmp_path / "c")
     V, k, tol, floor = world["vocab"], r.k, TOL[dtype], -12.0
     alphas = (0.5, 1.0, 1.5)
@@ -90,14 +106,14 @@ def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, m
         for row, t in enumerate(pos.tolist()):
             all_ids = seq.support_ids[row][seq.valid[row]]
             n_s = int(seq.sampled[row].sum()) if samples else 0
-            ids, drawn = all_ids[:len(all_ids) - n_s], all_ids[len(all_ids) - n_s:]
+            ids, drawn = all_ids[: len(all_ids) - n_s], all_ids[len(all_ids) - n_s :]
             assert torch.all(ids[1:] > ids[:-1]), "ids ascend within a row, no repeats"
             widths = max(widths, len(ids))
             if samples:
                 # Drawn ids: after the top-k ids, ascending, none of them in the top-k support;
                 # drawn (as many as the tail has, up to m) exactly where πT's tail holds >= min_tail.
                 assert torch.all(drawn[1:] > drawn[:-1]) and not set(drawn.tolist()) & set(ids.tolist())
-                assert seq.sampled[row][len(all_ids) - n_s:len(all_ids)].all()
+                assert seq.sampled[row][len(all_ids) - n_s : len(all_ids)].all()
                 det_rest = torch.ones(V, dtype=torch.bool)
                 det_rest[ids] = False
                 tail_mass = float(lT[t][det_rest].exp().sum())
@@ -118,9 +134,14 @@ def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, m
             rest = torch.ones(V, dtype=torch.bool)
             rest[ids] = False
             K = len(ids)
-            pairs = [(seq.logp_ft[row][:K], lT[t][ids]), (seq.logp_base[row][:K], lB[t][ids]),
-                     (seq.logp_s0[row][:K], lS[t][ids]), (seq.tail_ft[row], lT[t][rest].logsumexp(0)),
-                     (seq.tail_base[row], lB[t][rest].logsumexp(0)), (seq.tail_s0[row], lS[t][rest].logsumexp(0))]
+            pairs = [
+                (seq.logp_ft[row][:K], lT[t][ids]),
+                (seq.logp_base[row][:K], lB[t][ids]),
+                (seq.logp_s0[row][:K], lS[t][ids]),
+                (seq.tail_ft[row], lT[t][rest].logsumexp(0)),
+                (seq.tail_base[row], lB[t][rest].logsumexp(0)),
+                (seq.tail_s0[row], lS[t][rest].logsumexp(0)),
+            ]
             if mode == "lockstep":
                 shift = lT[t].clamp_min(floor) - lB[t].clamp_min(floor)
                 pairs += [(seq.tail_star[row, i], (lS[t] + a * shift)[rest].logsumexp(0)) for i, a in enumerate(alphas)]
@@ -141,8 +162,9 @@ def test_lockstep_equals_sequential_for_topk(world, tmp_path):
     build(world, tmp_path / "lock", support="topk", mode="lockstep", dtype="float32", tail_samples=0)
     build(world, tmp_path / "seq", support="topk", mode="sequential", dtype="float32")
     a, b = cache_content(tmp_path / "lock"), cache_content(tmp_path / "seq")
-    assert sorted(set(a) - set(b)) == [f"student/shard-{i:05d}/tail_star" for i in range(len(a) // 15)] or \
-        all(key.endswith("tail_star") for key in set(a) - set(b))
+    assert sorted(set(a) - set(b)) == [f"student/shard-{i:05d}/tail_star" for i in range(len(a) // 15)] or all(
+        key.endswith("tail_star") for key in set(a) - set(b)
+    )
     assert not set(b) - set(a)
     for key in b:
         if a[key].dtype.kind == "f":
@@ -166,17 +188,38 @@ def _cli(*args, env=None):
 
 
 def _build_args(world, out, **kw):
-    opts = {"top_k": 16, "max_length": 64, "batch_size": 2, "shard_tokens": 120, "chunk_rows": 7,
-            **({"tail_samples": 0} if kw.get("mode") == "sequential" else {}), **kw}
-    args = ["cache", "build", "--teacher-ft", world["teacher_ft"], "--teacher-base", world["teacher_base"],
-            "--student-base", world["student_base"], "--data", world["data"], "--out", str(out)]
+    opts = {
+        "top_k": 16,
+        "max_length": 64,
+        "batch_size": 2,
+        "shard_tokens": 120,
+        "chunk_rows": 7,
+        **({"tail_samples": 0} if kw.get("mode") == "sequential" else {}),
+        **kw,
+    }
+    args = [
+        "cache",
+        "build",
+        "--teacher-ft",
+        world["teacher_ft"],
+        "--teacher-base",
+        world["teacher_base"],
+        "--student-base",
+        world["student_base"],
+        "--data",
+        world["data"],
+        "--out",
+        str(out),
+    ]
     for key, v in opts.items():
         args += ["--" + key.replace("_", "-"), str(v)]
     return args
 
 
-@pytest.mark.parametrize("kill_when,mode,support", [("staged", "sequential", "topk"), ("committed", "sequential", "topk"),
-                                                   ("committed", "lockstep", "union")])
+@pytest.mark.parametrize(
+    "kill_when,mode,support",
+    [("staged", "sequential", "topk"), ("committed", "sequential", "topk"), ("committed", "lockstep", "union")],
+)
 def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when, mode, support):
     ref = tmp_path / "ref"
     build(world, ref, shard_tokens=120, batch_size=2, mode=mode, support=support)
@@ -186,7 +229,9 @@ def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when, m
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         staged = list((out / "stage").glob("*/*.npz")) if (out / "stage").exists() else []
-        committed = [d for d in (out / schema.TEACHER_DIR).glob("shard-?????")] if (out / schema.TEACHER_DIR).exists() else []
+        committed = (
+            [d for d in (out / schema.TEACHER_DIR).glob("shard-?????")] if (out / schema.TEACHER_DIR).exists() else []
+        )
         if (kill_when == "staged" and staged) or (kill_when == "committed" and committed):
             break
         time.sleep(0.01)
@@ -208,8 +253,23 @@ def test_two_ranks_give_the_same_content_as_one(world, tmp_path):
     res = subprocess.run(_cli(*_build_args(world, ref, batch_size=2)), capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     out = tmp_path / "ddp"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
-                          "-m", "deltakd.cli", *_build_args(world, out, batch_size=2)], capture_output=True, text=True, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29617",
+            "-m",
+            "deltakd.cli",
+            *_build_args(world, out, batch_size=2),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_content(ref, out)
     m = json.loads((out / schema.MANIFEST).read_text())
@@ -239,13 +299,17 @@ def test_add_student_on_a_union_cache_says_what_it_cannot_provide(world, tmp_pat
     assert "union support" in err and "exact target tails" in err and "Rebuild with --student-base" in err
     r = CacheReader(tmp_path / "u")
     assert r.alphas == () and r.has_student and validate(tmp_path / "u") == []
-    assert r.read_shard(r.shard_names[0]).arrays["logp_s0"].shape == r.read_shard(r.shard_names[0]).arrays["logp_ft"].shape
+    assert (
+        r.read_shard(r.shard_names[0]).arrays["logp_s0"].shape == r.read_shard(r.shard_names[0]).arrays["logp_ft"].shape
+    )
 
 
 def test_validate_names_the_shard_and_array_of_a_flipped_byte(world, tmp_path):
     build(world, tmp_path / "c")
     assert validate(tmp_path / "c") == []
-    chunk = next(p for p in (tmp_path / "c" / schema.TEACHER_DIR / "shard-00001" / "logp_base" / "c").rglob("*") if p.is_file())
+    chunk = next(
+        p for p in (tmp_path / "c" / schema.TEACHER_DIR / "shard-00001" / "logp_base" / "c").rglob("*") if p.is_file()
+    )
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
@@ -272,8 +336,13 @@ def test_truncation_is_counted(world, tmp_path):
 
 
 def _bad_input(world, tmp_path, **over):
-    args = {"teacher_ft": world["teacher_ft"], "teacher_base": world["teacher_base"], "data": world["data"],
-            "out": str(tmp_path / "c"), **over}
+    args = {
+        "teacher_ft": world["teacher_ft"],
+        "teacher_base": world["teacher_base"],
+        "data": world["data"],
+        "out": str(tmp_path / "c"),
+        **over,
+    }
     build_cache(CacheBuildConfig(**args))
 
 
@@ -298,12 +367,15 @@ def test_refuses_a_vocabulary_smaller_than_the_tokenizer(world, tmp_path):
         _bad_input(world, tmp_path, teacher_base=small)
 
 
-@pytest.mark.parametrize("content,match", [
-    ("", "no records"),
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "oops"\n', r"train.jsonl:2: not valid JSON"),
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "no answer"}\n', r"train.jsonl:2: record has no response"),
-    ('{"text": "x"}\n', r"train.jsonl:1: record has neither"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("", "no records"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "oops"\n', r"train.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "no answer"}\n', r"train.jsonl:2: record has no response"),
+        ('{"text": "x"}\n', r"train.jsonl:1: record has neither"),
+    ],
+)
 def test_refuses_bad_data_with_file_and_line(world, tmp_path, content, match):
     p = tmp_path / "train.jsonl"
     p.write_text(content)

@@ -1,4 +1,5 @@
 """Evaluation (hand-computed ROUGE-L), the CLI, and the quick end-to-end demo."""
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,19 @@ from deltakd.student.eval import read_eval_examples, rouge_l
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "self_inst_user_oriented_instructions.jsonl"
 
 
-@pytest.mark.parametrize("pred,ref,expected", [
-    # LCS "the cat on the mat" = 5 of 6 tokens on both sides: P = R = F = 5/6.
-    ("the cat sat on the mat", "the cat is on the mat", 100 * 5 / 6),
-    # Reversed: LCS 1 of 4: F = 1/4.
-    ("a b c d", "d c b a", 25.0),
-    # LCS 2 ("b d"), P = 2/2, R = 2/4: F = 2PR/(P+R) = 2/3.
-    ("b d", "a b c d", 100 * 2 / 3),
-    ("Same Words.", "same words", 100.0),  # rouge-score lowercases and drops punctuation
-    ("", "anything here", 0.0),
-])
+@pytest.mark.parametrize(
+    "pred,ref,expected",
+    [
+        # LCS "the cat on the mat" = 5 of 6 tokens on both sides: P = R = F = 5/6.
+        ("the cat sat on the mat", "the cat is on the mat", 100 * 5 / 6),
+        # Reversed: LCS 1 of 4: F = 1/4.
+        ("a b c d", "d c b a", 25.0),
+        # LCS 2 ("b d"), P = 2/2, R = 2/4: F = 2PR/(P+R) = 2/3.
+        ("b d", "a b c d", 100 * 2 / 3),
+        ("Same Words.", "same words", 100.0),  # rouge-score lowercases and drops punctuation
+        ("", "anything here", 0.0),
+    ],
+)
 def test_rouge_l_against_hand_computed_values(pred, ref, expected):
     assert rouge_l(pred, ref) == pytest.approx(expected, abs=1e-9)
 
@@ -52,8 +56,22 @@ def test_cli_inspect_and_bad_input_message(cache_dir, tmp_path):
     assert all(0 < q <= 1 for q in qs) and qs == sorted(qs) and s["mean_kl_ft_base"] > 0
     ex = subprocess.run(cli + ["--example", "0", "--plot", str(tmp_path / "p.png")], capture_output=True, text=True)
     assert ex.returncode == 0 and "supervised" in ex.stdout and "->" in ex.stdout
-    bad = subprocess.run([sys.executable, "-m", "deltakd.cli", "train", "--cache", str(tmp_path), "--student", "x",
-                          "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            "train",
+            "--cache",
+            str(tmp_path),
+            "--student",
+            "x",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "no manifest.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -74,8 +92,10 @@ def test_quick_demo_end_to_end(tmp_path):
         rows = [json.loads(l) for l in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert any("loss" in r for r in rows) and any("eval_tokens" in r for r in rows)
         assert (work / "runs" / name / "final" / "model.safetensors").exists()
-    assert json.loads((work / "runs" / "recipe_p1" / "metrics.jsonl").read_text().splitlines()[0])["weights"] == \
-        {"sft": 0.5, "p1": 0.5}
+    assert json.loads((work / "runs" / "recipe_p1" / "metrics.jsonl").read_text().splitlines()[0])["weights"] == {
+        "sft": 0.5,
+        "p1": 0.5,
+    }
     summary = (report / "summary.md").read_text()
     # The paragraph names the winner and compares the two recipes with the numbers of the table.
     assert "best student is" in summary and f"{rouge['recipe_p1']:.1f} against {rouge['recipe_kd']:.1f}" in summary

@@ -4,6 +4,7 @@ It was built once with tiny random checkpoints (k = 4, float16, 4 records, 2 sha
 the golden numbers below were read from it right after that build. They freeze the
 on-disk layout; test_cache.py checks that the builder's values are right.
 """
+
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,6 @@
 """The loader's lanes: each rank decodes only its ~1/world of a shard, the plan depends on
 world × accum alone, every row once per epoch, and one lane is the plan of earlier versions."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,18 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
-import torch
+from conftest import same_batches, write_data
 
 from deltakd.cache.format import schema
 from deltakd.cache.format.reader import CacheReader
-from deltakd.student.data import (StreamingLoader, in_split, interleave, lane_range_of, lane_ranges, plan_lanes,
-                                  plan_shard)
-
-from conftest import same_batches, write_data
+from deltakd.student.data import (
+    StreamingLoader,
+    in_split,
+    interleave,
+    lane_range_of,
+    lane_ranges,
+    plan_lanes,
+)
 
 
 def _old_plan_shard(lengths, rows, batch_tokens, window, rng):
@@ -23,7 +28,7 @@ def _old_plan_shard(lengths, rows, batch_tokens, window, rng):
         rows = rows[rng.permutation(len(rows))]
     batches = []
     for s in range(0, len(rows), window):
-        w = rows[s:s + window]
+        w = rows[s : s + window]
         w = w[np.argsort(lengths[w], kind="stable")]
         cur, longest = [], 0
         for r in w.tolist():
@@ -50,15 +55,17 @@ def test_one_lane_is_the_plan_of_earlier_versions(cache_dir):
             a = reader.read_shard(name, student=False, arrays=["seq_offsets", "loss_mask", "example_ids"]).arrays
             ex = a["example_ids"].numpy()
             rows = np.nonzero(in_split(ex, "train", 20.0))[0]
-            plan = _old_plan_shard(np.diff(a["seq_offsets"].numpy()), rows, 150, 256,
-                                   np.random.default_rng([7, epoch, sp]))
+            plan = _old_plan_shard(
+                np.diff(a["seq_offsets"].numpy()), rows, 150, 256, np.random.default_rng([7, epoch, sp])
+            )
             ref += [[int(ex[r]) for r in b] for b in plan]
     assert got == ref
     # And directly, on a larger synthetic shard with several windows.
     lengths = np.random.default_rng(0).integers(5, 300, 1000)
     rows = np.arange(1000)[::2]
-    assert plan_lanes(lengths, rows, 2048, 64, np.random.default_rng([1, 2, 3]), 1) == \
-        [_old_plan_shard(lengths, rows, 2048, 64, np.random.default_rng([1, 2, 3]))]
+    assert plan_lanes(lengths, rows, 2048, 64, np.random.default_rng([1, 2, 3]), 1) == [
+        _old_plan_shard(lengths, rows, 2048, 64, np.random.default_rng([1, 2, 3]))
+    ]
 
 
 def test_lane_ranges_balance_tokens_and_tolerate_few_rows():
@@ -150,9 +157,18 @@ def chunky_cache(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("chunky") / "c"
     data = write_data(tmp_path_factory.mktemp("chunky-data") / "train.jsonl", n=80, seed=2)
     try:
-        build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=data,
-                                     out=str(out), student_base=world["student_base"], top_k=16, max_length=64,
-                                     shard_tokens=1600))
+        build_cache(
+            CacheBuildConfig(
+                teacher_ft=world["teacher_ft"],
+                teacher_base=world["teacher_base"],
+                data=data,
+                out=str(out),
+                student_base=world["student_base"],
+                top_k=16,
+                max_length=64,
+                shard_tokens=1600,
+            )
+        )
     finally:
         mp.undo()
     return str(out)
@@ -206,8 +222,9 @@ def test_a_rank_decodes_only_its_share_of_each_shard(chunky_cache, monkeypatch, 
         lengths = np.diff(full.arrays["seq_offsets"].numpy())
         own = set(lane_ranges(lengths, np.arange(full.n_seqs), world_size)[lanes[0]].tolist())  # rank 0's lane
 
-        def chunks(rows, c):
+        def chunks(rows, c, ent=ent):
             return {k for r in rows if ent[r + 1] > ent[r] for k in range(ent[r] // c, (ent[r + 1] - 1) // c + 1)}
+
         for arr in ENTRY:
             c, n = chunk[name, arr], n_chunks[name, arr]
             # Exactly the chunks holding the entries of its rows: no gap between two runs of rows is decoded.
@@ -222,8 +239,10 @@ def test_a_rank_decodes_only_its_share_of_each_shard(chunky_cache, monkeypatch, 
             total, extra = total + len(part[name, arr]), extra + len(outside)
     # Over the epoch: ~1/world of the chunks plus two per shard and array, and the few substitutions.
     n_all = sum(n_chunks.values())
-    print(f"world {world_size}: decoded {total} of {n_all} entry chunks ({total / n_all:.2f}); "
-          f"{extra} for rows of another lane")
+    print(
+        f"world {world_size}: decoded {total} of {n_all} entry chunks ({total / n_all:.2f}); "
+        f"{extra} for rows of another lane"
+    )
     assert total <= n_all / world_size + 2 * len(n_chunks) + extra
     assert extra <= 0.25 * total
 
@@ -238,8 +257,9 @@ def test_a_resume_with_another_world_or_accumulation_is_refused(world, cache_dir
     cfg = TrainConfig(cache=cache_dir, student=world["student_base"], out=str(tmp_path), loss="kd", grad_accum=2)
     ck = tmp_path / "checkpoints" / "step-000004"
     ck.mkdir(parents=True)
-    (ck / "state.json").write_text(json.dumps({"step": 4, "loader": {}, "config": dataclasses.asdict(cfg),
-                                               "world_size": 2}))
+    (ck / "state.json").write_text(
+        json.dumps({"step": 4, "loader": {}, "config": dataclasses.asdict(cfg), "world_size": 2})
+    )
     assert find_resume(tmp_path, cfg, world=2) == ck
     with pytest.raises(ValueError, match=r"other settings \(world size 2 -> 4, which changes the batch order\)"):
         find_resume(tmp_path, cfg, world=4)

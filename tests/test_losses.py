@@ -1,4 +1,5 @@
 """Losses against a float64 full-vocabulary reference written independently here."""
+
 from __future__ import annotations
 
 import pytest
@@ -53,9 +54,16 @@ def cached_targets(lT, lB, lS0, k, nxt=None):
     ids = lT.argsort(-1, descending=True)[:, :k]
     rest = torch.ones_like(lT, dtype=torch.bool).scatter(1, ids, False)
     tail = lambda l: torch.where(rest, l, torch.tensor(float("-inf"), dtype=l.dtype)).logsumexp(-1)  # noqa: E731
-    return {"support_ids": ids, "logp_ft": lT.gather(1, ids), "logp_base": lB.gather(1, ids),
-            "logp_s0": lS0.gather(1, ids), "tail_ft": tail(lT), "tail_base": tail(lB), "tail_s0": tail(lS0),
-            "next_tokens": nxt if nxt is not None else torch.zeros(lT.shape[0], dtype=torch.long)}
+    return {
+        "support_ids": ids,
+        "logp_ft": lT.gather(1, ids),
+        "logp_base": lB.gather(1, ids),
+        "logp_s0": lS0.gather(1, ids),
+        "tail_ft": tail(lT),
+        "tail_base": tail(lB),
+        "tail_s0": tail(lS0),
+        "next_tokens": nxt if nxt is not None else torch.zeros(lT.shape[0], dtype=torch.long),
+    }
 
 
 @pytest.mark.parametrize("term,kind", [(t, k) for t in ("kd", "p1", "p2") for k in KINDS] + [("p3", "fkl")])
@@ -115,8 +123,13 @@ def test_all_masked_rows_give_zero_not_nan():
         assert float(total) == 0.0 and int(count) == 0
     spec = LossSpec(weights={"kd": 1.0, "p1": 1.0, "p3": 0.5, "sft": 1.0}, chunk_rows=4)
     head = torch.nn.Linear(8, V, bias=False)
-    total, sums = chunked_loss(torch.zeros(0, 8, requires_grad=True), head,
-                               {k: v[:0] for k, v in cached_targets(lT, lB, lS0, 5).items()}, spec, V)
+    total, sums = chunked_loss(
+        torch.zeros(0, 8, requires_grad=True),
+        head,
+        {k: v[:0] for k, v in cached_targets(lT, lB, lS0, 5).items()},
+        spec,
+        V,
+    )
     assert torch.equal(sums, torch.zeros(4)) and float(total.detach()) == 0.0
     total.backward()
     assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
@@ -133,8 +146,9 @@ def test_fused_chunked_loss_equals_plain_autograd_value_and_gradient(tail, tempe
     tg = cached_targets(lT, lB, lS0, 8, nxt)
     head = torch.nn.Linear(16, 60, bias=True)  # 60 rows: 10 padded beyond the vocabulary
     h = torch.randn(37, 16, requires_grad=True)
-    spec = dict(weights={"sft": 0.3, "kd": 1.0, "p1": 1.0, "p2": 0.5, "p3": 0.2}, tail=tail, temperature=temperature,
-                alpha=0.8)
+    spec = dict(
+        weights={"sft": 0.3, "kd": 1.0, "p1": 1.0, "p2": 0.5, "p3": 0.2}, tail=tail, temperature=temperature, alpha=0.8
+    )
     ref_terms = terms_from_logits(head(h).float()[:, :50], tg, LossSpec(**spec))
     ref_total = (ref_terms * torch.tensor([0.3, 1.0, 1.0, 0.5, 0.2])).sum()
     ref_grads = torch.autograd.grad(2.5 * ref_total, [h, head.weight, head.bias])
@@ -147,8 +161,9 @@ def test_fused_chunked_loss_equals_plain_autograd_value_and_gradient(tail, tempe
             torch.testing.assert_close(g, g0, rtol=1e-4, atol=1e-6)
         assert torch.equal(grads[1][50:], torch.zeros(10, 16))  # padded rows get no gradient
     with torch.no_grad():
-        torch.testing.assert_close(chunked_loss(h, head, tg, LossSpec(**spec, chunk_rows=7), 50)[1], ref_terms.detach(),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            chunked_loss(h, head, tg, LossSpec(**spec, chunk_rows=7), 50)[1], ref_terms.detach(), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -161,8 +176,12 @@ def test_fused_gradient_at_k_equal_vocab_matches_full_vocabulary(kind):
     nxt = torch.randint(0, V, (N,))
     total, _ = chunked_loss(h, head, cached_targets(lT, lB, lS0, V, nxt), spec, V)
     lθ = torch.log_softmax(head(h), -1)
-    ref = (ref_terms(lθ, lT, lB, lS0, "kd", kind, 0.7) + 0.5 * ref_terms(lθ, lT, lB, lS0, "p1", kind, 0.7)
-           + 0.25 * ref_terms(lθ, lT, lB, lS0, "p2", kind, 0.7) - 0.1 * lθ.gather(1, nxt[:, None]).sum())
+    ref = (
+        ref_terms(lθ, lT, lB, lS0, "kd", kind, 0.7)
+        + 0.5 * ref_terms(lθ, lT, lB, lS0, "p1", kind, 0.7)
+        + 0.25 * ref_terms(lθ, lT, lB, lS0, "p2", kind, 0.7)
+        - 0.1 * lθ.gather(1, nxt[:, None]).sum()
+    )
     g, g_ref = (torch.autograd.grad(x, [h, head.weight]) for x in (total, ref))
     torch.testing.assert_close(total.detach(), ref.detach(), rtol=1e-9, atol=1e-9)
     for a, b in zip(g, g_ref):
@@ -209,9 +228,18 @@ def union_targets(lT, lB, lS0, k, alphas=(0.5, 1.0), floor=-12.0, nxt=None):
     on = lambda l: torch.where(valid, l.gather(1, ids), ninf)  # noqa: E731
     tail = lambda l: torch.where(mask, ninf, l).logsumexp(-1)  # noqa: E731
     star = torch.stack([tail(lS0 + a * shift) for a in alphas], 1)
-    return {"support_ids": ids, "valid": valid, "logp_ft": on(lT), "logp_base": on(lB), "logp_s0": on(lS0),
-            "tail_ft": tail(lT), "tail_base": tail(lB), "tail_s0": tail(lS0), "tail_star": star,
-            "next_tokens": nxt if nxt is not None else torch.zeros(lT.shape[0], dtype=torch.long)}
+    return {
+        "support_ids": ids,
+        "valid": valid,
+        "logp_ft": on(lT),
+        "logp_base": on(lB),
+        "logp_s0": on(lS0),
+        "tail_ft": tail(lT),
+        "tail_base": tail(lB),
+        "tail_s0": tail(lS0),
+        "tail_star": star,
+        "next_tokens": nxt if nxt is not None else torch.zeros(lT.shape[0], dtype=torch.long),
+    }
 
 
 def test_union_support_with_exact_tail_gives_the_exact_target():
@@ -220,18 +248,29 @@ def test_union_support_with_exact_tail_gives_the_exact_target():
     tg = union_targets(lT, lB, lS0, 3)
     star_full = torch.log_softmax(lS0 + 1.0 * (lT.clamp_min(-12.0) - lB.clamp_min(-12.0)), -1)
     s0 = L.support(tg["logp_s0"], tg["tail_s0"])
-    got = L.delta_target(s0, L.support(tg["logp_ft"], tg["tail_ft"]), L.support(tg["logp_base"], tg["tail_base"]),
-                         1.0, floor=-12.0, tail_star=tg["tail_star"][:, 1])
+    got = L.delta_target(
+        s0,
+        L.support(tg["logp_ft"], tg["tail_ft"]),
+        L.support(tg["logp_base"], tg["tail_base"]),
+        1.0,
+        floor=-12.0,
+        tail_star=tg["tail_star"][:, 1],
+    )
     valid = tg["valid"]
-    ref_support = torch.where(valid, star_full.gather(1, tg["support_ids"]), torch.tensor(float("-inf"), dtype=lT.dtype))
-    inside = torch.zeros_like(lT, dtype=torch.bool).scatter(1, torch.where(valid, tg["support_ids"], tg["support_ids"][:, :1]), True)
+    ref_support = torch.where(
+        valid, star_full.gather(1, tg["support_ids"]), torch.tensor(float("-inf"), dtype=lT.dtype)
+    )
+    inside = torch.zeros_like(lT, dtype=torch.bool).scatter(
+        1, torch.where(valid, tg["support_ids"], tg["support_ids"][:, :1]), True
+    )
     ref_tail = torch.where(inside, torch.tensor(float("-inf"), dtype=lT.dtype), star_full).logsumexp(-1)
     torch.testing.assert_close(got[:, :-1], ref_support, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[:, -1], ref_tail, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("term,kind", [("kd", "fkl"), ("kd", "rkl"), ("p1", "fkl"), ("p2", "fkl"), ("p3", "fkl"),
-                                       ("kd", "jsd")])
+@pytest.mark.parametrize(
+    "term,kind", [("kd", "fkl"), ("kd", "rkl"), ("p1", "fkl"), ("p2", "fkl"), ("p3", "fkl"), ("kd", "jsd")]
+)
 def test_ragged_padded_support_fused_equals_autograd_and_ignores_padding(term, kind):
     """The fused analytic gradient on a padded ragged support equals plain autograd, and widening the
     padding changes nothing (padded entries are not outcomes)."""
@@ -291,16 +330,27 @@ def sampled_targets(lT, lB, lS0, k: int, m: int, draws: int, alphas=(1.0,), min_
 
     rep = lambda x: x.float().repeat(draws, 1)  # noqa: E731
     logits = {"ft": rep(lT), "base": rep(lB), "s0": rep(lS0)}
-    out = lockstep_rows(logits, "union", k, alphas, -12.0, samples=m, min_tail=min_tail,
-                        generator=torch.Generator().manual_seed(seed))
+    out = lockstep_rows(
+        logits, "union", k, alphas, -12.0, samples=m, min_tail=min_tail, generator=torch.Generator().manual_seed(seed)
+    )
     idx, valid = pad_ragged(out["len"])
     first = (out["len"] - out.get("sample_len", 0))[:, None]
     ninf = torch.tensor(float("-inf"))
     on = lambda v: torch.where(valid, v[idx], ninf)  # noqa: E731
-    return {"support_ids": out["ids"][idx], "valid": valid, "logp_ft": on(out["ft"]), "logp_base": on(out["base"]),
-            "logp_s0": on(out["s0"]), "tail_ft": out["tail_ft"], "tail_base": out["tail_base"], "tail_s0": out["tail_s0"],
-            "tail_star": out["tail_star"], "sampled": valid & (torch.arange(valid.shape[1])[None] >= first),
-            "sample_tau": out.get("sample_tau", torch.full((len(first),), float("-inf"))), "next_tokens": torch.zeros(len(out["len"]), dtype=torch.long)}
+    return {
+        "support_ids": out["ids"][idx],
+        "valid": valid,
+        "logp_ft": on(out["ft"]),
+        "logp_base": on(out["base"]),
+        "logp_s0": on(out["s0"]),
+        "tail_ft": out["tail_ft"],
+        "tail_base": out["tail_base"],
+        "tail_s0": out["tail_s0"],
+        "tail_star": out["tail_star"],
+        "sampled": valid & (torch.arange(valid.shape[1])[None] >= first),
+        "sample_tau": out.get("sample_tau", torch.full((len(first),), float("-inf"))),
+        "next_tokens": torch.zeros(len(out["len"]), dtype=torch.long),
+    }
 
 
 def test_priority_sampled_tail_sums_are_unbiased():
@@ -318,7 +368,7 @@ def test_priority_sampled_tail_sums_are_unbiased():
     p = lT[0].exp()[ids]
     c = torch.maximum(p, tg["sample_tau"].double().exp()[:, None]) / p
     est = torch.where(drawn, g[ids] * c, 0).sum(1)
-    se = float(est.std()) / draws ** 0.5
+    se = float(est.std()) / draws**0.5
     assert abs(float(est.mean()) - truth) < 4 * se, (float(est.mean()), truth, se)
     plain = float(torch.where(drawn, g[ids], 0).sum(1).mean())
     assert abs(plain - truth) > 20 * se
@@ -344,14 +394,20 @@ def test_tail_samples_make_the_expected_gradient_the_full_vocabulary_one(term):
         (gz,) = torch.autograd.grad(v, z)
         return gz.reshape(n, 2, V).mean(0)
 
-    full = {"support_ids": torch.arange(V).expand(2, V), "valid": torch.ones(2, V, dtype=torch.bool),
-            "logp_ft": lT, "logp_base": lB, "logp_s0": lS0, "tail_star": torch.full((2, 1), float("-inf")),
-            "next_tokens": torch.zeros(2, dtype=torch.long)} | {f"tail_{r}": torch.full((2,), float("-inf"))
-                                                                 for r in ("ft", "base", "s0")}
+    full = {
+        "support_ids": torch.arange(V).expand(2, V),
+        "valid": torch.ones(2, V, dtype=torch.bool),
+        "logp_ft": lT,
+        "logp_base": lB,
+        "logp_s0": lS0,
+        "tail_star": torch.full((2, 1), float("-inf")),
+        "next_tokens": torch.zeros(2, dtype=torch.long),
+    } | {f"tail_{r}": torch.full((2,), float("-inf")) for r in ("ft", "base", "s0")}
     ref = grad(full, 1)
     with_samples = sampled_targets(lT, lB, lS0, k, m, draws)
-    bucket_only = {key: v for key, v in sampled_targets(lT, lB, lS0, k, 0, 1).items()
-                   if key not in ("sampled", "sample_tau")}
+    bucket_only = {
+        key: v for key, v in sampled_targets(lT, lB, lS0, k, 0, 1).items() if key not in ("sampled", "sample_tau")
+    }
 
     def angle(g):
         cos = torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0)

@@ -1,5 +1,6 @@
 """Caches in object storage: build, kill -9, resume, train, validate against a real S3 server
 (moto in server mode on 127.0.0.1, started and stopped by these tests)."""
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,14 @@ pytest.importorskip("s3fs")
 pytest.importorskip("upath")
 moto_server = pytest.importorskip("moto.server")
 
-from deltakd.cache.format import schema  # noqa: E402
 from deltakd.cache.format.reader import CacheReader  # noqa: E402
 from deltakd.cache.format.validate import validate  # noqa: E402
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "deltakd-test", "AWS_SECRET_ACCESS_KEY": "deltakd-test", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "deltakd-test",
+    "AWS_SECRET_ACCESS_KEY": "deltakd-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +55,23 @@ def _build_args(world, out, **kw):
     # A few shards (the test kills the build after the first commits; ~4 here): each shard is
     # dozens of objects, and the local S3 server makes every object a round trip.
     opts = {"top_k": 8, "max_length": 64, "batch_size": 2, "shard_tokens": 300, "chunk_rows": 7, **kw}
-    args = [sys.executable, "-m", "deltakd.cli", "cache", "build", "--teacher-ft", world["teacher_ft"],
-            "--teacher-base", world["teacher_base"], "--student-base", world["student_base"],
-            "--data", world["data"], "--out", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "deltakd.cli",
+        "cache",
+        "build",
+        "--teacher-ft",
+        world["teacher_ft"],
+        "--teacher-base",
+        world["teacher_base"],
+        "--student-base",
+        world["student_base"],
+        "--data",
+        world["data"],
+        "--out",
+        str(out),
+    ]
     for key, v in opts.items():
         args += ["--" + key.replace("_", "-"), str(v)]
     return args
@@ -97,16 +115,52 @@ def test_build_kill_resume_train_validate_in_s3(world, tmp_path, s3):
     assert validate(url) == []
     # Train a few steps straight from the bucket.
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "train", "--cache", url, "--student", world["student_base"],
-                          "--out", str(out), "--loss", "p1", "--max-steps", "2", "--batch-tokens", "256",
-                          "--eval-batches", "1"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            "train",
+            "--cache",
+            url,
+            "--student",
+            world["student_base"],
+            "--out",
+            str(out),
+            "--loss",
+            "p1",
+            "--max-steps",
+            "2",
+            "--batch-tokens",
+            "256",
+            "--eval-batches",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (out / "final" / "model.safetensors").exists()
     # Inspect and add-student work on the bucket too.
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "inspect", url, "--json"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "deltakd.cli", "cache", "inspect", url, "--json"], capture_output=True, text=True
+    )
     assert res.returncode == 0 and '"bytes_per_supervised_token"' in res.stdout, res.stderr[-1000:]
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "add-student", "--cache", url,
-                          "--student-base", world["teacher_base"]], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            "cache",
+            "add-student",
+            "--cache",
+            url,
+            "--student-base",
+            world["teacher_base"],
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     m = CacheReader(url).manifest
     assert m["student"]["checkpoint"]["path"].endswith("teacher_base") and validate(url) == []
@@ -117,5 +171,7 @@ def test_build_kill_resume_train_validate_in_s3(world, tmp_path, s3):
     fs.pipe_file(chunk, bytes(data))
     problems = validate(url)
     assert problems and "shard-00001" in problems[0] and "logp_base" in problems[0]
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "validate", url], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "deltakd.cli", "cache", "validate", url], capture_output=True, text=True
+    )
     assert res.returncode == 1 and "shard-00001" in res.stderr

@@ -1,5 +1,6 @@
 """Multi-process training on CPU: rank->device resolution, collectives on the right device,
 DDP and FSDP2 equal one process, FSDP resume, tied embeddings, per-rank reading."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from deltakd.runtime import dist
-from deltakd.cache.format.reader import CacheReader
-from deltakd.student.data import StreamingLoader
-
 from conftest import same_batches
+
+from deltakd.cache.format.reader import CacheReader
+from deltakd.runtime import dist
+from deltakd.student.data import StreamingLoader
 
 GUARD = str(Path(__file__).parent / "collective_guard.py")
 ENV = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -76,7 +76,9 @@ def test_no_gpu_is_refused_clearly(monkeypatch):
 def test_the_group_has_a_backend_for_gpu_and_cpu_tensors(fake_gpus, monkeypatch):
     seen = {}
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(
+        torch.distributed, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw)
+    )
     monkeypatch.delenv("DELTAKD_BACKEND", raising=False)
     torchrun_env(monkeypatch, 1, 2)
     assert dist.init("cuda") == (0, 1)  # the fake group reports no ranks; what matters is how it was made
@@ -135,14 +137,49 @@ LOSSES = {"sft": "tied", "kd": "untied", "p1": "tied"}
 
 def _args(world, cache_dir, tied_student, loss, out, grad_accum, extra=()):
     student = tied_student if LOSSES[loss] == "tied" else world["student_base"]
-    return ["train", "--cache", cache_dir, "--student", student, "--loss", loss, "--max-steps", "4",
-            "--batch-tokens", "256", "--log-every", "1", "--save-every", "2", "--eval-percent", "10", "--lr", "1e-3",
-            "--warmup-steps", "1", "--grad-accum", str(grad_accum), "--out", str(out), *extra]
+    return [
+        "train",
+        "--cache",
+        cache_dir,
+        "--student",
+        student,
+        "--loss",
+        loss,
+        "--max-steps",
+        "4",
+        "--batch-tokens",
+        "256",
+        "--log-every",
+        "1",
+        "--save-every",
+        "2",
+        "--eval-percent",
+        "10",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "1",
+        "--grad-accum",
+        str(grad_accum),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _two_ranks(args, log_dir, **kw):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-            GUARD, str(log_dir), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_port()),
+        GUARD,
+        str(log_dir),
+        *args,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -156,18 +193,25 @@ def runs(world, cache_dir, tied_student, tmp_path_factory):
             if mode == "one":
                 cmd = [sys.executable, "-m", "deltakd.cli", *_args(world, cache_dir, tied_student, loss, out, 2)]
             else:
-                cmd = _two_ranks(_args(world, cache_dir, tied_student, loss, out, 1, ["--parallel", mode]), root / f"guard-{mode}-{loss}")
+                cmd = _two_ranks(
+                    _args(world, cache_dir, tied_student, loss, out, 1, ["--parallel", mode]),
+                    root / f"guard-{mode}-{loss}",
+                )
             res = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
             assert res.returncode == 0, res.stderr[-4000:]
             done[mode, loss] = out
         return done[mode, loss]
+
     return get
 
 
 # Each case is three process launches; the default suite keeps one tied and one untied
 # student per engine (with test_trainer's 2-rank kd+p3 run), the rest run with -m slow.
-CASES = [pytest.param(m, l, marks=[pytest.mark.slow] if (m, l) in {("ddp", "sft"), ("ddp", "kd"), ("fsdp", "sft")} else [])
-         for m in ("ddp", "fsdp") for l in LOSSES]
+CASES = [
+    pytest.param(m, l, marks=[pytest.mark.slow] if (m, l) in {("ddp", "sft"), ("ddp", "kd"), ("fsdp", "sft")} else [])
+    for m in ("ddp", "fsdp")
+    for l in LOSSES
+]
 
 
 @pytest.mark.parametrize("mode,loss", CASES)
@@ -225,16 +269,21 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
     out = tmp_path / "run"
     cmd = _two_ranks(_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]), tmp_path / "g")
     # Killed after step 3 (checkpoint at 2), all ranks at once, as a node failure would.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True
+    )
     for line in proc.stdout:
         if line.startswith("step=3 "):
             _kill_tree(proc.pid)
             break
     proc.wait()
     assert (out / "checkpoints" / "step-000002" / "sharded").is_dir() and not (out / "final").exists()
-    res = subprocess.run(_two_ranks(_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]),
-                                    tmp_path / "g"), capture_output=True, text=True, env=ENV)
+    res = subprocess.run(
+        _two_ranks(_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]), tmp_path / "g"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     assert "(resuming at step 2)" in res.stdout, res.stdout[-2000:]  # not a fresh run that happens to match
     a = [m for m in _metrics(ref) if "loss" in m]
@@ -246,11 +295,21 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
     for k, v in _weights(ref).items():
         torch.testing.assert_close(_weights(out)[k], v, rtol=1e-6, atol=1e-8)
     # A sharded checkpoint is not silently resumed as a replicated one.
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli",
-                          *_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "ddp"])],
-                         capture_output=True, text=True, env=ENV)
-    assert res.returncode == 2 and "other settings (parallel, world size 2 -> 1, which changes the batch order)" \
-        in res.stderr, res.stderr[-2000:]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            *_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "ddp"]),
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert (
+        res.returncode == 2
+        and "other settings (parallel, world size 2 -> 1, which changes the batch order)" in res.stderr
+    ), res.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- per-rank reading
@@ -268,10 +327,13 @@ def test_each_rank_reads_its_stripe_of_the_one_rank_sequence(cache_dir, world_si
     # a rank continues its own stripe.
     mine = ranks[1]
     where = lambda b: (b.state["epoch"], b.state["shard"])  # noqa: E731
-    i = next(i for i in range(2, len(mine) - 1)
-             if any(where(b) == where(mine[i]) and b.state["index"] > mine[i].state["index"] + 1 for b in one))
+    i = next(
+        i
+        for i in range(2, len(mine) - 1)
+        if any(where(b) == where(mine[i]) and b.state["index"] > mine[i].state["index"] + 1 for b in one)
+    )
     rest = list(StreamingLoader(reader, rank=1, world=world_size, state=mine[i].state, **kw))
-    same_batches(rest, mine[i + 1:])
+    same_batches(rest, mine[i + 1 :])
     # The trainer saves rank 0's position (its last micro-batch of a step): every rank resumes at the next step.
     st = ranks[0][i].state
     for r in range(world_size):
@@ -284,8 +346,11 @@ def test_a_rank_converts_only_its_rows(cache_dir, monkeypatch):
     decoded = []
     orig = CacheReader._decode
     # Count the sequences whose targets get converted (the planning reads carry no targets).
-    monkeypatch.setattr(CacheReader, "_decode",
-                        lambda self, raw: ("tokens" in raw and decoded.append(len(raw["example_ids"]))) or orig(self, raw))
+    monkeypatch.setattr(
+        CacheReader,
+        "_decode",
+        lambda self, raw: ("tokens" in raw and decoded.append(len(raw["example_ids"]))) or orig(self, raw),
+    )
     list(StreamingLoader(reader, batch_tokens=150, with_student=True, seed=5, epochs=1, rank=0, world=2))
     part = sum(decoded)
     decoded.clear()
@@ -297,17 +362,57 @@ def test_a_rank_converts_only_its_rows(cache_dir, monkeypatch):
 
 # ---------------------------------------------------------------- teachers larger than one GPU
 def test_teacher_sharding_is_refused_without_a_gpu(world, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "build", "--teacher-ft", world["teacher_ft"],
-                          "--teacher-base", world["teacher_base"], "--data", world["data"], "--out", str(tmp_path / "c"),
-                          "--device", "cuda", "--teacher-sharding", "tp"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            "cache",
+            "build",
+            "--teacher-ft",
+            world["teacher_ft"],
+            "--teacher-base",
+            world["teacher_base"],
+            "--data",
+            world["data"],
+            "--out",
+            str(tmp_path / "c"),
+            "--device",
+            "cuda",
+            "--teacher-sharding",
+            "tp",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2
     # The device is resolved first: with no GPU at all, that is what the user hears.
     assert "no CUDA GPU is visible" in res.stderr, res.stderr[-2000:]
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "cache", "build", "--teacher-ft", world["teacher_ft"],
-                          "--teacher-base", world["teacher_base"], "--data", world["data"], "--out", str(tmp_path / "c"),
-                          "--teacher-sharding", "device_map"], capture_output=True, text=True)
-    assert res.returncode == 2 and "--teacher-sharding device_map spreads each teacher over GPUs, but no CUDA GPU" \
-        in res.stderr, res.stderr[-2000:]
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            "cache",
+            "build",
+            "--teacher-ft",
+            world["teacher_ft"],
+            "--teacher-base",
+            world["teacher_base"],
+            "--data",
+            world["data"],
+            "--out",
+            str(tmp_path / "c"),
+            "--teacher-sharding",
+            "device_map",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        res.returncode == 2
+        and "--teacher-sharding device_map spreads each teacher over GPUs, but no CUDA GPU" in res.stderr
+    ), res.stderr[-2000:]
     assert not (tmp_path / "c" / "shards").exists()  # refused before any model ran
 
 
@@ -353,7 +458,11 @@ def test_sharded_loading_hands_the_choice_to_transformers(world, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     load_model(world["teacher_ft"], None, "bfloat16", "tp")
     cfg = seen[0].get("distributed_config")
-    assert (cfg.tp_plan, cfg.tp_size) == ("auto", 8) if cfg is not None else (seen[0]["tp_plan"], seen[0]["tp_size"]) == ("auto", 8)
+    assert (
+        (cfg.tp_plan, cfg.tp_size) == ("auto", 8)
+        if cfg is not None
+        else (seen[0]["tp_plan"], seen[0]["tp_size"]) == ("auto", 8)
+    )
     assert len(seen) == 1
     seen.clear()
     load_model(world["teacher_ft"], torch.device("cpu"), "float32")

@@ -1,4 +1,5 @@
 """The student trainer: alignment, normalisation, exact resume, data parallel, refusals."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,22 @@ from deltakd.student.trainer import TrainConfig, Trainer, train
 
 
 def cfg_for(world, cache_dir, out, **kw):
-    base = dict(cache=cache_dir, student=world["student_base"], out=str(out), loss="p1", max_steps=6, batch_tokens=256,
-                grad_accum=2, log_every=1, save_every=3, eval_percent=10.0, eval_batches=2, warmup_steps=2, lr=1e-3,
-                chunk_rows=13)
+    base = dict(
+        cache=cache_dir,
+        student=world["student_base"],
+        out=str(out),
+        loss="p1",
+        max_steps=6,
+        batch_tokens=256,
+        grad_accum=2,
+        log_every=1,
+        save_every=3,
+        eval_percent=10.0,
+        eval_batches=2,
+        warmup_steps=2,
+        lr=1e-3,
+        chunk_rows=13,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -39,15 +53,15 @@ def test_loader_aligns_targets_with_positions(cache_dir):
             assert torch.equal(b.loss_mask[i].nonzero()[:, 0], pos)
             m = len(pos)
             # Row r of the targets belongs to position pos[r], which predicts token pos[r] + 1.
-            assert torch.equal(b.targets["next_tokens"][rows:rows + m], ref.tokens[pos + 1])
+            assert torch.equal(b.targets["next_tokens"][rows : rows + m], ref.tokens[pos + 1])
             K = ref.support_ids.shape[1]  # the batch pads supports to its widest row, the sequence to its own
-            assert not b.targets["valid"][rows:rows + m, K:].any()
-            assert torch.equal(b.targets["valid"][rows:rows + m, :K], ref.valid)
+            assert not b.targets["valid"][rows : rows + m, K:].any()
+            assert torch.equal(b.targets["valid"][rows : rows + m, :K], ref.valid)
             for key in ("support_ids", "logp_ft", "logp_base", "logp_s0"):
-                got = b.targets[key][rows:rows + m, :K]
+                got = b.targets[key][rows : rows + m, :K]
                 assert torch.equal(got[ref.valid], getattr(ref, key)[ref.valid]), key
             for key in ("tail_ft", "tail_base", "tail_s0", "tail_star"):
-                assert torch.equal(b.targets[key][rows:rows + m], getattr(ref, key)), key
+                assert torch.equal(b.targets[key][rows : rows + m], getattr(ref, key)), key
             rows += m
             seen += 1
         assert rows == b.n_supervised and b.input_ids.numel() <= 200 or len(b.example_ids) == 1
@@ -88,17 +102,25 @@ def _grads(tr, micro):
 
 def test_one_batch_of_n_equals_n_micro_batches(world, cache_dir, tmp_path):
     """Normalisation is per step: a 1xN and an Nx1 split give the same gradient."""
-    tr = Trainer(cfg_for(world, cache_dir, tmp_path / "a", loss=None, w_kd=1.0, w_p3=1.0, w_sft=0.5, lr=0.0, warmup_steps=0))
+    tr = Trainer(
+        cfg_for(world, cache_dir, tmp_path / "a", loss=None, w_kd=1.0, w_p3=1.0, w_sft=0.5, lr=0.0, warmup_steps=0)
+    )
     batches = [b for _, b in zip(range(4), StreamingLoader(tr.reader, batch_tokens=120, with_student=True, seed=0))]
     assert len({b.n_supervised for b in batches}) > 1  # unequal token counts make the test meaningful
     # Merge the four micro-batches into one padded batch.
     L = max(b.input_ids.shape[1] for b in batches)
     pad = lambda t, v: torch.nn.functional.pad(t, (0, L - t.shape[1]), value=v)  # noqa: E731
     from deltakd.student.data import Batch
+
     K = max(b.targets["support_ids"].shape[1] for b in batches)
-    merged = Batch(torch.cat([pad(b.input_ids, 0) for b in batches]), torch.cat([pad(b.attention_mask, 0) for b in batches]),
-                   torch.cat([pad(b.loss_mask, False) for b in batches]),
-                   {k: torch.cat([_widen(k, b.targets[k], K) for b in batches]) for k in batches[0].targets}, [], {})
+    merged = Batch(
+        torch.cat([pad(b.input_ids, 0) for b in batches]),
+        torch.cat([pad(b.attention_mask, 0) for b in batches]),
+        torch.cat([pad(b.loss_mask, False) for b in batches]),
+        {k: torch.cat([_widen(k, b.targets[k], K) for b in batches]) for k in batches[0].targets},
+        [],
+        {},
+    )
     g_n, r_n = _grads(tr, batches)
     g_1, r_1 = _grads(tr, [merged])
     torch.testing.assert_close(g_n, g_1, rtol=1e-4, atol=1e-7)
@@ -140,14 +162,55 @@ def test_killed_and_resumed_run_matches_uninterrupted(world, cache_dir, tmp_path
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(world, cache_dir, tmp_path):
     env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
-    common = ["--cache", cache_dir, "--student", world["student_base"], "--loss", "kd+p3", "--max-steps", "3",
-              "--batch-tokens", "256", "--log-every", "1", "--eval-percent", "10", "--lr", "1e-3", "--warmup-steps", "1"]
-    one = subprocess.run([sys.executable, "-m", "deltakd.cli", "train", *common, "--grad-accum", "2",
-                          "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    common = [
+        "--cache",
+        cache_dir,
+        "--student",
+        world["student_base"],
+        "--loss",
+        "kd+p3",
+        "--max-steps",
+        "3",
+        "--batch-tokens",
+        "256",
+        "--log-every",
+        "1",
+        "--eval-percent",
+        "10",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "1",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "deltakd.cli", "train", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631",
-                          "-m", "deltakd.cli", "train", *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29631",
+            "-m",
+            "deltakd.cli",
+            "train",
+            *common,
+            "--grad-accum",
+            "1",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = [m for m in _metrics(tmp_path / "one") if "loss" in m]
     b = [m for m in _metrics(tmp_path / "two") if "loss" in m]
@@ -186,7 +249,9 @@ def test_weight_resolution():
     assert _mix(lam=0.5) == {"sft": 0.5, "p1": 0.5}  # D defaults to the default preset, p1
     assert _mix(loss="kd+p3", lam=0.25) == {"sft": 0.25, "kd": 0.75, "p3": 0.75}
     assert _mix(loss="p1", lam=0.0) == {"p1": 1.0} and _mix(loss="p1", lam=1.0) == {"sft": 1.0}
-    with pytest.raises(ValueError, match=r"would train 0\.5\*sft \+ 0\.5\*kd \+ 1\*p1.*drop --loss to train 0\.5\*sft \+ 0\.5\*kd"):
+    with pytest.raises(
+        ValueError, match=r"would train 0\.5\*sft \+ 0\.5\*kd \+ 1\*p1.*drop --loss to train 0\.5\*sft \+ 0\.5\*kd"
+    ):
         _mix(loss="p1", w_sft=0.5, w_kd=0.5)
     with pytest.raises(ValueError, match="--lam sets every weight"):
         _mix(loss="kd", lam=0.5, w_sft=0.1)
@@ -212,8 +277,11 @@ def test_the_mix_is_printed_and_logged_first(world, cache_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "objective: 0.5*sft + 0.5*kd (divergence fkl, tail bucket)" in res.stdout
     rows = _metrics(cfg.out)
-    assert rows[0] == {"step": 0, "objective": "0.5*sft + 0.5*kd (divergence fkl, tail bucket)",
-                       "weights": {"sft": 0.5, "kd": 0.5}}
+    assert rows[0] == {
+        "step": 0,
+        "objective": "0.5*sft + 0.5*kd (divergence fkl, tail bucket)",
+        "weights": {"sft": 0.5, "kd": 0.5},
+    }
     assert {"sft", "kd"} <= set(rows[1]) and "p1" not in rows[1]  # the terms trained are the terms named
     # The same options with a preset are refused before anything runs, showing the mix they would have trained.
     bad = subprocess.run(args + ["--loss", "p1", "--out", str(tmp_path / "m2")], capture_output=True, text=True)
@@ -233,9 +301,19 @@ def test_online_student_base_equals_cached(world, tmp_path):
     # Online, lS0 comes without the exact target tails (they need the teachers too): compare
     # with a cache that has none either (one model at a time).
     cache = tmp_path / "seq"
-    build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
-                                 out=str(cache), student_base=world["student_base"], support="topk", mode="sequential", tail_samples=0,
-                                 max_length=64))
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=world["teacher_ft"],
+            teacher_base=world["teacher_base"],
+            data=world["data"],
+            out=str(cache),
+            student_base=world["student_base"],
+            support="topk",
+            mode="sequential",
+            tail_samples=0,
+            max_length=64,
+        )
+    )
     a = train(cfg_for(world, str(cache), tmp_path / "a", max_steps=2, log_every=1))
     b = train(cfg_for(world, str(cache), tmp_path / "b", max_steps=2, student_base_online=world["student_base"]))
     assert a["eval_p1"] == pytest.approx(b["eval_p1"], rel=2e-3)  # cache holds float16 values
@@ -246,8 +324,16 @@ def test_refusals(world, cache_dir, tmp_path):
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     no_s0 = tmp_path / "nos0"
-    build_cache(CacheBuildConfig(teacher_ft=world["teacher_ft"], teacher_base=world["teacher_base"], data=world["data"],
-                                 out=str(no_s0), top_k=8, max_length=48))
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=world["teacher_ft"],
+            teacher_base=world["teacher_base"],
+            data=world["data"],
+            out=str(no_s0),
+            top_k=8,
+            max_length=48,
+        )
+    )
     with pytest.raises(CacheFormatError, match="deltakd cache add-student"):
         Trainer(cfg_for(world, str(no_s0), tmp_path / "x"))
     Trainer(cfg_for(world, str(no_s0), tmp_path / "x", loss="kd"))  # KD needs no student base
@@ -275,12 +361,29 @@ def test_non_finite_loss_stops_before_the_step(world, cache_dir, tmp_path):
 
 def test_config_file_with_command_line_override(world, cache_dir, tmp_path):
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'cache = "{cache_dir}"\nstudent = "{world["student_base"]}"\nloss = "kd"\n'
-                   f'divergence = "jsd"\njsd_beta = 0.3\nbatch_tokens = 256\neval_percent = 10.0\n')
-    res = subprocess.run([sys.executable, "-m", "deltakd.cli", "train", "--config", str(cfg), "--out", str(tmp_path / "o"),
-                          "--dry-run", "--divergence", "skew_fkl"], capture_output=True, text=True)
+    cfg.write_text(
+        f'cache = "{cache_dir}"\nstudent = "{world["student_base"]}"\nloss = "kd"\n'
+        f'divergence = "jsd"\njsd_beta = 0.3\nbatch_tokens = 256\neval_percent = 10.0\n'
+    )
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deltakd.cli",
+            "train",
+            "--config",
+            str(cfg),
+            "--out",
+            str(tmp_path / "o"),
+            "--dry-run",
+            "--divergence",
+            "skew_fkl",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    rep = json.loads(res.stdout[res.stdout.index("{"):])
+    rep = json.loads(res.stdout[res.stdout.index("{") :])
     assert rep["dry_run"] and set(rep["loss_terms"]) == {"kd"}
     saved = json.loads((tmp_path / "o" / "train_config.json").read_text())
     assert saved["divergence"] == "skew_fkl" and saved["jsd_beta"] == 0.3
@@ -306,7 +409,10 @@ def test_settings_the_cache_cannot_serve_are_refused(world, cache_dir, tmp_path)
         cfg_for(world, cache_dir, tmp_path / "j", loss="kd", divergence="jsd", jsd_beta=1.0)
     # Served: an alpha of the grid, the cache's floor, renormalised tails at another temperature.
     assert Trainer(cfg_for(world, cache_dir, tmp_path / "ok", alpha=1.5)).spec.star_col == 2
-    assert Trainer(cfg_for(world, cache_dir, tmp_path / "r", loss="kd", temperature=2.0, tail="renorm")).spec.floor == -12.0
+    assert (
+        Trainer(cfg_for(world, cache_dir, tmp_path / "r", loss="kd", temperature=2.0, tail="renorm")).spec.floor
+        == -12.0
+    )
 
 
 def test_tied_embeddings_checkpoint_and_resume(world, cache_dir, tmp_path):
@@ -314,15 +420,25 @@ def test_tied_embeddings_checkpoint_and_resume(world, cache_dir, tmp_path):
     checkpoint (safetensors refuses shared tensors) and resumes with the head still tied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from deltakd.student.checkpointing import load_training_state, save_training_state
     from deltakd.demo.tiny import save_checkpoint
+    from deltakd.student.checkpointing import load_training_state, save_training_state
 
     tok = AutoTokenizer.from_pretrained(world["student_base"])
     torch.manual_seed(0)
-    tied = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=world["vocab"], hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id))
+    tied = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=world["vocab"],
+            hidden_size=32,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     student = save_checkpoint(tied, tok, tmp_path / "tied")
     cfg = cfg_for(world, cache_dir, tmp_path / "run", student=student, max_steps=2, save_every=1)
     train(cfg)

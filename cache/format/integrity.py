@@ -9,6 +9,7 @@ verified by zarr itself: format-1 caches written since the crc32c codec was adde
 CRC-32C per chunk, checked at decode. Each error names the shard and array and points to
 `deltakd cache validate`, which finds every damaged shard at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,13 @@ def check_files(root: Path, manifest: dict, name: str, arrays: list[str], studen
     """Every file of the wanted arrays that the manifest's checksums list exists; the groups are this shard's."""
     groups = [(schema.TEACHER_DIR, _shard_entry(manifest["shards"], name), arrays)]
     if student:
-        groups.append((schema.STUDENT_DIR, _shard_entry((manifest.get("student") or {}).get("shards", []), name),
-                       list(schema.arrays_of(int(manifest["format_version"]), True, manifest))))
+        groups.append(
+            (
+                schema.STUDENT_DIR,
+                _shard_entry((manifest.get("student") or {}).get("shards", []), name),
+                list(schema.arrays_of(int(manifest["format_version"]), True, manifest)),
+            )
+        )
     for sub, entry, names in groups:
         gdir = root / sub / name
         if entry is None:
@@ -51,11 +57,21 @@ def check_files(root: Path, manifest: dict, name: str, arrays: list[str], studen
         except (OSError, ValueError):
             own = {}
         if own.get("name") != name:
-            raise bad_shard(root, name, None, f"{sub}/{name}/{schema.SHARD_META} names shard {own.get('name')!r}: "
-                                              "the folder was moved, swapped or damaged")
+            raise bad_shard(
+                root,
+                name,
+                None,
+                f"{sub}/{name}/{schema.SHARD_META} names shard {own.get('name')!r}: "
+                "the folder was moved, swapped or damaged",
+            )
         if sub == schema.STUDENT_DIR and not _same_weights(own.get("student_base"), manifest["student"]["checkpoint"]):
-            raise bad_shard(root, name, None, "its student-base arrays come from another checkpoint than the "
-                                              "manifest's student; rerun `deltakd cache add-student`")
+            raise bad_shard(
+                root,
+                name,
+                None,
+                "its student-base arrays come from another checkpoint than the "
+                "manifest's student; rerun `deltakd cache add-student`",
+            )
         wanted = tuple(f"{n}/" for n in names)
         exists = _lister(gdir)
         for rel in entry.get("checksums", {}):
@@ -68,7 +84,7 @@ def _lister(gdir):
     if not store.is_remote(gdir):
         return lambda rel: (gdir / rel).is_file()
     base = gdir.path.rstrip("/") + "/"
-    have = {k[len(base):] for k in gdir.fs.find(gdir.path)}
+    have = {k[len(base) :] for k in gdir.fs.find(gdir.path)}
     return have.__contains__
 
 
@@ -85,10 +101,18 @@ def _shard_entry(entries: list[dict], name: str) -> dict | None:
 def check_raw(root: Path, manifest: dict, name: str, raw: dict[str, np.ndarray], rows: bool = True) -> None:
     """Stored dtypes and (for whole arrays, `rows`) row counts against the manifest, before decoding."""
     entry = _shard_entry(manifest["shards"], name) or {}
-    counts = {"token": entry.get("n_tokens"), "seq": entry.get("n_seqs"), "sup": entry.get("n_supervised"),
-            "seq+1": entry["n_seqs"] + 1 if "n_seqs" in entry else None, "entry": entry.get("n_entries")}
+    counts = {
+        "token": entry.get("n_tokens"),
+        "seq": entry.get("n_seqs"),
+        "sup": entry.get("n_supervised"),
+        "seq+1": entry["n_seqs"] + 1 if "n_seqs" in entry else None,
+        "entry": entry.get("n_entries"),
+    }
     table = _table(int(manifest["format_version"]))
-    want_dtype = {"value": schema.storage_dtype(manifest["value_dtype"]), "id": np.dtype(manifest.get("id_dtype", "uint16"))}
+    want_dtype = {
+        "value": schema.storage_dtype(manifest["value_dtype"]),
+        "id": np.dtype(manifest.get("id_dtype", "uint16")),
+    }
     for n, a in raw.items():
         spec = table.get(n)
         if spec is None:
@@ -96,8 +120,13 @@ def check_raw(root: Path, manifest: dict, name: str, raw: dict[str, np.ndarray],
         per, _, kind = spec
         want = want_dtype[kind] if kind in want_dtype else np.dtype(kind)
         if a.dtype != want:
-            raise bad_shard(root, name, n, f"stored as {a.dtype}, the manifest implies {want} "
-                                           f"(value_dtype {manifest['value_dtype']}, id_dtype {manifest.get('id_dtype')})")
+            raise bad_shard(
+                root,
+                name,
+                n,
+                f"stored as {a.dtype}, the manifest implies {want} "
+                f"(value_dtype {manifest['value_dtype']}, id_dtype {manifest.get('id_dtype')})",
+            )
         if rows and counts.get(per) is not None and a.shape[0] != counts[per]:
             raise bad_shard(root, name, n, f"has {a.shape[0]} rows, the manifest implies {counts[per]}")
 

@@ -10,6 +10,7 @@ support (`support_len`) over flat entry arrays (`support_ids`, `logp_ft`,
 stored Δ becomes `logp_base = logp_ft − delta`. This module, `schema` and `support`
 are all that the student side imports from the cache side.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltakd.cache.format import schema, store, integrity
+from deltakd.cache.format import integrity, schema, store
 from deltakd.cache.format.schema import CacheFormatError
 from deltakd.cache.format.support import pad_ragged
 
@@ -36,19 +37,19 @@ class CachedSequence:
     first id and padded log-probs are −inf."""
 
     example_id: int
-    tokens: torch.Tensor       # (L,) int64
-    loss_mask: torch.Tensor    # (L,) bool
+    tokens: torch.Tensor  # (L,) int64
+    loss_mask: torch.Tensor  # (L,) bool
     support_ids: torch.Tensor  # (n_sup, K) int64
-    valid: torch.Tensor        # (n_sup, K) bool
-    logp_ft: torch.Tensor      # (n_sup, K) float32
-    logp_base: torch.Tensor    # (n_sup, K) float32
-    tail_ft: torch.Tensor      # (n_sup,) float32
-    tail_base: torch.Tensor    # (n_sup,) float32
-    logp_s0: torch.Tensor | None = None    # (n_sup, K) float32
-    tail_s0: torch.Tensor | None = None    # (n_sup,) float32
+    valid: torch.Tensor  # (n_sup, K) bool
+    logp_ft: torch.Tensor  # (n_sup, K) float32
+    logp_base: torch.Tensor  # (n_sup, K) float32
+    tail_ft: torch.Tensor  # (n_sup,) float32
+    tail_base: torch.Tensor  # (n_sup,) float32
+    logp_s0: torch.Tensor | None = None  # (n_sup, K) float32
+    tail_s0: torch.Tensor | None = None  # (n_sup,) float32
     tail_star: torch.Tensor | None = None  # (n_sup, n_alphas) float32
     stored_delta: torch.Tensor | None = None  # (n_sup, k) version 1's stored Δ, exactly as stored
-    sampled: torch.Tensor | None = None     # (n_sup, K) bool: entries drawn from πT's tail (the row's last sample_len)
+    sampled: torch.Tensor | None = None  # (n_sup, K) bool: entries drawn from πT's tail (the row's last sample_len)
     sample_tau: torch.Tensor | None = None  # (n_sup,) log τ of the priority sampling, −inf where none was drawn
 
     @property
@@ -122,8 +123,11 @@ class CacheReader:
         self.root = store.cache_root(path)
         mpath = self.root / schema.MANIFEST
         if not mpath.exists():
-            hint = " (a build is in progress or was interrupted: rerun the same `deltakd cache build`)" \
-                if (self.root / schema.BUILD_FILE).exists() else ""
+            hint = (
+                " (a build is in progress or was interrupted: rerun the same `deltakd cache build`)"
+                if (self.root / schema.BUILD_FILE).exists()
+                else ""
+            )
             raise CacheFormatError(f"{self.root}: no {schema.MANIFEST}; not a finished deltakd cache{hint}")
         try:
             self.manifest = json.loads(mpath.read_text())
@@ -135,8 +139,11 @@ class CacheReader:
         if m.get("format_version") not in schema.READABLE_VERSIONS:
             raise CacheFormatError(
                 f"{mpath}: format version {m.get('format_version')} is not readable by this deltakd "
-                f"(reads {schema.READABLE_VERSIONS}); upgrade deltakd")
-        if m.get("support", "topk") not in schema.SUPPORTS or (self.version == 1 and m.get("support", "topk") != "topk"):
+                f"(reads {schema.READABLE_VERSIONS}); upgrade deltakd"
+            )
+        if m.get("support", "topk") not in schema.SUPPORTS or (
+            self.version == 1 and m.get("support", "topk") != "topk"
+        ):
             raise CacheFormatError(f"{mpath}: support {m.get('support')!r} is not known to this deltakd")
         for s in m["shards"]:
             if not schema.is_committed(self.root / schema.TEACHER_DIR / s["name"]):
@@ -194,7 +201,8 @@ class CacheReader:
         student = self.has_student if student is None else student
         if student and not self.has_student:
             raise CacheFormatError(
-                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`")
+                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`"
+            )
         table = schema.arrays_of(self.version, student=False, manifest=self.manifest)
         names = list(arrays or table)
         for needed in ("seq_offsets", "loss_mask", "example_ids"):
@@ -228,7 +236,8 @@ class CacheReader:
         student = self.has_student if student is None else student
         if student and not self.has_student:
             raise CacheFormatError(
-                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`")
+                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`"
+            )
         rows = np.asarray(rows, dtype=np.int64)
         off, sup = index.arrays["seq_offsets"].numpy(), index.sup_offsets
         idx = {"token": _ranges(off[rows], off[rows + 1]), "sup": _ranges(sup[rows], sup[rows + 1])}
@@ -237,11 +246,17 @@ class CacheReader:
             lens = schema.read_group(tdir, ["support_len"])["support_len"].astype(np.int64)
             ent = np.concatenate([[0], np.cumsum(lens)])
             idx["entry"] = _ranges(ent[idx["sup"]], ent[idx["sup"] + 1])
-        jobs = [(tdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, False, self.manifest).items()
-                if spec[0] in idx and n != "loss_mask"]
+        jobs = [
+            (tdir, n, idx[spec[0]])
+            for n, spec in schema.arrays_of(self.version, False, self.manifest).items()
+            if spec[0] in idx and n != "loss_mask"
+        ]
         if student:
-            jobs += [(sdir, n, idx[spec[0]]) for n, spec in schema.arrays_of(self.version, True).items()
-                     if n != "tail_star" or self.alphas]
+            jobs += [
+                (sdir, n, idx[spec[0]])
+                for n, spec in schema.arrays_of(self.version, True).items()
+                if n != "tail_star" or self.alphas
+            ]
         if self.verify:
             integrity.check_files(self.root, self.manifest, name, [n for d, n, _ in jobs if d == tdir], student)
         try:
@@ -276,19 +291,31 @@ class CacheReader:
         if self.version == 1:
             out = _v1_to_entries(out, int(rows[-1]))
         lengths = out.get("support_len")
-        entry_offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)]) \
-            if lengths is not None else torch.zeros(1, dtype=torch.long)
+        entry_offsets = (
+            torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+            if lengths is not None
+            else torch.zeros(1, dtype=torch.long)
+        )
         return ShardData(out, rows, entry_offsets)
 
-    def shard_order(self, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> list[str]:
+    def shard_order(
+        self, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0
+    ) -> list[str]:
         names = self.shard_names
         if shuffle:
             g = np.random.default_rng([seed, epoch])
             names = [names[i] for i in g.permutation(len(names))]
         return names[rank::world]
 
-    def iter_sequences(self, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                       student: bool | None = None):
+    def iter_sequences(
+        self,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        student: bool | None = None,
+    ):
         """Sequences of this rank's shards; shuffled by blocks: shard order, then rows within a shard."""
         for name in self.shard_order(rank, world, shuffle, seed, epoch):
             shard = self.read_shard(name, student=student)

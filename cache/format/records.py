@@ -8,6 +8,7 @@ Accepted record shapes (one JSON object per line):
     {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}
 The response is the last assistant message; everything before it is the prompt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,10 @@ def read_records(path: str | Path, require_response: bool = True) -> list[Record
         lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         lineno = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
-                        "re-encode the file as UTF-8") from e
+        raise DataError(
+            f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+            "re-encode the file as UTF-8"
+        ) from e
     records = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -123,7 +126,7 @@ def encode_record(tokenizer, record: Record, max_length: int) -> tuple[list[int]
     if truncated:
         keep_r = min(len(r), max(max_length - len(p), max_length // 2))
         keep_p = max_length - keep_r
-        p, r = p[len(p) - keep_p:] if keep_p else [], r[:keep_r]
+        p, r = p[len(p) - keep_p :] if keep_p else [], r[:keep_r]
     return p + r, len(p), truncated
 
 
@@ -137,7 +140,9 @@ def tokenizer_identity(tok) -> dict:
     desc = {
         "vocab": sorted(tok.get_vocab().items()),
         "special": {k: str(v) for k, v in sorted(tok.special_tokens_map.items())},
-        "bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id,
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+        "pad": tok.pad_token_id,
         "chat_template": getattr(tok, "chat_template", None),
     }
     blob = json.dumps(desc, sort_keys=True, default=str).encode()

@@ -12,10 +12,10 @@ t+1 exists and belongs to the response. Rows of the per-supervised-position arra
 follow the supervised positions of each sequence in order, sequences in shard order.
 See FORMAT.md for the full contract.
 """
+
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,7 +192,6 @@ class ShardInfo:
     checksums: dict[str, str]
     n_entries: int = 0  # support entries (version 2); version 1 has n_supervised * k
 
-
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
@@ -223,7 +222,7 @@ def group_checksums(group_dir) -> dict[str, str]:
     base = str(group_dir).rstrip("/") + "/"
     for p in sorted(group_dir.rglob("*"), key=str):
         if p.name != SHARD_META and p.is_file():
-            out[str(p)[len(base):]] = file_sha256(p)
+            out[str(p)[len(base) :]] = file_sha256(p)
     return out
 
 
@@ -248,7 +247,10 @@ def _write_arrays(group_dir, arrays: dict[str, np.ndarray]) -> None:
         # byte is an error, not a wrong value). Every chunk is written, even one equal to
         # the fill value, so that a missing chunk file always means damage (see verify.py).
         root.create_array(
-            name, shape=a.shape, dtype=a.dtype, chunks=chunks,
+            name,
+            shape=a.shape,
+            dtype=a.dtype,
+            chunks=chunks,
             compressors=[ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
             config={"write_empty_chunks": True},
         )[...] = a
@@ -284,7 +286,7 @@ def read_rows(group_dir, name: str, rows: np.ndarray) -> np.ndarray:
         # reads its ~1/world block of a shard, and now and then a few rows elsewhere).
         c = rows // arr.chunks[0]
         parts = np.split(rows, np.nonzero(np.diff(c) > 1)[0] + 1)
-        return np.concatenate([arr[int(p[0]):int(p[-1]) + 1][p - p[0]] for p in parts])
+        return np.concatenate([arr[int(p[0]) : int(p[-1]) + 1][p - p[0]] for p in parts])
     except Exception as e:
         raise CacheFormatError(f"{group_dir}/{name}: cannot read rows ({type(e).__name__}: {e})") from e
 

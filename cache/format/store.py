@@ -11,6 +11,7 @@ counts as committed only once its `shard.json` exists, written last. Credentials
 endpoints come from the usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)
 or from fsspec's configuration.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,10 @@ def cache_root(path):
     try:
         from upath import UPath
     except ImportError as e:
-        raise SystemExit(f"{path}: caches in object storage need `pip install 'deltakd[s3]'` "
-                         "(universal_pathlib and s3fs, or the fsspec backend of your store)") from e
+        raise SystemExit(
+            f"{path}: caches in object storage need `pip install 'deltakd[s3]'` "
+            "(universal_pathlib and s3fs, or the fsspec backend of your store)"
+        ) from e
     root = UPath(str(path))
     # fsspec shares one filesystem object per process and caches its listings; another
     # process (a resumed build, add-student) may have rewritten objects since.

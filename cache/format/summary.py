@@ -1,7 +1,8 @@
 """What a cache holds: counts, size on disk, top-k coverage, the shift SFT caused.
 
-    deltakd cache inspect CACHE [--example N] [--plot FILE.png] [--json]
+deltakd cache inspect CACHE [--example N] [--plot FILE.png] [--json]
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,9 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def disk_bytes(root: Path) -> int:
-    return sum(p.stat().st_size for d in (schema.TEACHER_DIR, schema.STUDENT_DIR)
-               for p in (root / d).rglob("*") if p.is_file())
+    return sum(
+        p.stat().st_size for d in (schema.TEACHER_DIR, schema.STUDENT_DIR) for p in (root / d).rglob("*") if p.is_file()
+    )
 
 
 def raw_bytes_per_row(m: dict, student: bool, mean_entries: float) -> float:
@@ -49,15 +51,19 @@ def summarize(path, max_shards: int | None = None, top_tokens: int = 10) -> dict
                 held[key].append(1 - a[f"tail_{key}"].exp())
         # pi*_alpha on the support against its exact tail: the share of the target the support holds.
         for i, al in enumerate(r.alphas):
-            u = t["logp_s0"] + al * (t["logp_ft"].clamp_min(r.floor) - t["logp_base"].clamp_min(r.floor)
-                                     if r.floor is not None else t["logp_ft"] - t["logp_base"])
+            u = t["logp_s0"] + al * (
+                t["logp_ft"].clamp_min(r.floor) - t["logp_base"].clamp_min(r.floor)
+                if r.floor is not None
+                else t["logp_ft"] - t["logp_base"]
+            )
             u = u.masked_fill(~t["valid"], float("-inf")).logsumexp(1)
             held[f"star_{al:g}"].append(torch.sigmoid(u - t["tail_star"][:, i]))
         d = torch.where(t["valid"], t["logp_ft"] - t["logp_base"], torch.zeros(()))
         pT = t["logp_ft"].exp()
         # KL(T || B) on the support with the tail as one more outcome.
-        tail_term = torch.where(torch.isfinite(a["tail_ft"]),
-                                a["tail_ft"].exp() * (a["tail_ft"] - a["tail_base"]), torch.zeros(()))
+        tail_term = torch.where(
+            torch.isfinite(a["tail_ft"]), a["tail_ft"].exp() * (a["tail_ft"] - a["tail_base"]), torch.zeros(())
+        )
         kls.append((pT * d).sum(1) + tail_term)
         deltas.append(d[t["valid"]][::7])
         shift.index_add_(0, a["support_ids"], (a["logp_ft"].exp() - a["logp_base"].exp()).double())
@@ -70,23 +76,35 @@ def summarize(path, max_shards: int | None = None, top_tokens: int = 10) -> dict
     order = torch.argsort(shift)
     quant = lambda x: {str(q): float(np.quantile(x, q)) for q in QUANTILES} if len(x) else {}  # noqa: E731
     return {
-        "path": str(r.root), "format_version": m["format_version"], "support": r.support, "k": r.k,
-        "alphas": list(r.alphas), "floor": r.floor, "vocab_size": r.vocab_size,
-        "value_dtype": m["value_dtype"], "shards": len(r.shard_names), "sequences": tot["n_seqs"],
-        "tokens": tot["n_tokens"], "supervised": tot["n_supervised"], "has_student": r.has_student,
+        "path": str(r.root),
+        "format_version": m["format_version"],
+        "support": r.support,
+        "k": r.k,
+        "alphas": list(r.alphas),
+        "floor": r.floor,
+        "vocab_size": r.vocab_size,
+        "value_dtype": m["value_dtype"],
+        "shards": len(r.shard_names),
+        "sequences": tot["n_seqs"],
+        "tokens": tot["n_tokens"],
+        "supervised": tot["n_supervised"],
+        "has_student": r.has_student,
         "truncated": m.get("summary", {}).get("n_truncated"),
         "tail_samples": int(m.get("tail_samples") or 0),
         "rows_with_samples": float(torch.cat(sampled_rows).float().mean()) if sampled_rows else 0.0,
         "topk_tail_mass_quantiles": quant(torch.cat(topk_tail).numpy()) if topk_tail else {},
-        "bytes_on_disk": bytes_disk, "bytes_per_supervised_token": bytes_disk / n_sup,
+        "bytes_on_disk": bytes_disk,
+        "bytes_per_supervised_token": bytes_disk / n_sup,
         "raw_bytes_per_supervised_token": raw,
-        "support_length_quantiles": quant(lengths), "support_length_mean": float(lengths.mean()) if len(lengths) else 0.0,
+        "support_length_quantiles": quant(lengths),
+        "support_length_mean": float(lengths.mean()) if len(lengths) else 0.0,
         "mass_held_quantiles": {k: quant(v) for k, v in held.items()},
         "topk_mass_quantiles": quant(held.get("ft", np.zeros(0))),
         "mean_kl_ft_base": float(kls.mean()) if len(kls) else 0.0,
         "raised_most": [(int(i), float(shift[i])) for i in order.flip(0)[:top_tokens]],
         "lowered_most": [(int(i), float(shift[i])) for i in order[:top_tokens]],
-        "_cover": held.get("ft", np.zeros(0)), "_delta": torch.cat(deltas).numpy() if deltas else np.zeros(0),
+        "_cover": held.get("ft", np.zeros(0)),
+        "_delta": torch.cat(deltas).numpy() if deltas else np.zeros(0),
     }
 
 
@@ -112,12 +130,22 @@ def format_summary(s: dict, m: dict, tokenizer_path: str | None = None) -> str:
         f"sequences        {s['sequences']}  in {s['shards']} shards  (truncated: {s['truncated']})",
         f"tokens           {s['tokens']}  supervised positions: {s['supervised']}",
         f"student arrays   {'yes' if s['has_student'] else 'no (deltakd cache add-student)'}",
-        f"on disk          {s['bytes_on_disk'] / 1e6:.2f} MB = {s['bytes_per_supervised_token']:.1f} B per supervised token "
-        f"(plain layout {s['raw_bytes_per_supervised_token']:.1f} B, ratio {s['bytes_per_supervised_token'] / s['raw_bytes_per_supervised_token']:.2f})",
+        f"on disk          {s['bytes_on_disk'] / 1e6:.2f} MB = "
+        f"{s['bytes_per_supervised_token']:.1f} B per supervised token "
+        f"(plain layout {s['raw_bytes_per_supervised_token']:.1f} B, "
+        f"ratio {s['bytes_per_supervised_token'] / s['raw_bytes_per_supervised_token']:.2f})",
         f"support length   mean {s['support_length_mean']:.1f}  {fq(s['support_length_quantiles'], '.0f')}",
-        *([f"tail samples     {s['tail_samples']} per row in {100 * s['rows_with_samples']:.1f}% of rows; pi_T mass outside "
-           f"the top-k ids (what they stand for): {fq(s['topk_tail_mass_quantiles'])}"] if s["tail_samples"] else []),
-        "mass the support holds (the rest is each distribution's tail bucket):", *held,
+        *(
+            [
+                f"tail samples     {s['tail_samples']} per row in {100 * s['rows_with_samples']:.1f}% of rows; "
+                f"pi_T mass outside "
+                f"the top-k ids (what they stand for): {fq(s['topk_tail_mass_quantiles'])}"
+            ]
+            if s["tail_samples"]
+            else []
+        ),
+        "mass the support holds (the rest is each distribution's tail bucket):",
+        *held,
         f"mean KL(ft||base) {s['mean_kl_ft_base']:.4f} nats per supervised position (support + tail bucket)",
         "(token: sum over supervised positions of p_ft - p_base, on the cached support)",
         "SFT raised most  " + ", ".join(f"{dec(i)} {v:+.2f}" for i, v in s["raised_most"]),
@@ -131,21 +159,25 @@ def format_example(path, index: int, top: int = 5, tokenizer_path: str | None = 
     if not 0 <= index < len(r):
         raise ValueError(f"--example {index}: the cache holds {len(r)} sequences (0 to {len(r) - 1})")
     dec = _decoder(r.manifest, tokenizer_path)
-    for i, seq in enumerate(r.iter_sequences()):
+    for i, seq in enumerate(r.iter_sequences()):  # noqa: B007 (seq is used after the loop)
         if i == index:
             break
     else:
         raise ValueError(f"--example {index}: the cache holds {len(r)} sequences")
-    lines = [f"example id {seq.example_id}: {len(seq.tokens)} tokens, {int(seq.loss_mask.sum())} supervised",
-             "pos  token -> next   | most probable support ids under p_ft: p_ft (delta = log p_ft - log p_base)"]
+    lines = [
+        f"example id {seq.example_id}: {len(seq.tokens)} tokens, {int(seq.loss_mask.sum())} supervised",
+        "pos  token -> next   | most probable support ids under p_ft: p_ft (delta = log p_ft - log p_base)",
+    ]
     row = 0
     for t in range(len(seq.tokens)):
         nxt = dec(seq.tokens[t + 1]) if t + 1 < len(seq.tokens) else ""
         line = f"{t:4d} {dec(seq.tokens[t]):>12} -> {nxt:<12}"
         if seq.loss_mask[t]:
-            order = seq.logp_ft[row].argsort(descending=True)[:min(top, int(seq.valid[row].sum()))]
-            cands = [f"{dec(seq.support_ids[row, j])} {seq.logp_ft[row, j].exp():.3f} ({seq.delta[row, j]:+.2f})"
-                     for j in order.tolist()]
+            order = seq.logp_ft[row].argsort(descending=True)[: min(top, int(seq.valid[row].sum()))]
+            cands = [
+                f"{dec(seq.support_ids[row, j])} {seq.logp_ft[row, j].exp():.3f} ({seq.delta[row, j]:+.2f})"
+                for j in order.tolist()
+            ]
             line += " | " + "  ".join(cands)
             row += 1
         lines.append(line)
@@ -155,6 +187,7 @@ def format_example(path, index: int, top: int = 5, tokenizer_path: str | None = 
 def plot(s: dict, out: str) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:

@@ -7,6 +7,7 @@ a batch of rows is padded to the widest row, with `valid` marking the real entri
 and padded ids repeating the row's first id (scattering into a repeated id is
 harmless, see below).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ NEG_INF = float("-inf")
 class SupportParts:
     """What `support_logprobs` leaves behind for an analytic gradient (see student/objective.py)."""
 
-    e_tail: torch.Tensor   # (c, V) exp(logit − m) outside the support, 0 on it (the consumed logits)
-    e_s: torch.Tensor      # (c, K) exp(logit − m) at the support ids
-    Z: torch.Tensor        # (c,)  Σ_j exp(logit_j − m)
-    m: torch.Tensor        # (c,)  row maximum
+    e_tail: torch.Tensor  # (c, V) exp(logit − m) outside the support, 0 on it (the consumed logits)
+    e_s: torch.Tensor  # (c, K) exp(logit − m) at the support ids
+    Z: torch.Tensor  # (c,)  Σ_j exp(logit_j − m)
+    m: torch.Tensor  # (c,)  row maximum
     tail_sum: torch.Tensor  # (c,) Σ_{j ∉ S} exp(logit_j − m)
 
 

@@ -1,14 +1,15 @@
 """Check a cache end to end: manifest, files, checksums, shapes, counts, finite values.
 
-    deltakd cache validate CACHE      # exit 1 and name the shard and array on any problem
+deltakd cache validate CACHE      # exit 1 and name the shard and array on any problem
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from deltakd.cache.format import schema, integrity
+from deltakd.cache.format import integrity, schema
 from deltakd.cache.format.reader import CacheReader
 
 
@@ -44,7 +45,9 @@ def validate(path: str | Path) -> list[str]:
             if name not in student_meta:
                 found.append(f"{label}: the manifest lists no student arrays for it")
             else:
-                found += _check_group(root / schema.STUDENT_DIR / name, student_meta[name]["checksums"], f"{label} (student)")
+                found += _check_group(
+                    root / schema.STUDENT_DIR / name, student_meta[name]["checksums"], f"{label} (student)"
+                )
         problems += found
         if found:  # the files are not the ones written: their contents say nothing more
             continue
@@ -61,8 +64,10 @@ def validate(path: str | Path) -> list[str]:
             continue
         problems += _check_arrays(label, a, s, m, seen_ids, reader)
         if name in student_meta and student_meta[name].get("n_supervised") != s["n_supervised"]:
-            problems.append(f"{label} (student): {student_meta[name].get('n_supervised')} supervised rows, "
-                            f"the teacher shard has {s['n_supervised']}")
+            problems.append(
+                f"{label} (student): {student_meta[name].get('n_supervised')} supervised rows, "
+                f"the teacher shard has {s['n_supervised']}"
+            )
     return problems
 
 
@@ -129,4 +134,3 @@ def _check_arrays(label: str, a: dict, s: dict, m: dict, seen_ids: set, reader: 
         p.append(f"{label}: array example_ids repeats examples of earlier shards ({sorted(dup)[:5]})")
     seen_ids |= set(a["example_ids"].tolist())
     return p
-

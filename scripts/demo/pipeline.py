@@ -8,6 +8,7 @@ lam*SFT + (1-lam)*D with D = KD or P1 -> ROUGE-L of the teacher, the student bas
 the students on the test split -> report folder, whose first paragraph says which
 objective wins on this world, by how much, and what in the cached targets explains it.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,9 +68,19 @@ def build_demo_cache(work: Path, a: dict, top_k: int = 16) -> Path:
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     cache = work / ("cache" if top_k == 16 else f"cache-k{top_k}")
-    build_cache(CacheBuildConfig(teacher_ft=a["teacher_ft"], teacher_base=a["teacher_base"], student_base=a["student_base"],
-                                 data=a["train"], out=str(cache), top_k=top_k, max_length=128, batch_size=32,
-                                 shard_tokens=32768))
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=a["teacher_ft"],
+            teacher_base=a["teacher_base"],
+            student_base=a["student_base"],
+            data=a["train"],
+            out=str(cache),
+            top_k=top_k,
+            max_length=128,
+            batch_size=32,
+            shard_tokens=32768,
+        )
+    )
     return cache
 
 
@@ -92,10 +103,21 @@ def run_demo(cfg: DemoConfig) -> dict:
     runs, objectives, todo = {}, {}, {}
     for name, opts in RUNS.items():
         out = work / "runs" / name
-        tcfg = TrainConfig(cache=str(cache), student=a["student_base"], out=str(out), max_steps=cfg.train_steps,
-                           batch_tokens=2048, lr=2e-3, warmup_steps=min(20, cfg.train_steps // 5),
-                           log_every=max(1, cfg.train_steps // 30), save_every=100, eval_every=max(1, cfg.train_steps // 5),
-                           eval_percent=5.0, seed=cfg.seed, **opts)
+        tcfg = TrainConfig(
+            cache=str(cache),
+            student=a["student_base"],
+            out=str(out),
+            max_steps=cfg.train_steps,
+            batch_tokens=2048,
+            lr=2e-3,
+            warmup_steps=min(20, cfg.train_steps // 5),
+            log_every=max(1, cfg.train_steps // 30),
+            save_every=100,
+            eval_every=max(1, cfg.train_steps // 5),
+            eval_percent=5.0,
+            seed=cfg.seed,
+            **opts,
+        )
         if not (out / "final" / "config.json").exists():
             todo[name] = tcfg
         runs[name], objectives[name] = str(out / "final"), tcfg.objective()
@@ -111,8 +133,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     # run_eval writes summary.json; it is reused when it scored the same models on as many examples.
     results = json.loads(summary.read_text())["results"] if summary.exists() else []
     if [(r["model"], r["n"]) for r in results] != [(m, cfg.test_examples) for m in want]:
-        results = run_eval(EvalConfig(models=tuple(want), data=a["test"], out=str(ev_dir), max_new_tokens=40,
-                                      batch_size=50, max_examples=cfg.test_examples))
+        results = run_eval(
+            EvalConfig(
+                models=tuple(want),
+                data=a["test"],
+                out=str(ev_dir),
+                max_new_tokens=40,
+                batch_size=50,
+                max_examples=cfg.test_examples,
+            )
+        )
     for r, name in zip(results, models):
         r["name"] = name
     timings["eval"] = time.perf_counter() - t
@@ -121,13 +151,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     rep = work / "report"
     rep.mkdir(exist_ok=True)
     s = summarize(cache)
-    (rep / "cache_inspect.txt").write_text(format_summary(s, json.loads((cache / "manifest.json").read_text()),
-                                                          a["teacher_ft"]) + "\n")
+    (rep / "cache_inspect.txt").write_text(
+        format_summary(s, json.loads((cache / "manifest.json").read_text()), a["teacher_ft"]) + "\n"
+    )
     plot(s, str(rep / "cache_histograms.png"))
     loss_curves(work, list(RUNS), rep / "loss_curves.png")
     table = format_table(results)
     verdict = what_it_means({r["name"]: r["rougeL"] for r in results}, target_agreement(cache, ALPHA))
-    write_markdown(rep / "summary.md", cfg, table, verdict, objectives, (rep / "cache_inspect.txt").read_text(), timings)
+    write_markdown(
+        rep / "summary.md", cfg, table, verdict, objectives, (rep / "cache_inspect.txt").read_text(), timings
+    )
     (rep / "rouge.json").write_text(json.dumps({r["name"]: r["rougeL"] for r in results}, indent=1))
     timings["report"] = time.perf_counter() - t
     return {"table": table, "verdict": verdict, "report": str(rep), "results": results, "timings": timings}
@@ -178,15 +211,20 @@ def train_students(todo: dict, train) -> dict:
             try:
                 out[f"train_{name}"] = job.result()
             except Exception as e:
-                raise RuntimeError(f"training student {name} failed ({type(e).__name__}: {e}); "
-                                   f"its log: {Path(todo[name].out) / 'train.log'}") from e
-            print(f"  trained {name} in {out[f'train_{name}']:.0f} s (log: {Path(todo[name].out) / 'train.log'})",
-                  flush=True)
+                raise RuntimeError(
+                    f"training student {name} failed ({type(e).__name__}: {e}); "
+                    f"its log: {Path(todo[name].out) / 'train.log'}"
+                ) from e
+            print(
+                f"  trained {name} in {out[f'train_{name}']:.0f} s (log: {Path(todo[name].out) / 'train.log'})",
+                flush=True,
+            )
     return out
 
 
 def loss_curves(work: Path, names: list[str], out: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -245,8 +283,12 @@ def target_agreement(cache: Path, alpha: float) -> dict:
             mass[name] += float(torch.where(in_support, p_ref, torch.zeros(())).sum())
         n += len(col)
     loader.close()
-    return {"positions": n, "alpha": alpha, **{f"{k}_top1": v / max(n, 1) for k, v in hits.items()},
-            **{f"{k}_p_ref": v / max(n, 1) for k, v in mass.items()}}
+    return {
+        "positions": n,
+        "alpha": alpha,
+        **{f"{k}_top1": v / max(n, 1) for k, v in hits.items()},
+        **{f"{k}_p_ref": v / max(n, 1) for k, v in mass.items()},
+    }
 
 
 def what_it_means(rouge: dict, agree: dict) -> str:
@@ -260,35 +302,69 @@ def what_it_means(rouge: dict, agree: dict) -> str:
         f"{rouge[best] - rouge[second]:+.1f} over `{second}`; the teacher scores {rouge['teacher_ft']:.1f}). "
         f"In the paper's recipe {LAM:g}·SFT + {1 - LAM:g}·D, the Delta-KD target (D = P1, α = {ALPHA:g}) scores "
         f"{rouge['recipe_p1']:.1f} against {rouge['recipe_kd']:.1f} with plain KD: "
-        + (f"Delta-KD is {-d_recipe:.1f} points behind KD here" if d_recipe < 0 else f"Delta-KD is {d_recipe:.1f} points ahead of KD here")
+        + (
+            f"Delta-KD is {-d_recipe:.1f} points behind KD here"
+            if d_recipe < 0
+            else f"Delta-KD is {d_recipe:.1f} points ahead of KD here"
+        )
         + f". Alone, P1 scores {rouge['delta_p1']:.1f} and KD {rouge['kd']:.1f} ({d_pure:+.1f}). "
         "One seed: benchmarks/quality.py gives the spread over seeds and more λ and α.",
         "",
         f"**Why, from the cache.** Over its {agree['positions']} supervised training positions, the teacher's most "
         f"likely next token is the reference one at {100 * agree['teacher_top1']:.1f}% of them (mean probability "
         f"{agree['teacher_p_ref']:.2f})"
-        + (", so KD's target carries little beyond the SFT label. " if agree["teacher_p_ref"] > 0.9
-           else ". ")
+        + (", so KD's target carries little beyond the SFT label. " if agree["teacher_p_ref"] > 0.9 else ". ")
         + f"The Delta-KD target π* ∝ π_S0·(π_T/π_B)^α (α = {ALPHA:g}) starts from the student base, which ranks the "
         f"reference first at {100 * agree['student_base_top1']:.1f}% of the positions; after the teacher's shift "
         f"π* does so at {100 * agree['delta_target_top1']:.1f}% (mean probability {agree['delta_target_p_ref']:.2f})"
-        + (". π* departs from the teacher where the small student base and the teacher base disagree (at α = 1, "
-           "π* ∝ π_T·π_S0/π_B), and a student that learns π* learns those departures"
-           if agree["delta_target_top1"] < agree["teacher_top1"] else "")
-        + ("; the SFT part of the recipe pulls it back toward the reference." if rouge["recipe_p1"] > rouge["delta_p1"]
-           else "."),
+        + (
+            ". π* departs from the teacher where the small student base and the teacher base disagree (at α = 1, "
+            "π* ∝ π_T·π_S0/π_B), and a student that learns π* learns those departures"
+            if agree["delta_target_top1"] < agree["teacher_top1"]
+            else ""
+        )
+        + (
+            "; the SFT part of the recipe pulls it back toward the reference."
+            if rouge["recipe_p1"] > rouge["delta_p1"]
+            else "."
+        ),
     ]
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, cfg: DemoConfig, table: str, verdict: str, objectives: dict, inspect: str,
-                   timings: dict) -> None:
-    lines = ["# deltakd demo report", "",
-             f"Students trained for {cfg.train_steps} steps from one cache; test split: {cfg.test_examples} examples,",
-             "greedy decoding, ROUGE-L F-measure x 100 (rouge-score).", "", "```", table, "```", "", verdict, "",
-             "Each student's objective (`deltakd train` prints it at start and logs it first in metrics.jsonl):", ""]
+def write_markdown(
+    path: Path, cfg: DemoConfig, table: str, verdict: str, objectives: dict, inspect: str, timings: dict
+) -> None:
+    lines = [
+        "# deltakd demo report",
+        "",
+        f"Students trained for {cfg.train_steps} steps from one cache; test split: {cfg.test_examples} examples,",
+        "greedy decoding, ROUGE-L F-measure x 100 (rouge-score).",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        verdict,
+        "",
+        "Each student's objective (`deltakd train` prints it at start and logs it first in metrics.jsonl):",
+        "",
+    ]
     lines += [f"- `{name}`: {obj}" for name, obj in objectives.items()]
-    lines += ["", "![loss curves](loss_curves.png)", "", "## What the cache holds", "", "```", inspect.rstrip(), "```",
-              "", "![cache histograms](cache_histograms.png)", "", "## Stage times (s)", ""]
+    lines += [
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "## What the cache holds",
+        "",
+        "```",
+        inspect.rstrip(),
+        "```",
+        "",
+        "![cache histograms](cache_histograms.png)",
+        "",
+        "## Stage times (s)",
+        "",
+    ]
     lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
     path.write_text("\n".join(lines) + "\n")

@@ -9,6 +9,7 @@ ones. Checkpoints: a teacher base pretrained on the corpus, the teacher finetune
 the instruction train split, and a student base (several times smaller) pretrained
 on the same corpus. All share one byte-level BPE tokenizer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,12 +18,16 @@ import random
 from pathlib import Path
 
 COLORS = "red blue green yellow purple orange black white".split()
-PLACES = "the forest|the desert|the river|the mountains|the swamp|the cave|the meadow|the sea|the ice|the city".split("|")
+PLACES = "the forest|the desert|the river|the mountains|the swamp|the cave|the meadow|the sea|the ice|the city".split(
+    "|"
+)
 FOODS = "berries|fish|leaves|seeds|insects|mushrooms|roots|honey".split("|")
 SIZES = "tiny small large huge".split()
 LEGS = ["two", "four", "six", "eight"]
-WORDS = ("apple river stone cloud lamp tiger piano garden window rocket violet silver candle mirror "
-         "button pepper island castle comet feather lemon marble saddle tunnel wagon zebra anchor bridge").split()
+WORDS = (
+    "apple river stone cloud lamp tiger piano garden window rocket violet silver candle mirror "
+    "button pepper island castle comet feather lemon marble saddle tunnel wagon zebra anchor bridge"
+).split()
 TEACHER = dict(hidden=128, layers=4, heads=4)
 STUDENT = dict(hidden=48, layers=2, heads=4)
 
@@ -35,16 +40,29 @@ def creatures(rng: random.Random, n: int = 40) -> list[dict]:
         if name in names:
             continue
         names.add(name)
-        out.append({"name": name, "color": rng.choice(COLORS), "home": rng.choice(PLACES),
-                    "food": rng.choice(FOODS), "size": rng.choice(SIZES), "legs": rng.choice(LEGS)})
+        out.append(
+            {
+                "name": name,
+                "color": rng.choice(COLORS),
+                "home": rng.choice(PLACES),
+                "food": rng.choice(FOODS),
+                "size": rng.choice(SIZES),
+                "legs": rng.choice(LEGS),
+            }
+        )
     return out
 
 
 def facts(c: dict) -> list[str]:
     n = c["name"]
-    return [f"The {n} is {c['color']}.", f"The {n} lives in {c['home']}.", f"The {n} eats {c['food']}.",
-            f"The {n} is {c['size']}.", f"The {n} has {c['legs']} legs.",
-            f"A {c['size']} {c['color']} {n} was seen in {c['home']} eating {c['food']}."]
+    return [
+        f"The {n} is {c['color']}.",
+        f"The {n} lives in {c['home']}.",
+        f"The {n} eats {c['food']}.",
+        f"The {n} is {c['size']}.",
+        f"The {n} has {c['legs']} legs.",
+        f"A {c['size']} {c['color']} {n} was seen in {c['home']} eating {c['food']}.",
+    ]
 
 
 def corpus(kb: list[dict], rng: random.Random, n_docs: int = 3000) -> list[str]:
@@ -54,7 +72,7 @@ def corpus(kb: list[dict], rng: random.Random, n_docs: int = 3000) -> list[str]:
             c = rng.choice(kb)
             fs = facts(c)
             rng.shuffle(fs)
-            docs.append(" ".join(fs[:rng.randint(2, 5)]))
+            docs.append(" ".join(fs[: rng.randint(2, 5)]))
         else:
             ws = rng.sample(WORDS, rng.randint(3, 7))
             docs.append(" ".join(ws) + ". " + " ".join(sorted(ws)) + ". " + " ".join(reversed(ws)) + ".")
@@ -72,9 +90,11 @@ def instruction(kb: list[dict], rng: random.Random) -> dict:
     if kind == "food":
         return {"prompt": f"What does the {n} eat?", "response": f"The {n} eats {c['food']}."}
     if kind == "describe":
-        return {"prompt": f"Describe the {n}.",
-                "response": f"The {n} is a {c['size']} {c['color']} creature that lives in {c['home']} "
-                            f"and eats {c['food']}. It has {c['legs']} legs."}
+        return {
+            "prompt": f"Describe the {n}.",
+            "response": f"The {n} is a {c['size']} {c['color']} creature that lives in {c['home']} "
+            f"and eats {c['food']}. It has {c['legs']} legs.",
+        }
     ws = rng.sample(WORDS, rng.randint(3, 6))
     if kind == "reverse":
         return {"prompt": f"Reverse the words: {' '.join(ws)}", "response": " ".join(reversed(ws))}
@@ -140,9 +160,9 @@ def lm_batch(rows, pad_id: int):
     lab = torch.full((len(rows), L), -100, dtype=torch.long)
     att = torch.zeros(len(rows), L, dtype=torch.long)
     for i, (x, m) in enumerate(rows):
-        ids[i, :len(x)] = torch.tensor(x)
-        att[i, :len(x)] = 1
-        lab[i, :len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), torch.tensor(-100))
+        ids[i, : len(x)] = torch.tensor(x)
+        att[i, : len(x)] = 1
+        lab[i, : len(x)] = torch.where(torch.tensor(m, dtype=torch.bool), torch.tensor(x), torch.tensor(-100))
     return ids, att, lab
 
 
@@ -171,7 +191,6 @@ def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: in
     import torch
 
     from deltakd.cache.format.records import encode_record, read_records
-
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     torch.manual_seed(seed)
@@ -180,8 +199,10 @@ def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: in
     docs = Path(paths["corpus"]).read_text().splitlines()
     train_texts = [json.loads(l)["prompt"] + " " + json.loads(l)["response"] for l in open(paths["train"])]
     tok = train_tokenizer(docs + train_texts, 768, out / "tokenizer")
-    pre = [(ids := [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [1] * len(ids))
-           for d in docs]
+    pre = [
+        (ids := [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id], [1] * len(ids))
+        for d in docs
+    ]
     sft = []
     for r in read_records(paths["train"]):
         ids, plen, _ = encode_record(tok, r, 128)
@@ -194,8 +215,19 @@ def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: in
     student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **STUDENT)
     lm_train(student, pre, steps, 3e-3, 32, seed + 2, "student base")
     save_checkpoint(student, tok, out / "student_base")
-    (out / "WORLD.json").write_text(json.dumps({"seed": seed, "steps": steps, "sft_steps": sft_steps,
-                                                "teacher": TEACHER, "student": STUDENT, "vocab": len(tok)}, indent=1))
+    (out / "WORLD.json").write_text(
+        json.dumps(
+            {
+                "seed": seed,
+                "steps": steps,
+                "sft_steps": sft_steps,
+                "teacher": TEACHER,
+                "student": STUDENT,
+                "vocab": len(tok),
+            },
+            indent=1,
+        )
+    )
     return {k: str(out / k) for k in ("teacher_base", "teacher_ft", "student_base")} | paths
 
 

@@ -8,6 +8,7 @@ fails at once instead of after a remote lookup. Identities live here, not beside
 code that loads teachers, so that the student side compares them without that code.
 Runs no model.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,10 @@ def local_checkpoint(path: str | None, option: str) -> str | None:
     p = Path(os.path.expanduser(path))
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise CheckpointError(f"{option} {path}: the folder has no config.json; "
-                                    "give a Hugging Face checkpoint folder (save_pretrained)")
+            raise CheckpointError(
+                f"{option} {path}: the folder has no config.json; "
+                "give a Hugging Face checkpoint folder (save_pretrained)"
+            )
         return path
     if p.exists():
         raise CheckpointError(f"{option} {path} is a file; give a Hugging Face checkpoint folder")
@@ -56,8 +59,10 @@ def local_checkpoint(path: str | None, option: str) -> str | None:
     except Exception:  # an id the hub library itself refuses
         cached = None
     if not isinstance(cached, str):
-        raise CheckpointError(f"{option} {path}: no such folder here, and no model of that name in the local "
-                                "Hugging Face cache (deltakd does not download checkpoints)")
+        raise CheckpointError(
+            f"{option} {path}: no such folder here, and no model of that name in the local "
+            "Hugging Face cache (deltakd does not download checkpoints)"
+        )
     return path
 
 

@@ -6,6 +6,7 @@ Every field is checked against its dataclass annotation (an int field refuses 2.
 True, a bool field refuses the string "false", every float must be finite), then
 against its range rules; the error names the field and its option.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,19 @@ def _option(name: str) -> str:
 def _types(annotation) -> tuple[tuple, bool]:
     """(allowed base types, None allowed) of a field annotation (strings as `from __future__` leaves them)."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, {"str": str, "int": int, "float": float, "bool": bool, "None": None,  # noqa: S307
-                                       "tuple": tuple, "list": list, "dict": dict})
+        annotation = eval(
+            annotation,
+            {
+                "str": str,
+                "int": int,
+                "float": float,
+                "bool": bool,
+                "None": None,  # noqa: S307
+                "tuple": tuple,
+                "list": list,
+                "dict": dict,
+            },
+        )
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return tuple(a for a in args if a is not type(None)), type(None) in args

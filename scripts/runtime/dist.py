@@ -11,6 +11,7 @@ rank's GPU and go through NCCL; the CPU backend is there for what other librarie
 send from host memory (torch.distributed.checkpoint's object collectives, a
 barrier before any CUDA tensor exists), so neither kind can hit the wrong backend.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,17 +41,23 @@ def resolve_device(requested: str) -> torch.device:
     if dev.type != "cuda":
         raise ValueError(f"--device {requested!r}: use cpu, cuda or cuda:N")
     if not torch.cuda.is_available():
-        raise ValueError(f"--device {requested}: no CUDA GPU is visible to this process "
-                         "(torch.cuda.is_available() is False); use --device cpu or a CUDA build of torch")
+        raise ValueError(
+            f"--device {requested}: no CUDA GPU is visible to this process "
+            "(torch.cuda.is_available() is False); use --device cpu or a CUDA build of torch"
+        )
     n_local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if dev.index is None:
         dev = torch.device("cuda", local_rank())
     elif under_torchrun() and n_local > 1 and dev.index != local_rank():
-        raise ValueError(f"--device {requested} under torchrun with {n_local} processes per node: pass --device cuda "
-                         f"(rank {local_rank()} then uses cuda:{local_rank()})")
+        raise ValueError(
+            f"--device {requested} under torchrun with {n_local} processes per node: pass --device cuda "
+            f"(rank {local_rank()} then uses cuda:{local_rank()})"
+        )
     if dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {requested}: only {torch.cuda.device_count()} GPU(s) visible "
-                         f"(local rank {local_rank()}); check --nproc_per_node and CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"--device {requested}: only {torch.cuda.device_count()} GPU(s) visible "
+            f"(local rank {local_rank()}); check --nproc_per_node and CUDA_VISIBLE_DEVICES"
+        )
     # Before any allocation or process group: NCCL communicators, barriers and
     # `torch.cuda` calls without an index all follow the current device.
     torch.cuda.set_device(dev)

@@ -13,6 +13,7 @@ reported when it is taken over. Under torchrun only rank 0 takes the lock: the r
 one job are one writer. An object store has no locks: for a cache at a URL the writers
 of this host are serialised by a local lock named after the URL.
 """
+
 from __future__ import annotations
 
 import errno
@@ -73,8 +74,9 @@ def prepare_folder(folder: Path, option: str, create: bool = True) -> None:
     except FileExistsError:
         raise FolderError(f"{option} {folder}: a parent of it is a file: choose a folder path") from None
     except PermissionError:
-        raise FolderError(f"{option} {folder} cannot be created (permission denied): "
-                                        "choose a folder you can write to") from None
+        raise FolderError(
+            f"{option} {folder} cannot be created (permission denied): choose a folder you can write to"
+        ) from None
     except OSError as e:
         raise FolderError(f"{option} {folder} cannot be created ({e.strerror})") from None
 
@@ -95,28 +97,35 @@ def folder_lock(folder: str | Path, command: str, option: str = "--out", create:
     try:
         lock.acquire()
     except Timeout:
-        raise LockedError(f"{what} is being written by {_describe(_read_holder(folder))}: "
-                          "wait for it to finish or stop it; one writer per folder") from None
+        raise LockedError(
+            f"{what} is being written by {_describe(_read_holder(folder))}: "
+            "wait for it to finish or stop it; one writer per folder"
+        ) from None
     except PermissionError:
-        raise FolderError(f"{option} {folder} is not writable (permission denied): "
-                                        "choose a folder you can write to") from None
+        raise FolderError(
+            f"{option} {folder} is not writable (permission denied): choose a folder you can write to"
+        ) from None
     except OSError as e:
         if e.errno in (errno.EROFS, errno.EACCES):
-            raise FolderError(f"{option} {folder} is not writable ({e.strerror}): "
-                                       "choose a folder you can write to") from None
+            raise FolderError(
+                f"{option} {folder} is not writable ({e.strerror}): choose a folder you can write to"
+            ) from None
         raise
     try:
         old, host = _read_holder(folder), socket.gethostname()
         if old and (old.get("pid"), old.get("host")) != (os.getpid(), host):
             # The OS lock was free, so its holder is gone; say so when its record survived it.
             if old.get("host") == host and not _pid_alive(int(old.get("pid", -1))):
-                print(f"deltakd: taking over the lock of {what} left by {_describe(old)}, "
-                      "which is no longer running", file=sys.stderr)
+                print(
+                    f"deltakd: taking over the lock of {what} left by {_describe(old)}, which is no longer running",
+                    file=sys.stderr,
+                )
             else:
-                print(f"deltakd: taking over the lock of {what} recorded for {_describe(old)}, "
-                      "which no longer holds it", file=sys.stderr)
-        me = {"host": host, "pid": os.getpid(), "command": command, "since": time.time(),
-              "argv": sys.argv[1:]}
+                print(
+                    f"deltakd: taking over the lock of {what} recorded for {_describe(old)}, which no longer holds it",
+                    file=sys.stderr,
+                )
+        me = {"host": host, "pid": os.getpid(), "command": command, "since": time.time(), "argv": sys.argv[1:]}
         tmp = folder / (HOLDER_FILE + ".tmp")
         tmp.write_text(json.dumps(me))
         os.replace(tmp, folder / HOLDER_FILE)

@@ -12,6 +12,7 @@ aside, rename), so the shard in progress is abandoned as cleanly as by `kill -9`
 leftovers are removed; committed shards are kept and a re-run resumes.
 Shared by the builder and the trainer; runs no model.
 """
+
 from __future__ import annotations
 
 import signal
@@ -70,9 +71,12 @@ def graceful_stop(what: str, at: str = "boundary"):
             _requested.append(signum)
             import sys
 
-            print(f"\ndeltakd: {signal_name(signum)} received: {what} stops at the next step boundary "
-                  "after saving a checkpoint" + (" (Ctrl-C again aborts now)" if signum == signal.SIGINT else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"\ndeltakd: {signal_name(signum)} received: {what} stops at the next step boundary "
+                "after saving a checkpoint" + (" (Ctrl-C again aborts now)" if signum == signal.SIGINT else ""),
+                file=sys.stderr,
+                flush=True,
+            )
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     _requested.clear()
