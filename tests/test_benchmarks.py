@@ -94,7 +94,7 @@ def test_real_pair_smoke_runs_end_to_end_on_a_stand_in(tmp_path, capsys):
     import json
     import random
 
-    import real_pair
+    from benchmarks import real_pair
 
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
