@@ -1,5 +1,7 @@
-"""The teacher cache: format (schema), record formatting, builder, reader, inspection.
+"""The teacher cache, in two rooms.
 
-`deltakd.student` may import `schema`, `reader`, `records` and `dist` only; the modules that
-run checkpoints (`builder`, `forward`) belong to the cache-building side.
+`deltakd.cache.format` is the contract (schema, store, records, support, reader,
+integrity, validate, summary; FORMAT.md says the same in prose). `deltakd.cache.build`
+runs checkpoints and writes caches. The student side imports the reading half of
+`format` and never `build` (tests/test_boundary.py holds the allow-list).
 """
