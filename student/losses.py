@@ -6,7 +6,7 @@ treats as "no outcome") and, with `tail="bucket"`, one last column for "every
 other token" (log of the mass outside the support; −inf when there is none). With
 `tail="renorm"` the tail column is dropped and each row renormalised over the ids.
 
-Notation (DESIGN.md): lT teacher after SFT, lB teacher before SFT, lS0 student base,
+Notation (cache/format/FORMAT.md, "Distributions"): lT teacher after SFT, lB teacher before SFT, lS0 student base,
 lθ student; Δ = lT − lB. Every function returns `(sum over valid rows, number of
 valid rows)`; the training loop divides once by the tokens of the whole step.
 Everything is computed in float32 (or float64 when given float64).

@@ -81,7 +81,7 @@ def floored_shift(l_ft: torch.Tensor, l_base: torch.Tensor, floor: float | None)
     """Δ = max(lT, f) − max(lB, f); plain lT − lB when `floor` is None.
 
     Where both teachers give a token almost nothing, their ratio is noise; the floor
-    caps how far such tokens can move the Delta-KD target (DESIGN.md).
+    caps how far such tokens can move the Delta-KD target (docs/objectives.md).
     """
     if floor is None:
         return l_ft - l_base
