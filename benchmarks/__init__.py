@@ -5,5 +5,5 @@
     python -m benchmarks.quality         # ROUGE-L of students over seeds
 
 Measured tables, with command, date, commit and machine, are in benchmarks/README.md.
-Shared worlds: `synth_vocab` (V = 32000, random weights) and `bpe_task` (V = 8192, trained).
+Shared tasks: `synth_vocab` (V = 32000, random weights) and `bpe_task` (V = 8192, trained).
 """

@@ -1,10 +1,10 @@
-"""A seeded world with a realistic vocabulary: an 8k byte-level BPE, checkpoints pretrained on its corpus.
+"""A seeded task with a realistic vocabulary: an 8k byte-level BPE, checkpoints pretrained on its corpus.
 
-    OMP_NUM_THREADS=1 python -m benchmarks.bpe_task --out runs/bpe_world   # ~12 min on a shared CPU; reused if present
+    OMP_NUM_THREADS=1 python -m benchmarks.bpe_task --out runs/bpe_task   # ~12 min on a shared CPU; reused if present
 
 (One thread: on a CPU shared with other jobs, two torch threads ran 10-20x slower than one.)
 
-The same kind of world as scripts/world.py (invented creatures whose facts are stated
+The same kind of task as scripts/task.py (invented creatures whose facts are stated
 in a pretraining corpus and asked about in instructions; word-list tasks), made
 large enough that the vocabulary is no longer small: a lexicon of several thousand
 invented words with Zipf frequencies fills a third of the corpus (chronicle
@@ -55,7 +55,7 @@ def lexicon(rng: random.Random, n: int, lo: int = 2, hi: int = 3, avoid: set = f
     return out
 
 
-def make_world(seed: int, n_creatures: int, n_lex: int, n_docs: int):
+def make_task(seed: int, n_creatures: int, n_lex: int, n_docs: int):
     rng = random.Random(seed)
     names = lexicon(rng, n_creatures, 2, 3)
     homes = ["the " + w for w in lexicon(rng, 60, 2, 3, set(names))]
@@ -136,7 +136,7 @@ def write_data(
     n_test: int = 200,
 ) -> dict:
     rng_i = random.Random(seed + 7)
-    kb, lex, docs = make_world(seed, n_creatures, n_lex, n_docs)
+    kb, lex, docs = make_task(seed, n_creatures, n_lex, n_docs)
     from deltakd.demo.synthetic import split_instructions
 
     splits = split_instructions(
@@ -153,7 +153,7 @@ def write_data(
 
 
 def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300, batch: int = 16) -> dict:
-    """Build (or reuse) the world; returns the paths of its checkpoints and data files."""
+    """Build (or reuse) the task; returns the paths of its checkpoints and data files."""
     import torch
 
     from deltakd.cache.format.records import encode_record, read_records
@@ -164,7 +164,7 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
     paths = {k: str(out / k) for k in ("teacher_base", "teacher_ft", "student_base")} | {
         k: str(out / "data" / f"{k}.jsonl") for k in ("train", "validation", "test")
     }
-    if (out / "WORLD.json").exists():
+    if (out / "TASK.json").exists():
         return paths
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -191,7 +191,7 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
     student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **STUDENT)
     lm_train(student, pre, steps, 3e-3, batch, seed + 2, "student base")
     save_checkpoint(student, tok, out / "student_base")
-    (out / "WORLD.json").write_text(
+    (out / "TASK.json").write_text(
         json.dumps(
             {
                 "seed": seed,
@@ -213,7 +213,7 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/bpe_world")
+    ap.add_argument("--out", default="runs/bpe_task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=800, help="pretraining steps of each base model")
     ap.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the teacher")

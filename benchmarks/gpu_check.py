@@ -1,6 +1,6 @@
-"""Steps of benchmarks/gpu_check.sh that are not a `deltakd` command (world, bare forwards, online KD, loader, report).
+"""Steps of benchmarks/gpu_check.sh that are not a `deltakd` command (task, bare forwards, online KD, loader, report).
 
-    python -m benchmarks.gpu_check world  --root R --size h200|cpu
+    python -m benchmarks.gpu_check task  --root R --size h200|cpu
     python -m benchmarks.gpu_check bare   --root R --device cuda --dtype bfloat16
     python -m benchmarks.gpu_check online --root R --device cuda --steps 10 --batch-tokens 16384
     python -m benchmarks.gpu_check loader --root R --batch-tokens 16384
@@ -27,14 +27,14 @@ SIZES = {"h200": (32000, (2048, 16, 16), (1024, 8, 8), 2048), "cpu": (2000, (64,
 H200_BF16_FLOPS = 989e12  # dense bf16 tensor-core peak (SXM), the MFU denominator
 
 
-def world(root: Path, size: str) -> dict:
+def make_task(root: Path, size: str) -> dict:
     import random
 
     from benchmarks import synth_vocab
     from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
-    if (root / "world.json").exists():
-        return json.loads((root / "world.json").read_text())
+    if (root / "task.json").exists():
+        return json.loads((root / "task.json").read_text())
     vocab, teacher, student, n = SIZES[size]
     tok = synth_vocab.word_tokenizer(vocab, root / "tok")
     paths = {}
@@ -53,7 +53,7 @@ def world(root: Path, size: str) -> dict:
             w = lambda k: " ".join(f"w{rng.randrange(vocab - 4)}" for _ in range(k))  # noqa: E731
             f.write(json.dumps({"prompt": w(rng.randint(16, 64)), "response": w(rng.randint(48, 192))}) + "\n")
     paths["data"] = str(root / "train.jsonl")
-    (root / "world.json").write_text(json.dumps(paths))
+    (root / "task.json").write_text(json.dumps(paths))
     return paths
 
 
@@ -67,7 +67,7 @@ def bare(root: Path, device: str, dtype: str, batch_size: int, max_length: int) 
     from benchmarks.cache_build import bare_forward_seconds
     from deltakd.cache.build.builder import CacheBuildConfig
 
-    w = json.loads((root / "world.json").read_text())
+    w = json.loads((root / "task.json").read_text())
     cfg = CacheBuildConfig(
         teacher_ft=w["teacher_ft"],
         teacher_base=w["teacher_base"],
@@ -92,7 +92,7 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
     from deltakd.student.data import StreamingLoader
     from deltakd.student.objective import LossSpec, terms_from_logits
 
-    w = json.loads((root / "world.json").read_text())
+    w = json.loads((root / "task.json").read_text())
     dev = dist.resolve_device(device)
     bf16 = dev.type == "cuda"
     student = AutoModelForCausalLM.from_pretrained(w["student_base"], dtype=torch.float32).to(dev).train()
@@ -170,7 +170,7 @@ def _train_metrics(run: Path) -> dict:
 
 
 def report(root: Path) -> dict:
-    w = json.loads((root / "world.json").read_text())
+    w = json.loads((root / "task.json").read_text())
     m = json.loads((root / "cache" / "manifest.json").read_text())
     phases = m["summary"]["phases"] or {}
     build_s = sum(p["seconds"] for p in phases.values())
@@ -221,7 +221,7 @@ def report(root: Path) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["world", "bare", "online", "loader", "report"])
+    ap.add_argument("step", choices=["task", "bare", "online", "loader", "report"])
     ap.add_argument("--root", required=True)
     ap.add_argument("--size", choices=list(SIZES), default="h200")
     ap.add_argument("--device", default="cuda")
@@ -233,8 +233,8 @@ def main():
     a = ap.parse_args()
     root = Path(a.root)
     root.mkdir(parents=True, exist_ok=True)
-    if a.step == "world":
-        out = world(root, a.size)
+    if a.step == "task":
+        out = make_task(root, a.size)
     elif a.step == "bare":
         out = bare(root, a.device, a.dtype, a.batch_size, a.max_length)
     elif a.step == "online":

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh [WORKDIR]          # on a GPU machine (default runs/gpu-check)
 #   bash benchmarks/gpu_check.sh --cpu [WORKDIR]    # dry run of every step on CPU (gloo, tiny sizes)
 #
-# 1. a random 0.9B-teacher / 0.17B-student world at vocabulary 32000 (nothing downloaded)
+# 1. a random 0.9B-teacher / 0.17B-student task at vocabulary 32000 (nothing downloaded)
 # 2. `cache build` in bf16 under `torchrun --nproc_per_node 1` (NCCL process group,
 #    cuda:LOCAL_RANK; default union support, lockstep), then the bare forwards of the
 #    same checkpoints for the ratio
@@ -31,9 +31,9 @@ mkdir -p "$W"
 TR=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
 t() { echo; echo "== $*"; }
 
-t "world ($SIZE)"
-"$PY" -m benchmarks.gpu_check world --root "$W" --size "$SIZE" >/dev/null
-w() { "$PY" -c "import json,sys; print(json.load(open('$W/world.json'))['$1'])"; }
+t "task ($SIZE)"
+"$PY" -m benchmarks.gpu_check task --root "$W" --size "$SIZE" >/dev/null
+w() { "$PY" -c "import json,sys; print(json.load(open('$W/task.json'))['$1'])"; }
 
 t "cache build under torchrun (device $DEV, $DT)"
 rm -rf "$W/cache"

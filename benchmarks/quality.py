@@ -1,13 +1,13 @@
 """ROUGE-L of students trained from one cache with SFT, KD and Delta-KD variants, over seeds.
 
     python -m benchmarks.quality [--steps 800] [--seeds 0 1 2] [--workdir runs/quality] [--variants sft lam0.5_kd ...]
-    python -m benchmarks.quality online [--world bpe] [--supports topk64 union16] [--variants ...]   # cache vs online
+    python -m benchmarks.quality online [--task bpe] [--supports topk64 union16] [--variants ...]   # cache vs online
 
 Beside the pure objectives it runs the paper's recipe lam*SFT + (1-lam)*D (`deltakd
 train --loss D --lam LAM`) with D = KD and D = P1 (alpha 1 and 1.5), at lam 0.5 and
 lam 0.2 (more weight on the distillation term, where the choice of its target matters most).
 
-Uses the demo world (shipped checkpoints, test split of 200 prompts, greedy decoding).
+Uses the demo task (shipped checkpoints, test split of 200 prompts, greedy decoding).
 Prints mean and spread (sample std) per variant; ends with one JSON line.
 """
 
@@ -148,13 +148,13 @@ def _mean_std(v: list[float]) -> tuple[float, float]:
     return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
 
 
-def world_paths(world: str, work: Path) -> dict:
-    """Checkpoints and data of the world the comparison runs on (built on first use, then reused)."""
-    if world == "demo":
+def task_paths(task: str, work: Path) -> dict:
+    """Checkpoints and data of the task the comparison runs on (built on first use, then reused)."""
+    if task == "demo":
         return assets(DemoConfig(workdir=str(work)), work)
     from benchmarks import bpe_task
 
-    return bpe_task.build(work.parent / "bpe_world" if world == "bpe" else Path(world))
+    return bpe_task.build(work.parent / "bpe_task" if task == "bpe" else Path(task))
 
 
 def build_support_cache(paths: dict, out: Path, support: str) -> Path:
@@ -214,9 +214,7 @@ def main_online(argv=None):
     from deltakd.cache.format.summary import summarize
 
     ap = argparse.ArgumentParser(prog="quality.py online", description=main_online.__doc__)
-    ap.add_argument(
-        "--world", default="bpe", help="bpe (benchmarks/bpe_task.py, V = 8192), demo, or a bpe_world folder"
-    )
+    ap.add_argument("--task", default="bpe", help="bpe (benchmarks/bpe_task.py, V = 8192), demo, or a bpe_task folder")
     ap.add_argument("--workdir", default="runs/quality-online")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-tokens", type=int, default=1024)
@@ -241,7 +239,7 @@ def main_online(argv=None):
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     t0 = time.perf_counter()
-    paths = world_paths(a.world, work)
+    paths = task_paths(a.task, work)
     caches = {s: build_support_cache(paths, work / f"cache-{s}", s) for s in a.supports}
     inspect = {s: summarize(c) for s, c in caches.items()}
     for s, i in inspect.items():
@@ -302,7 +300,7 @@ def main_online(argv=None):
                     scores[name][mode].append(r)
     base = run_eval(EvalConfig(models=(paths["teacher_ft"], paths["student_base"]), out=str(work / "eval-ref"), **ev))
     print(
-        f"\nROUGE-L on {a.test_examples} test prompts, world {a.world}, {a.steps} steps, seeds {a.seeds}: "
+        f"\nROUGE-L on {a.test_examples} test prompts, task {a.task}, {a.steps} steps, seeds {a.seeds}: "
         "mean ± sample std over seeds; diff = cache − online per seed, then mean ± std"
     )
     head = f"{'variant':<10}" + "".join(f"{m:>16}" for m in modes) + "".join(f"{'diff ' + s:>18}" for s in a.supports)
@@ -338,7 +336,7 @@ def main_online(argv=None):
         json.dumps(
             {
                 "benchmark": "quality_online",
-                "world": a.world,
+                "task": a.task,
                 "machine": platform.machine(),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
@@ -367,5 +365,5 @@ def main_online(argv=None):
 if __name__ == "__main__":
     import sys
 
-    # `quality.py online ...`: cache vs online full-vocabulary reference; otherwise the demo-world sweep.
+    # `quality.py online ...`: cache vs online full-vocabulary reference; otherwise the demo-task sweep.
     main_online(sys.argv[2:]) if sys.argv[1:2] == ["online"] else main()

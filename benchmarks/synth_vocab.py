@@ -1,4 +1,4 @@
-"""A synthetic world at a realistic vocabulary (32k) for the timing and memory benchmarks.
+"""A synthetic task at a realistic vocabulary (32k) for the timing and memory benchmarks.
 
 Word-level tokenizer over 32000 made-up words, random Llama teachers and student,
 random prompt/response records. Distributions are meaningless; shapes and costs are real.

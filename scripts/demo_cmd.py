@@ -16,11 +16,14 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a few steps and examples (tests, smoke runs)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per student")
     p.add_argument(
-        "--rebuild-world", action="store_true", help="retrain the demo checkpoints instead of the shipped ones"
+        "--rebuild-checkpoints",
+        "--rebuild-world",
+        action="store_true",
+        help="retrain the demo checkpoints instead of the shipped ones",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(
-        func=lambda ns: _print(run_demo(DemoConfig(ns.workdir, ns.quick, ns.steps, ns.rebuild_world, ns.seed)))
+        func=lambda ns: _print(run_demo(DemoConfig(ns.workdir, ns.quick, ns.steps, ns.rebuild_checkpoints, ns.seed)))
     )
 
 

@@ -37,11 +37,11 @@ def write_data(path, n=24, seed=0, long_every=0):
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory):
+def tiny(tmp_path_factory):
     """Tokenizer + teacher_ft / teacher_base / student_base checkpoints + data."""
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
-    root = tmp_path_factory.mktemp("world")
+    root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
     tok = train_tokenizer([sentence(rng, 20) for _ in range(200)], 300, root / "tok")
     V = len(tok)
@@ -61,7 +61,7 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cache_dir(world, tmp_path_factory):
+def cache_dir(tiny, tmp_path_factory):
     """A cache with student-base arrays, several shards, k = 16."""
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
@@ -69,11 +69,11 @@ def cache_dir(world, tmp_path_factory):
     data = write_data(tmp_path_factory.mktemp("data") / "train.jsonl", n=60, seed=1)
     build_cache(
         CacheBuildConfig(
-            teacher_ft=world["teacher_ft"],
-            teacher_base=world["teacher_base"],
+            teacher_ft=tiny["teacher_ft"],
+            teacher_base=tiny["teacher_base"],
             data=data,
             out=str(out),
-            student_base=world["student_base"],
+            student_base=tiny["student_base"],
             top_k=16,
             max_length=64,
             shard_tokens=300,

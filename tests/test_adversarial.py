@@ -28,6 +28,9 @@ from deltakd.cache.format.validate import validate
 from deltakd.cli import main
 from deltakd.runtime.lock import HOLDER_FILE, is_lock_file
 
+# Launches processes, servers or whole pipelines: the full suite runs it, the quick tier does not.
+pytestmark = pytest.mark.integration
+
 
 def snapshot(folder) -> dict[str, str]:
     """sha256 of every file under `folder` (lock files excluded: they come and go with writers)."""
@@ -57,13 +60,13 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def train_args(world, cache, out, *extra):
+def train_args(tiny, cache, out, *extra):
     return [
         "train",
         "--cache",
         cache,
         "--student",
-        world["student_base"],
+        tiny["student_base"],
         "--out",
         out,
         "--loss",
@@ -86,16 +89,16 @@ def train_args(world, cache, out, *extra):
     ]
 
 
-def build_args(world, out, *extra, student=True):
+def build_args(tiny, out, *extra, student=True):
     args = [
         "cache",
         "build",
         "--teacher-ft",
-        world["teacher_ft"],
+        tiny["teacher_ft"],
         "--teacher-base",
-        world["teacher_base"],
+        tiny["teacher_base"],
         "--data",
-        world["data"],
+        tiny["data"],
         "--out",
         out,
         "--top-k",
@@ -110,7 +113,7 @@ def build_args(world, out, *extra, student=True):
         "7",
         *extra,
     ]
-    return args + (["--student-base", world["student_base"]] if student else [])
+    return args + (["--student-base", tiny["student_base"]] if student else [])
 
 
 @pytest.fixture
@@ -162,10 +165,10 @@ def _dtype(cache):
 
 
 @pytest.mark.parametrize("damage", [_flip, _delete, _nan, _swap, _dtype])
-def test_training_never_reads_corrupt_data_silently(world, cache_copy, tmp_path, damage):
+def test_training_never_reads_corrupt_data_silently(tiny, cache_copy, tmp_path, damage):
     shard, array, what = damage(cache_copy)
     before = snapshot(cache_copy)
-    code, _, err = cli(*train_args(world, cache_copy, tmp_path / "run", "--max-steps", "40", "--epochs", "1"))
+    code, _, err = cli(*train_args(tiny, cache_copy, tmp_path / "run", "--max-steps", "40", "--epochs", "1"))
     line = one_error_line(err)
     assert code == 2 and shard in line and what in line and "deltakd cache validate" in line, line
     if array:
@@ -196,16 +199,16 @@ def _hold_lock(folder):
     return p
 
 
-def test_one_writer_per_folder(world, cache_copy, tmp_path):
+def test_one_writer_per_folder(tiny, cache_copy, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     holders = [_hold_lock(cache_copy), _hold_lock(run)]
     try:
         before_cache, before_run = snapshot(cache_copy), snapshot(run)
         for args in (
-            build_args(world, cache_copy),
-            ["cache", "add-student", "--cache", cache_copy, "--student-base", world["student_base"]],
-            train_args(world, cache_copy, run),
+            build_args(tiny, cache_copy),
+            ["cache", "add-student", "--cache", cache_copy, "--student-base", tiny["student_base"]],
+            train_args(tiny, cache_copy, run),
         ):
             code, _, err = cli(*args)
             line = one_error_line(err)
@@ -230,35 +233,35 @@ def test_one_writer_per_folder(world, cache_copy, tmp_path):
     assert "no longer running" in err.getvalue() and not (run / HOLDER_FILE).exists()
 
 
-def test_build_rerun_after_add_student_keeps_the_student(world, tmp_path):
+def test_build_rerun_after_add_student_keeps_the_student(tiny, tmp_path):
     out, other = tmp_path / "c", tmp_path / "c2"
-    assert cli(*build_args(world, out, student=False))[0] == 0
-    assert cli("cache", "add-student", "--cache", out, "--student-base", world["student_base"])[0] == 0
+    assert cli(*build_args(tiny, out, student=False))[0] == 0
+    assert cli("cache", "add-student", "--cache", out, "--student-base", tiny["student_base"])[0] == 0
     before = snapshot(out / schema.STUDENT_DIR)
-    code, _, err = cli(*build_args(world, out, student=False))  # the same build command again
+    code, _, err = cli(*build_args(tiny, out, student=False))  # the same build command again
     assert code == 0, err
     m = json.loads((out / schema.MANIFEST).read_text())
-    assert m["student"] and m["student"]["checkpoint"]["path"] == str(Path(world["student_base"]).resolve())
+    assert m["student"] and m["student"]["checkpoint"]["path"] == str(Path(tiny["student_base"]).resolve())
     assert snapshot(out / schema.STUDENT_DIR) == before and validate(out) == []
     # Built with S0, then another student added, then the build re-run: S0's arrays come back, labelled S0.
-    assert cli(*build_args(world, other))[0] == 0
+    assert cli(*build_args(tiny, other))[0] == 0
     before = snapshot(other / schema.STUDENT_DIR)
-    assert cli("cache", "add-student", "--cache", other, "--student-base", world["teacher_base"])[0] == 0
+    assert cli("cache", "add-student", "--cache", other, "--student-base", tiny["teacher_base"])[0] == 0
     assert snapshot(other / schema.STUDENT_DIR) != before
-    code, _, err = cli(*build_args(world, other))
+    code, _, err = cli(*build_args(tiny, other))
     assert code == 0, err
     m = json.loads((other / schema.MANIFEST).read_text())
-    assert m["student"]["checkpoint"]["path"] == str(Path(world["student_base"]).resolve())
+    assert m["student"]["checkpoint"]["path"] == str(Path(tiny["student_base"]).resolve())
     assert snapshot(other / schema.STUDENT_DIR) == before and validate(other) == []
 
 
 # ------------------------------------------------------------------ 3. resume and identity
-def test_resume_checks_cache_identity_and_finished_runs_change_nothing(world, cache_copy, tmp_path):
+def test_resume_checks_cache_identity_and_finished_runs_change_nothing(tiny, cache_copy, tmp_path):
     run = tmp_path / "run"
-    code, _, err = cli(*train_args(world, cache_copy, run, "--max-steps", "2"))
+    code, _, err = cli(*train_args(tiny, cache_copy, run, "--max-steps", "2"))
     assert code == 0, err
     before = snapshot(run)
-    code, out, err = cli(*train_args(world, cache_copy, run, "--max-steps", "2"))
+    code, out, err = cli(*train_args(tiny, cache_copy, run, "--max-steps", "2"))
     assert code == 0 and "already finished" in out and snapshot(run) == before
     # An interrupted run (no final/) over a cache rebuilt at the same path is refused.
     shutil.rmtree(run / "final")
@@ -266,19 +269,19 @@ def test_resume_checks_cache_identity_and_finished_runs_change_nothing(world, ca
     m = json.loads((cache_copy / schema.MANIFEST).read_text())
     m["summary"]["rebuilt"] = True
     (cache_copy / schema.MANIFEST).write_text(json.dumps(m))
-    code, _, err = cli(*train_args(world, cache_copy, run, "--max-steps", "2"))
+    code, _, err = cli(*train_args(tiny, cache_copy, run, "--max-steps", "2"))
     line = one_error_line(err)
     assert code == 2 and "trained from another cache" in line and snapshot(run) == before
 
 
-def test_student_other_than_the_cache_student_base(world, cache_dir, tmp_path):
+def test_student_other_than_the_cache_student_base(tiny, cache_dir, tmp_path):
     # teacher_base shares the tokenizer, so only the student-base check can object.
     args = [
         "train",
         "--cache",
         cache_dir,
         "--student",
-        world["teacher_base"],
+        tiny["teacher_base"],
         "--loss",
         "p1",
         "--batch-tokens",
@@ -312,8 +315,8 @@ def test_student_other_than_the_cache_student_base(world, cache_dir, tmp_path):
         (["--w-kd", "-1"], "w_kd (--w-kd) must be >= 0"),
     ],
 )
-def test_strict_options(world, cache_dir, tmp_path, opts, match):
-    code, _, err = cli(*train_args(world, cache_dir, tmp_path / "r"), *opts)
+def test_strict_options(tiny, cache_dir, tmp_path, opts, match):
+    code, _, err = cli(*train_args(tiny, cache_dir, tmp_path / "r"), *opts)
     line = one_error_line(err)
     assert code == 2 and match in line, line
     assert not (tmp_path / "r").exists()
@@ -328,9 +331,9 @@ def test_strict_options(world, cache_dir, tmp_path, opts, match):
         ("lerning_rate = 1\n", "unknown config field(s): lerning_rate"),
     ],
 )
-def test_config_files_are_type_checked(world, cache_dir, tmp_path, text, match):
+def test_config_files_are_type_checked(tiny, cache_dir, tmp_path, text, match):
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'cache = "{cache_dir}"\nstudent = "{world["student_base"]}"\nout = "{tmp_path / "r"}"\n' + text)
+    cfg.write_text(f'cache = "{cache_dir}"\nstudent = "{tiny["student_base"]}"\nout = "{tmp_path / "r"}"\n' + text)
     code, _, err = cli("train", "--config", cfg)
     line = one_error_line(err)
     assert code == 2 and match in line and str(cfg) in line, line
@@ -353,10 +356,10 @@ def test_config_files_are_type_checked(world, cache_dir, tmp_path, text, match):
         (b'{"prompt": "a", "response": "b"}\n\n{"prompt": "caf\xe9", "response": "b"}\n', "train.jsonl:3: not UTF-8"),
     ],
 )
-def test_bad_records_name_file_and_line(world, tmp_path, raw, match):
+def test_bad_records_name_file_and_line(tiny, tmp_path, raw, match):
     data = tmp_path / "train.jsonl"
     data.write_bytes(raw)
-    args = build_args(world, tmp_path / "c")
+    args = build_args(tiny, tmp_path / "c")
     args[args.index("--data") + 1] = str(data)
     code, _, err = cli(*args)
     line = one_error_line(err)
@@ -365,21 +368,21 @@ def test_bad_records_name_file_and_line(world, tmp_path, raw, match):
 
 
 # ------------------------------------------------------------------ 5. no tracebacks
-def test_no_tracebacks_for_what_users_do(world, cache_copy, tmp_path, monkeypatch):
+def test_no_tracebacks_for_what_users_do(tiny, cache_copy, tmp_path, monkeypatch):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
     before = snapshot(cache_copy)
     cases = [
-        (build_args(world, a_file), "is a file, not a folder"),
-        (train_args(world, cache_copy, a_file), "is a file, not a folder"),
-        (train_args(world, cache_copy, tmp_path / "r", "--config", tmp_path / "nope.toml"), "no such file"),
+        (build_args(tiny, a_file), "is a file, not a folder"),
+        (train_args(tiny, cache_copy, a_file), "is a file, not a folder"),
+        (train_args(tiny, cache_copy, tmp_path / "r", "--config", tmp_path / "nope.toml"), "no such file"),
         (["train", "--cache", cache_copy, "--student", "runs/typo/student", "--out", tmp_path / "r"], "no such folder"),
         (["train", "--cache", cache_copy, "--student", "./s0", "--out", tmp_path / "r"], "no such folder"),
-        (build_args(world, tmp_path / "c", "--teacher-ft", "runs/ft"), "no such checkpoint folder"),
+        (build_args(tiny, tmp_path / "c", "--teacher-ft", "runs/ft"), "no such checkpoint folder"),
         (["cache", "inspect", cache_copy, "--example", "9999"], "--example 9999: the cache holds"),
         (["cache", "inspect", cache_copy, "--example", "-1"], "--example -1: the cache holds"),
         (
-            ["cache", "add-student", "--cache", tmp_path / "nocache", "--student-base", world["student_base"]],
+            ["cache", "add-student", "--cache", tmp_path / "nocache", "--student-base", tiny["student_base"]],
             "no such folder",
         ),
     ]
@@ -400,13 +403,13 @@ def test_no_tracebacks_for_what_users_do(world, cache_copy, tmp_path, monkeypatc
         monkeypatch.setattr(filelock.FileLock, "acquire", denied)
     else:
         ro.chmod(0o555)
-    code, _, err = cli(*train_args(world, cache_copy, ro))
+    code, _, err = cli(*train_args(tiny, cache_copy, ro))
     assert code == 2 and "is not writable (permission denied)" in one_error_line(err)
     monkeypatch.undo()
     assert snapshot(cache_copy) == before
 
 
-def test_full_disk_names_the_path_and_the_space_needed_and_resumes(world, tmp_path, monkeypatch):
+def test_full_disk_names_the_path_and_the_space_needed_and_resumes(tiny, tmp_path, monkeypatch):
     out = tmp_path / "c"
     real = schema.write_group
     calls = []
@@ -418,30 +421,30 @@ def test_full_disk_names_the_path_and_the_space_needed_and_resumes(world, tmp_pa
         real(group_dir, arrays)
 
     monkeypatch.setattr(schema, "write_group", full)
-    code, _, err = cli(*build_args(world, out))
+    code, _, err = cli(*build_args(tiny, out))
     line = one_error_line(err)
     assert code == 2 and "no space left on the device while writing" in line and str(out) in line, line
     assert "the next shard needs up to" in line and "B are free" in line
     monkeypatch.setattr(schema, "write_group", real)
-    code, _, err = cli(*build_args(world, out))  # space freed: the same command resumes
+    code, _, err = cli(*build_args(tiny, out))  # space freed: the same command resumes
     assert code == 0, err
     assert validate(out) == []
 
 
 # ------------------------------------------------------------------ 6. graceful stops
-def _train_cmd(world, cache, out):
+def _train_cmd(tiny, cache, out):
     return [
         sys.executable,
         "-m",
         "deltakd.cli",
-        *map(str, train_args(world, cache, out, "--max-steps", "6", "--save-every", "100", "--grad-accum", "2")),
+        *map(str, train_args(tiny, cache, out, "--max-steps", "6", "--save-every", "100", "--grad-accum", "2")),
     ]
 
 
 @pytest.fixture(scope="module")
-def reference_run(world, cache_dir, tmp_path_factory):
+def reference_run(tiny, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    res = subprocess.run(_train_cmd(world, cache_dir, out), capture_output=True, text=True)
+    res = subprocess.run(_train_cmd(tiny, cache_dir, out), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     return out
 
@@ -451,11 +454,11 @@ def _metrics(run):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_train_stops_gracefully_and_resumes_exactly(world, cache_dir, tmp_path, reference_run, sig):
+def test_train_stops_gracefully_and_resumes_exactly(tiny, cache_dir, tmp_path, reference_run, sig):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        _train_cmd(world, cache_dir, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        _train_cmd(tiny, cache_dir, run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     for line in proc.stdout:
         if line.startswith("step=2 "):
@@ -468,7 +471,7 @@ def test_train_stops_gracefully_and_resumes_exactly(world, cache_dir, tmp_path, 
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts and ckpts[-1] >= "step-000002" and not (run / "final").exists()
     assert not (run / HOLDER_FILE).exists()
-    res = subprocess.run(_train_cmd(world, cache_dir, run), capture_output=True, text=True, env=env)
+    res = subprocess.run(_train_cmd(tiny, cache_dir, run), capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = [m for m in _metrics(reference_run) if "loss" in m], [m for m in _metrics(run) if "loss" in m]
     assert [m["step"] for m in b] == list(range(1, 7))
@@ -477,11 +480,11 @@ def test_train_stops_gracefully_and_resumes_exactly(world, cache_dir, tmp_path, 
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
 
 
-def test_build_stops_gracefully_and_resumes(world, tmp_path):
+def test_build_stops_gracefully_and_resumes(tiny, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "c"
-    assert cli(*build_args(world, ref))[0] == 0
+    assert cli(*build_args(tiny, ref))[0] == 0
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deltakd.cli", *map(str, build_args(world, out))],
+        [sys.executable, "-m", "deltakd.cli", *map(str, build_args(tiny, out))],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -498,7 +501,7 @@ def test_build_stops_gracefully_and_resumes(world, tmp_path):
     )
     assert 1 <= len(list(out.glob("shards/shard-?????"))) < len(list(ref.glob("shards/shard-?????")))
     assert not list(out.rglob("*.partial")) and not (out / schema.MANIFEST).exists()
-    code, _, err = cli(*build_args(world, out))
+    code, _, err = cli(*build_args(tiny, out))
     assert code == 0, err
     ca, cb = snapshot(ref / schema.TEACHER_DIR), snapshot(out / schema.TEACHER_DIR)
     assert ca == cb and validate(out) == []

@@ -10,22 +10,25 @@ import torch
 from deltakd.student.data import StreamingLoader
 from deltakd.student.trainer import TrainConfig, Trainer
 
+# Launches processes, servers or whole pipelines: the full suite runs it, the quick tier does not.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
-def exact_cache(world, tmp_path_factory):
+def exact_cache(tiny, tmp_path_factory):
     """A cache whose support is the whole vocabulary, values in float32: the cached twin of the online reference."""
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     out = tmp_path_factory.mktemp("exact") / "c"
     build_cache(
         CacheBuildConfig(
-            teacher_ft=world["teacher_ft"],
-            teacher_base=world["teacher_base"],
-            data=world["data"],
+            teacher_ft=tiny["teacher_ft"],
+            teacher_base=tiny["teacher_base"],
+            data=tiny["data"],
             out=str(out),
-            student_base=world["student_base"],
+            student_base=tiny["student_base"],
             support="topk",
-            top_k=world["vocab"],
+            top_k=tiny["vocab"],
             mode="sequential",
             tail_samples=0,
             max_length=64,
@@ -45,21 +48,21 @@ def exact_cache(world, tmp_path_factory):
         dict(w_sft=0.3, w_kd=1.0, w_p3=1.0),
     ],
 )
-def test_online_reference_equals_a_full_vocabulary_cache(world, exact_cache, tmp_path, opts):
+def test_online_reference_equals_a_full_vocabulary_cache(tiny, exact_cache, tmp_path, opts):
     """Same batch, same student: the online targets (three frozen models, full vocabulary, floor −12) give the
     loss and gradient of a cache that stores the whole vocabulary; a wrong model, floor or row order would not."""
     from benchmarks.online_ref import OnlineTrainer
 
     cfg = TrainConfig(
         cache=exact_cache,
-        student=world["student_base"],
+        student=tiny["student_base"],
         out=str(tmp_path / "r"),
         batch_tokens=256,
         chunk_rows=17,
         **opts,
     )
     cached = Trainer(cfg)
-    online = OnlineTrainer(cfg, world["teacher_ft"], world["teacher_base"], world["student_base"], floor=-12.0)
+    online = OnlineTrainer(cfg, tiny["teacher_ft"], tiny["teacher_base"], tiny["student_base"], floor=-12.0)
     assert cached.spec.floor == online.spec.floor == -12.0
     batch = next(iter(StreamingLoader(cached.reader, batch_tokens=256, with_student=True, seed=0)))
     out = []
@@ -73,17 +76,17 @@ def test_online_reference_equals_a_full_vocabulary_cache(world, exact_cache, tmp
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-3, atol=1e-6)
 
 
-def test_online_reference_differs_from_a_truncated_cache(world, cache_dir, tmp_path):
+def test_online_reference_differs_from_a_truncated_cache(tiny, cache_dir, tmp_path):
     """The comparison can fail: on a top-16 union cache the online P1 loss is not the cached one."""
     from benchmarks.online_ref import OnlineTrainer
 
     cfg = TrainConfig(
-        cache=cache_dir, student=world["student_base"], out=str(tmp_path / "r"), loss="p1", batch_tokens=256
+        cache=cache_dir, student=tiny["student_base"], out=str(tmp_path / "r"), loss="p1", batch_tokens=256
     )
     batch = next(iter(StreamingLoader(Trainer(cfg).reader, batch_tokens=256, with_student=True, seed=0)))
     with torch.no_grad():
         a = Trainer(cfg).forward_loss(batch)[1]
-        b = OnlineTrainer(cfg, world["teacher_ft"], world["teacher_base"], world["student_base"], -12.0).forward_loss(
+        b = OnlineTrainer(cfg, tiny["teacher_ft"], tiny["teacher_base"], tiny["student_base"], -12.0).forward_loss(
             batch
         )[1]
     assert not torch.allclose(a, b, rtol=1e-4)
@@ -95,7 +98,6 @@ def test_real_pair_smoke_runs_end_to_end_on_a_stand_in(tmp_path, capsys):
     import random
 
     from benchmarks import real_pair
-
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     rng = random.Random(0)

@@ -26,15 +26,15 @@ from deltakd.runtime.checkpoints import CheckpointError
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # relative rounding of each value dtype
 
 
-def build(world, out, student=True, **kw):
+def build(tiny, out, student=True, **kw):
     if kw.get("mode") == "sequential":
         kw.setdefault("tail_samples", 0)  # samples are drawn in lockstep builds only
     cfg = CacheBuildConfig(
-        teacher_ft=world["teacher_ft"],
-        teacher_base=world["teacher_base"],
-        data=world["data"],
+        teacher_ft=tiny["teacher_ft"],
+        teacher_base=tiny["teacher_base"],
+        data=tiny["data"],
         out=str(out),
-        student_base=world["student_base"] if student else None,
+        student_base=tiny["student_base"] if student else None,
         **{"top_k": 16, "max_length": 64, "batch_size": 3, "shard_tokens": 200, "chunk_rows": 7, **kw},
     )
     return build_cache(cfg)
@@ -86,21 +86,19 @@ def reference_sources(lT, lB, lS, support, alphas, floor):
         ("union", "lockstep", "float32", 5),
     ],
 )
-def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, mode, dtype, samples):
+def test_cached_values_equal_float64_full_vocabulary(tiny, tmp_path, support, mode, dtype, samples):
     min_tail = 0.2
-    build(
-        world, tmp_path / "c", dtype=dtype, support=support, mode=mode, tail_samples=samples, sample_min_tail=min_tail
-    )
+    build(tiny, tmp_path / "c", dtype=dtype, support=support, mode=mode, tail_samples=samples, sample_min_tail=min_tail)
     r = CacheReader(tmp_path / "c")
-    V, k, tol, floor = world["vocab"], r.k, TOL[dtype], -12.0
+    V, k, tol, floor = tiny["vocab"], r.k, TOL[dtype], -12.0
     alphas = (0.5, 1.0, 1.5)
     assert r.vocab_size == V and r.has_student and len(r) == 24 and r.support == support
     assert r.alphas == (alphas if mode == "lockstep" else ()) and r.floor == floor
     n_checked = widths = n_sampled_rows = 0
     for seq in r.iter_sequences():
-        lT = full_logprobs64(world["teacher_ft"], seq.tokens, V)
-        lB = full_logprobs64(world["teacher_base"], seq.tokens, V)
-        lS = full_logprobs64(world["student_base"], seq.tokens, V)
+        lT = full_logprobs64(tiny["teacher_ft"], seq.tokens, V)
+        lB = full_logprobs64(tiny["teacher_base"], seq.tokens, V)
+        lS = full_logprobs64(tiny["student_base"], seq.tokens, V)
         pos = seq.loss_mask.nonzero()[:, 0]
         assert len(pos) == len(seq.support_ids) > 0
         for row, t in enumerate(pos.tolist()):
@@ -158,9 +156,9 @@ def test_cached_values_equal_float64_full_vocabulary(world, tmp_path, support, m
     assert validate(tmp_path / "c") == []
 
 
-def test_lockstep_equals_sequential_for_topk(world, tmp_path):
-    build(world, tmp_path / "lock", support="topk", mode="lockstep", dtype="float32", tail_samples=0)
-    build(world, tmp_path / "seq", support="topk", mode="sequential", dtype="float32")
+def test_lockstep_equals_sequential_for_topk(tiny, tmp_path):
+    build(tiny, tmp_path / "lock", support="topk", mode="lockstep", dtype="float32", tail_samples=0)
+    build(tiny, tmp_path / "seq", support="topk", mode="sequential", dtype="float32")
     a, b = cache_content(tmp_path / "lock"), cache_content(tmp_path / "seq")
     # Only lockstep sees the three distributions at once, so only it stores pi*'s exact tails: one
     # tail_star per student shard, and every other array of both caches is the same.
@@ -175,10 +173,10 @@ def test_lockstep_equals_sequential_for_topk(world, tmp_path):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_k_equal_to_vocabulary_has_empty_tail(world, tmp_path):
-    build(world, tmp_path / "c", student=False, top_k=10_000, dtype="float32")
+def test_k_equal_to_vocabulary_has_empty_tail(tiny, tmp_path):
+    build(tiny, tmp_path / "c", student=False, top_k=10_000, dtype="float32")
     r = CacheReader(tmp_path / "c")
-    assert r.k == world["vocab"]
+    assert r.k == tiny["vocab"]
     seq = next(r.iter_sequences())
     assert torch.isneginf(seq.tail_ft).all() and torch.isneginf(seq.tail_base).all()
     np.testing.assert_allclose(seq.logp_ft.exp().sum(1).numpy(), 1.0, rtol=1e-5)
@@ -189,7 +187,7 @@ def _cli(*args, env=None):
     return [sys.executable, "-m", "deltakd.cli", *args]
 
 
-def _build_args(world, out, **kw):
+def _build_args(tiny, out, **kw):
     opts = {
         "top_k": 16,
         "max_length": 64,
@@ -203,13 +201,13 @@ def _build_args(world, out, **kw):
         "cache",
         "build",
         "--teacher-ft",
-        world["teacher_ft"],
+        tiny["teacher_ft"],
         "--teacher-base",
-        world["teacher_base"],
+        tiny["teacher_base"],
         "--student-base",
-        world["student_base"],
+        tiny["student_base"],
         "--data",
-        world["data"],
+        tiny["data"],
         "--out",
         str(out),
     ]
@@ -222,11 +220,11 @@ def _build_args(world, out, **kw):
     "kill_when,mode,support",
     [("staged", "sequential", "topk"), ("committed", "sequential", "topk"), ("committed", "lockstep", "union")],
 )
-def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when, mode, support):
+def test_killed_build_resumes_to_identical_content(tiny, tmp_path, kill_when, mode, support):
     ref = tmp_path / "ref"
-    build(world, ref, shard_tokens=120, batch_size=2, mode=mode, support=support)
+    build(tiny, ref, shard_tokens=120, batch_size=2, mode=mode, support=support)
     out = tmp_path / "killed"
-    args = _build_args(world, out, mode=mode, support=support)
+    args = _build_args(tiny, out, mode=mode, support=support)
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -248,11 +246,11 @@ def test_killed_build_resumes_to_identical_content(world, tmp_path, kill_when, m
     assert not list(out.rglob("*.partial"))
 
 
-def test_two_ranks_give_the_same_content_as_one(world, tmp_path):
+def test_two_ranks_give_the_same_content_as_one(tiny, tmp_path):
     # Bit-identical content needs the same float reduction order: one thread everywhere.
     env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
-    res = subprocess.run(_cli(*_build_args(world, ref, batch_size=2)), capture_output=True, text=True, env=env)
+    res = subprocess.run(_cli(*_build_args(tiny, ref, batch_size=2)), capture_output=True, text=True, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     out = tmp_path / "ddp"
     res = subprocess.run(
@@ -266,7 +264,7 @@ def test_two_ranks_give_the_same_content_as_one(world, tmp_path):
             "29617",
             "-m",
             "deltakd.cli",
-            *_build_args(world, out, batch_size=2),
+            *_build_args(tiny, out, batch_size=2),
         ],
         capture_output=True,
         text=True,
@@ -278,25 +276,25 @@ def test_two_ranks_give_the_same_content_as_one(world, tmp_path):
     assert m["summary"]["world_size"] == 2 and m["totals"]["n_seqs"] == 24
 
 
-def test_add_student_equals_building_with_the_student(world, tmp_path):
-    build(world, tmp_path / "with", support="topk", mode="sequential")
-    build(world, tmp_path / "later", student=False, support="topk", mode="sequential")
+def test_add_student_equals_building_with_the_student(tiny, tmp_path):
+    build(tiny, tmp_path / "with", support="topk", mode="sequential")
+    build(tiny, tmp_path / "later", student=False, support="topk", mode="sequential")
     assert not CacheReader(tmp_path / "later").has_student
-    add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=world["student_base"], batch_size=5))
+    add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=tiny["student_base"], batch_size=5))
     assert_same_content(tmp_path / "with", tmp_path / "later")
     assert validate(tmp_path / "later") == []
     # Replacing with another student (here: the teacher base, same tokenizer) rewrites the arrays.
-    add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=world["teacher_base"]))
+    add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=tiny["teacher_base"]))
     m = CacheReader(tmp_path / "later").manifest
-    assert m["student"]["checkpoint"]["path"] == str(Path(world["teacher_base"]).resolve())
+    assert m["student"]["checkpoint"]["path"] == str(Path(tiny["teacher_base"]).resolve())
     assert validate(tmp_path / "later") == []
     assert not (tmp_path / "later" / "stage").exists()
 
 
-def test_add_student_on_a_union_cache_says_what_it_cannot_provide(world, tmp_path, capsys):
-    build(world, tmp_path / "u")
+def test_add_student_on_a_union_cache_says_what_it_cannot_provide(tiny, tmp_path, capsys):
+    build(tiny, tmp_path / "u")
     assert CacheReader(tmp_path / "u").alphas == (0.5, 1.0, 1.5)
-    add_student(AddStudentConfig(cache=str(tmp_path / "u"), student_base=world["teacher_base"]))
+    add_student(AddStudentConfig(cache=str(tmp_path / "u"), student_base=tiny["teacher_base"]))
     err = capsys.readouterr().err
     assert "union support" in err and "exact target tails" in err and "Rebuild with --student-base" in err
     r = CacheReader(tmp_path / "u")
@@ -306,8 +304,8 @@ def test_add_student_on_a_union_cache_says_what_it_cannot_provide(world, tmp_pat
     )
 
 
-def test_validate_names_the_shard_and_array_of_a_flipped_byte(world, tmp_path):
-    build(world, tmp_path / "c")
+def test_validate_names_the_shard_and_array_of_a_flipped_byte(tiny, tmp_path):
+    build(tiny, tmp_path / "c")
     assert validate(tmp_path / "c") == []
     chunk = next(
         p for p in (tmp_path / "c" / schema.TEACHER_DIR / "shard-00001" / "logp_base" / "c").rglob("*") if p.is_file()
@@ -321,52 +319,52 @@ def test_validate_names_the_shard_and_array_of_a_flipped_byte(world, tmp_path):
     assert res.returncode == 1 and "shard-00001" in res.stderr
 
 
-def test_refuses_a_folder_built_with_other_settings(world, tmp_path):
-    build(world, tmp_path / "c")
-    m = build(world, tmp_path / "c")  # same settings: a no-op resume that keeps the provenance whole
-    assert m["data"]["path"] == str(Path(world["data"]).resolve()) and m["summary"]["shards_built_this_run"] == 0
+def test_refuses_a_folder_built_with_other_settings(tiny, tmp_path):
+    build(tiny, tmp_path / "c")
+    m = build(tiny, tmp_path / "c")  # same settings: a no-op resume that keeps the provenance whole
+    assert m["data"]["path"] == str(Path(tiny["data"]).resolve()) and m["summary"]["shards_built_this_run"] == 0
     with pytest.raises(ValueError, match="other inputs or settings.*k"):
-        build(world, tmp_path / "c", top_k=8)
+        build(tiny, tmp_path / "c", top_k=8)
 
 
-def test_truncation_is_counted(world, tmp_path):
-    m = build(world, tmp_path / "c", max_length=24)
+def test_truncation_is_counted(tiny, tmp_path):
+    m = build(tiny, tmp_path / "c", max_length=24)
     assert m["summary"]["n_truncated"] > 0
     r = CacheReader(tmp_path / "c")
     assert all(len(s.tokens) <= 24 and s.loss_mask.any() for s in r.iter_sequences())
     assert len(r) == 24  # truncated, none dropped
 
 
-def _bad_input(world, tmp_path, **over):
+def _bad_input(tiny, tmp_path, **over):
     args = {
-        "teacher_ft": world["teacher_ft"],
-        "teacher_base": world["teacher_base"],
-        "data": world["data"],
+        "teacher_ft": tiny["teacher_ft"],
+        "teacher_base": tiny["teacher_base"],
+        "data": tiny["data"],
         "out": str(tmp_path / "c"),
         **over,
     }
     build_cache(CacheBuildConfig(**args))
 
 
-def test_refuses_mismatched_tokenizers(world, tmp_path):
+def test_refuses_mismatched_tokenizers(tiny, tmp_path):
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     other_tok = train_tokenizer(["completely different words here"] * 10, 280, tmp_path / "tok2")
     other = save_checkpoint(tiny_llama(len(other_tok), tokenizer=other_tok), other_tok, tmp_path / "other")
     with pytest.raises(CheckpointError, match="tokenizers of teacher_base .* differ"):
-        _bad_input(world, tmp_path, teacher_base=other)
+        _bad_input(tiny, tmp_path, teacher_base=other)
     assert not (tmp_path / "c").exists()  # refused before anything was written
 
 
-def test_refuses_a_vocabulary_smaller_than_the_tokenizer(world, tmp_path):
+def test_refuses_a_vocabulary_smaller_than_the_tokenizer(tiny, tmp_path):
     from transformers import AutoTokenizer
 
     from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(world["teacher_ft"])
-    small = save_checkpoint(tiny_llama(world["vocab"] - 5, tokenizer=tok), tok, tmp_path / "small")
+    tok = AutoTokenizer.from_pretrained(tiny["teacher_ft"])
+    small = save_checkpoint(tiny_llama(tiny["vocab"] - 5, tokenizer=tok), tok, tmp_path / "small")
     with pytest.raises(CheckpointError, match="output rows but its tokenizer has"):
-        _bad_input(world, tmp_path, teacher_base=small)
+        _bad_input(tiny, tmp_path, teacher_base=small)
 
 
 @pytest.mark.parametrize(
@@ -378,31 +376,31 @@ def test_refuses_a_vocabulary_smaller_than_the_tokenizer(world, tmp_path):
         ('{"text": "x"}\n', r"train.jsonl:1: record has neither"),
     ],
 )
-def test_refuses_bad_data_with_file_and_line(world, tmp_path, content, match):
+def test_refuses_bad_data_with_file_and_line(tiny, tmp_path, content, match):
     p = tmp_path / "train.jsonl"
     p.write_text(content)
     with pytest.raises(DataError, match=match):
-        _bad_input(world, tmp_path, data=str(p))
+        _bad_input(tiny, tmp_path, data=str(p))
     with pytest.raises(DataError, match="cannot read"):
-        _bad_input(world, tmp_path, data=str(tmp_path / "missing.jsonl"))
+        _bad_input(tiny, tmp_path, data=str(tmp_path / "missing.jsonl"))
 
 
-def test_nan_teacher_stops_with_the_example_id(world, tmp_path):
+def test_nan_teacher_stops_with_the_example_id(tiny, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    m = AutoModelForCausalLM.from_pretrained(world["teacher_base"])
+    m = AutoModelForCausalLM.from_pretrained(tiny["teacher_base"])
     with torch.no_grad():
         m.lm_head.weight[5] = float("nan")
     m.save_pretrained(tmp_path / "nan")
-    AutoTokenizer.from_pretrained(world["teacher_base"]).save_pretrained(tmp_path / "nan")
+    AutoTokenizer.from_pretrained(tiny["teacher_base"]).save_pretrained(tmp_path / "nan")
     with pytest.raises(FloatingPointError, match="base checkpoint produced NaN/Inf log-probs for example"):
-        _bad_input(world, tmp_path, teacher_base=str(tmp_path / "nan"))
+        _bad_input(tiny, tmp_path, teacher_base=str(tmp_path / "nan"))
 
 
-def test_reader_refuses_unfinished_and_future_caches(world, tmp_path):
+def test_reader_refuses_unfinished_and_future_caches(tiny, tmp_path):
     with pytest.raises(schema.CacheFormatError, match="no manifest.json"):
         CacheReader(tmp_path)
-    build(world, tmp_path / "c", student=False)
+    build(tiny, tmp_path / "c", student=False)
     m = json.loads((tmp_path / "c" / schema.MANIFEST).read_text())
     m["format_version"] = 99
     (tmp_path / "c" / schema.MANIFEST).write_text(json.dumps(m))

@@ -11,6 +11,9 @@ import pytest
 
 from deltakd.student.eval import read_eval_examples, rouge_l
 
+# Launches processes, servers or whole pipelines: the full suite runs it, the quick tier does not.
+pytestmark = pytest.mark.integration
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "self_inst_user_oriented_instructions.jsonl"
 
 

@@ -146,7 +146,7 @@ def test_two_ranks_accumulating_two_equal_one_rank_accumulating_four(cache_dir):
 
 # ---------------------------------------------------------------- decoded chunks
 @pytest.fixture(scope="module")
-def chunky_cache(world, tmp_path_factory):
+def chunky_cache(tiny, tmp_path_factory):
     """Two large shards whose arrays are cut into many small chunks (as a 65536-token shard is into ~10)."""
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
@@ -159,11 +159,11 @@ def chunky_cache(world, tmp_path_factory):
     try:
         build_cache(
             CacheBuildConfig(
-                teacher_ft=world["teacher_ft"],
-                teacher_base=world["teacher_base"],
+                teacher_ft=tiny["teacher_ft"],
+                teacher_base=tiny["teacher_base"],
                 data=data,
                 out=str(out),
-                student_base=world["student_base"],
+                student_base=tiny["student_base"],
                 top_k=16,
                 max_length=64,
                 shard_tokens=1600,
@@ -247,14 +247,14 @@ def test_a_rank_decodes_only_its_share_of_each_shard(chunky_cache, monkeypatch, 
     assert extra <= 0.25 * total
 
 
-def test_a_resume_with_another_world_or_accumulation_is_refused(world, cache_dir, tmp_path):
+def test_a_resume_with_another_world_or_accumulation_is_refused(tiny, cache_dir, tmp_path):
     """The batch order depends on world × grad_accum: a run resumed with either changed would see other batches."""
     import dataclasses
 
     from deltakd.student.checkpointing import find_resume
     from deltakd.student.trainer import TrainConfig
 
-    cfg = TrainConfig(cache=cache_dir, student=world["student_base"], out=str(tmp_path), loss="kd", grad_accum=2)
+    cfg = TrainConfig(cache=cache_dir, student=tiny["student_base"], out=str(tmp_path), loss="kd", grad_accum=2)
     ck = tmp_path / "checkpoints" / "step-000004"
     ck.mkdir(parents=True)
     (ck / "state.json").write_text(

@@ -19,6 +19,9 @@ moto_server = pytest.importorskip("moto.server")
 from deltakd.cache.format.reader import CacheReader  # noqa: E402
 from deltakd.cache.format.validate import validate  # noqa: E402
 
+# Launches processes, servers or whole pipelines: the full suite runs it, the quick tier does not.
+pytestmark = pytest.mark.integration
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "deltakd-test",
     "AWS_SECRET_ACCESS_KEY": "deltakd-test",
@@ -51,7 +54,7 @@ def s3(monkeypatch_module=None):
     server.stop()
 
 
-def _build_args(world, out, **kw):
+def _build_args(tiny, out, **kw):
     # A few shards (the test kills the build after the first commits; ~4 here): each shard is
     # dozens of objects, and the local S3 server makes every object a round trip.
     opts = {"top_k": 8, "max_length": 64, "batch_size": 2, "shard_tokens": 300, "chunk_rows": 7, **kw}
@@ -62,13 +65,13 @@ def _build_args(world, out, **kw):
         "cache",
         "build",
         "--teacher-ft",
-        world["teacher_ft"],
+        tiny["teacher_ft"],
         "--teacher-base",
-        world["teacher_base"],
+        tiny["teacher_base"],
         "--student-base",
-        world["student_base"],
+        tiny["student_base"],
         "--data",
-        world["data"],
+        tiny["data"],
         "--out",
         str(out),
     ]
@@ -86,13 +89,13 @@ def shard_arrays(root) -> dict:
     return out
 
 
-def test_build_kill_resume_train_validate_in_s3(world, tmp_path, s3):
+def test_build_kill_resume_train_validate_in_s3(tiny, tmp_path, s3):
     import s3fs
 
     local = tmp_path / "local"
-    assert subprocess.run(_build_args(world, local), capture_output=True).returncode == 0
+    assert subprocess.run(_build_args(tiny, local), capture_output=True).returncode == 0
     url = f"{s3}/caches/c1"
-    proc = subprocess.Popen(_build_args(world, url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_build_args(tiny, url), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     fs = s3fs.S3FileSystem()
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -105,7 +108,7 @@ def test_build_kill_resume_train_validate_in_s3(world, tmp_path, s3):
     proc.wait()
     fs.invalidate_cache()
     assert not fs.exists(f"{url[5:]}/manifest.json")
-    res = subprocess.run(_build_args(world, url), capture_output=True, text=True)
+    res = subprocess.run(_build_args(tiny, url), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     # The same content as a build on a local disk.
     a, b = shard_arrays(local), shard_arrays(url)
@@ -124,7 +127,7 @@ def test_build_kill_resume_train_validate_in_s3(world, tmp_path, s3):
             "--cache",
             url,
             "--student",
-            world["student_base"],
+            tiny["student_base"],
             "--out",
             str(out),
             "--loss",
@@ -156,7 +159,7 @@ def test_build_kill_resume_train_validate_in_s3(world, tmp_path, s3):
             "--cache",
             url,
             "--student-base",
-            world["teacher_base"],
+            tiny["teacher_base"],
         ],
         capture_output=True,
         text=True,

@@ -19,6 +19,9 @@ from deltakd.cache.format.reader import CacheReader
 from deltakd.runtime import dist
 from deltakd.student.data import StreamingLoader
 
+# Launches processes, servers or whole pipelines: the full suite runs it, the quick tier does not.
+pytestmark = pytest.mark.integration
+
 GUARD = str(Path(__file__).parent / "collective_guard.py")
 ENV = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -119,13 +122,13 @@ def _weights(out) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tied_student(world, tmp_path_factory):
+def tied_student(tiny, tmp_path_factory):
     """A student whose output layer is its input embedding (as SmolLM2's)."""
     from transformers import AutoTokenizer
 
     from deltakd.demo.tiny import save_checkpoint, tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(world["student_base"])
+    tok = AutoTokenizer.from_pretrained(tiny["student_base"])
     m = tiny_llama(len(tok), hidden=32, seed=4, tokenizer=tok, tie=True)
     assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
     return save_checkpoint(m, tok, tmp_path_factory.mktemp("tied") / "s")
@@ -135,8 +138,8 @@ def tied_student(world, tmp_path_factory):
 LOSSES = {"sft": "tied", "kd": "untied", "p1": "tied"}
 
 
-def _args(world, cache_dir, tied_student, loss, out, grad_accum, extra=()):
-    student = tied_student if LOSSES[loss] == "tied" else world["student_base"]
+def _args(tiny, cache_dir, tied_student, loss, out, grad_accum, extra=()):
+    student = tied_student if LOSSES[loss] == "tied" else tiny["student_base"]
     return [
         "train",
         "--cache",
@@ -183,7 +186,7 @@ def _two_ranks(args, log_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def runs(world, cache_dir, tied_student, tmp_path_factory):
+def runs(tiny, cache_dir, tied_student, tmp_path_factory):
     """Finished runs by (mode, loss), made on first use: 'one' is one process accumulating 2 micro-batches."""
     root, done = tmp_path_factory.mktemp("runs"), {}
 
@@ -191,10 +194,10 @@ def runs(world, cache_dir, tied_student, tmp_path_factory):
         if (mode, loss) not in done:
             out = root / f"{mode}-{loss}"
             if mode == "one":
-                cmd = [sys.executable, "-m", "deltakd.cli", *_args(world, cache_dir, tied_student, loss, out, 2)]
+                cmd = [sys.executable, "-m", "deltakd.cli", *_args(tiny, cache_dir, tied_student, loss, out, 2)]
             else:
                 cmd = _two_ranks(
-                    _args(world, cache_dir, tied_student, loss, out, 1, ["--parallel", mode]),
+                    _args(tiny, cache_dir, tied_student, loss, out, 1, ["--parallel", mode]),
                     root / f"guard-{mode}-{loss}",
                 )
             res = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
@@ -264,10 +267,10 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student, runs, tmp_path):
+def test_killed_fsdp_run_resumes_as_uninterrupted(tiny, cache_dir, tied_student, runs, tmp_path):
     ref = runs("fsdp", "p1")
     out = tmp_path / "run"
-    cmd = _two_ranks(_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]), tmp_path / "g")
+    cmd = _two_ranks(_args(tiny, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]), tmp_path / "g")
     # Killed after step 3 (checkpoint at 2), all ranks at once, as a node failure would.
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True
@@ -279,7 +282,7 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
     proc.wait()
     assert (out / "checkpoints" / "step-000002" / "sharded").is_dir() and not (out / "final").exists()
     res = subprocess.run(
-        _two_ranks(_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]), tmp_path / "g"),
+        _two_ranks(_args(tiny, cache_dir, tied_student, "p1", out, 1, ["--parallel", "fsdp"]), tmp_path / "g"),
         capture_output=True,
         text=True,
         env=ENV,
@@ -300,7 +303,7 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(world, cache_dir, tied_student
             sys.executable,
             "-m",
             "deltakd.cli",
-            *_args(world, cache_dir, tied_student, "p1", out, 1, ["--parallel", "ddp"]),
+            *_args(tiny, cache_dir, tied_student, "p1", out, 1, ["--parallel", "ddp"]),
         ],
         capture_output=True,
         text=True,
@@ -361,7 +364,7 @@ def test_a_rank_converts_only_its_rows(cache_dir, monkeypatch):
 
 
 # ---------------------------------------------------------------- teachers larger than one GPU
-def test_teacher_sharding_is_refused_without_a_gpu(world, tmp_path):
+def test_teacher_sharding_is_refused_without_a_gpu(tiny, tmp_path):
     res = subprocess.run(
         [
             sys.executable,
@@ -370,11 +373,11 @@ def test_teacher_sharding_is_refused_without_a_gpu(world, tmp_path):
             "cache",
             "build",
             "--teacher-ft",
-            world["teacher_ft"],
+            tiny["teacher_ft"],
             "--teacher-base",
-            world["teacher_base"],
+            tiny["teacher_base"],
             "--data",
-            world["data"],
+            tiny["data"],
             "--out",
             str(tmp_path / "c"),
             "--device",
@@ -396,11 +399,11 @@ def test_teacher_sharding_is_refused_without_a_gpu(world, tmp_path):
             "cache",
             "build",
             "--teacher-ft",
-            world["teacher_ft"],
+            tiny["teacher_ft"],
             "--teacher-base",
-            world["teacher_base"],
+            tiny["teacher_base"],
             "--data",
-            world["data"],
+            tiny["data"],
             "--out",
             str(tmp_path / "c"),
             "--teacher-sharding",
@@ -416,10 +419,10 @@ def test_teacher_sharding_is_refused_without_a_gpu(world, tmp_path):
     assert not (tmp_path / "c" / "shards").exists()  # refused before any model ran
 
 
-def test_teacher_sharding_choices_on_a_gpu_node(world, fake_gpus, monkeypatch):
+def test_teacher_sharding_choices_on_a_gpu_node(tiny, fake_gpus, monkeypatch):
     from deltakd.cache.build.forward import resolve_sharding
 
-    teachers = [world["teacher_ft"], world["teacher_base"]]  # Llama: transformers has a TP plan
+    teachers = [tiny["teacher_ft"], tiny["teacher_base"]]  # Llama: transformers has a TP plan
     with pytest.raises(ValueError, match="needs --device cuda"):
         resolve_sharding("tp", "cpu", teachers)
     assert resolve_sharding("auto", "cuda", teachers) == "device_map"  # one process: layers over its GPUs
@@ -439,7 +442,7 @@ def test_teacher_sharding_choices_on_a_gpu_node(world, fake_gpus, monkeypatch):
         resolve_sharding("tp", "cuda", teachers)
 
 
-def test_sharded_loading_hands_the_choice_to_transformers(world, monkeypatch):
+def test_sharded_loading_hands_the_choice_to_transformers(tiny, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from deltakd.cache.build.forward import load_model
@@ -452,11 +455,11 @@ def test_sharded_loading_hands_the_choice_to_transformers(world, monkeypatch):
             return self
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kw: seen.append(kw) or Fake())
-    load_model(world["teacher_ft"], None, "bfloat16", "device_map")
+    load_model(tiny["teacher_ft"], None, "bfloat16", "device_map")
     assert seen == [{"dtype": torch.bfloat16, "device_map": "auto"}]  # placed by accelerate, never moved after
     seen.clear()
     monkeypatch.setenv("WORLD_SIZE", "8")
-    load_model(world["teacher_ft"], None, "bfloat16", "tp")
+    load_model(tiny["teacher_ft"], None, "bfloat16", "tp")
     cfg = seen[0].get("distributed_config")
     assert (
         (cfg.tp_plan, cfg.tp_size) == ("auto", 8)
@@ -465,5 +468,5 @@ def test_sharded_loading_hands_the_choice_to_transformers(world, monkeypatch):
     )
     assert len(seen) == 1
     seen.clear()
-    load_model(world["teacher_ft"], torch.device("cpu"), "float32")
+    load_model(tiny["teacher_ft"], torch.device("cpu"), "float32")
     assert seen == [{"dtype": torch.float32}, ("to", (torch.device("cpu"),))]

@@ -18,10 +18,10 @@ from deltakd.student.data import StreamingLoader
 from deltakd.student.trainer import TrainConfig, Trainer, train
 
 
-def cfg_for(world, cache_dir, out, **kw):
+def cfg_for(tiny, cache_dir, out, **kw):
     base = dict(
         cache=cache_dir,
-        student=world["student_base"],
+        student=tiny["student_base"],
         out=str(out),
         loss="p1",
         max_steps=6,
@@ -100,10 +100,10 @@ def _grads(tr, micro):
     return torch.cat([p.grad.flatten() for p in tr.params]).clone(), res
 
 
-def test_one_batch_of_n_equals_n_micro_batches(world, cache_dir, tmp_path):
+def test_one_batch_of_n_equals_n_micro_batches(tiny, cache_dir, tmp_path):
     """Normalisation is per step: a 1xN and an Nx1 split give the same gradient."""
     tr = Trainer(
-        cfg_for(world, cache_dir, tmp_path / "a", loss=None, w_kd=1.0, w_p3=1.0, w_sft=0.5, lr=0.0, warmup_steps=0)
+        cfg_for(tiny, cache_dir, tmp_path / "a", loss=None, w_kd=1.0, w_p3=1.0, w_sft=0.5, lr=0.0, warmup_steps=0)
     )
     batches = [b for _, b in zip(range(4), StreamingLoader(tr.reader, batch_tokens=120, with_student=True, seed=0))]
     assert len({b.n_supervised for b in batches}) > 1  # unequal token counts make the test meaningful
@@ -131,9 +131,9 @@ def _metrics(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(world, cache_dir, tmp_path):
-    ref = train(cfg_for(world, cache_dir, tmp_path / "ref"))
-    cfg = cfg_for(world, cache_dir, tmp_path / "run")
+def test_killed_and_resumed_run_matches_uninterrupted(tiny, cache_dir, tmp_path):
+    ref = train(cfg_for(tiny, cache_dir, tmp_path / "ref"))
+    cfg = cfg_for(tiny, cache_dir, tmp_path / "run")
     # Stop after step 4 (checkpoint at 3), as a crash would; then resume with the same command.
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "deltakd.cli", "train"]
@@ -160,13 +160,13 @@ def test_killed_and_resumed_run_matches_uninterrupted(world, cache_dir, tmp_path
     assert ref["eval_p1"] == pytest.approx(_metrics(cfg.out)[-1]["eval_p1"], rel=1e-5)
 
 
-def test_two_ranks_match_one_rank_with_the_same_global_batch(world, cache_dir, tmp_path):
+def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny, cache_dir, tmp_path):
     env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
     common = [
         "--cache",
         cache_dir,
         "--student",
-        world["student_base"],
+        tiny["student_base"],
         "--loss",
         "kd+p3",
         "--max-steps",
@@ -220,15 +220,15 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(world, cache_dir, t
             assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
 
 
-def test_final_student_loads_with_from_pretrained(world, cache_dir, tmp_path):
+def test_final_student_loads_with_from_pretrained(tiny, cache_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    train(cfg_for(world, cache_dir, tmp_path / "r", loss="kd", max_steps=2, divergence="rkl"))
+    train(cfg_for(tiny, cache_dir, tmp_path / "r", loss="kd", max_steps=2, divergence="rkl"))
     final = tmp_path / "r" / "final"
     assert (final / "model.safetensors").exists() and (final / "train_config.json").exists()
     m = AutoModelForCausalLM.from_pretrained(final)
     AutoTokenizer.from_pretrained(final)
-    assert m.config.vocab_size == AutoModelForCausalLM.from_pretrained(world["student_base"]).config.vocab_size
+    assert m.config.vocab_size == AutoModelForCausalLM.from_pretrained(tiny["student_base"]).config.vocab_size
     rec = _metrics(tmp_path / "r")[1]  # [0] names the objective (test_the_mix_is_printed_and_logged_first)
     for key in ("step", "lr", "grad_norm", "loss", "kd", "tokens_per_s", "peak_mem_mb", "eta_s"):
         assert key in rec
@@ -266,8 +266,8 @@ def test_weight_resolution():
     assert cfg.objective() == "0.5*sft + 0.5*p1 (divergence fkl, alpha 1.5, tail bucket)"
 
 
-def test_the_mix_is_printed_and_logged_first(world, cache_dir, tmp_path):
-    cfg = cfg_for(world, cache_dir, tmp_path / "m", loss=None, w_sft=0.5, w_kd=0.5, max_steps=2)
+def test_the_mix_is_printed_and_logged_first(tiny, cache_dir, tmp_path):
+    cfg = cfg_for(tiny, cache_dir, tmp_path / "m", loss=None, w_sft=0.5, w_kd=0.5, max_steps=2)
     args = [sys.executable, "-m", "deltakd.cli", "train"]
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
@@ -289,13 +289,13 @@ def test_the_mix_is_printed_and_logged_first(world, cache_dir, tmp_path):
     assert not (tmp_path / "m2").exists()
 
 
-def test_dry_run_reports_and_writes_no_checkpoint(world, cache_dir, tmp_path):
-    res = train(cfg_for(world, cache_dir, tmp_path / "d", dry_run=True))
+def test_dry_run_reports_and_writes_no_checkpoint(tiny, cache_dir, tmp_path):
+    res = train(cfg_for(tiny, cache_dir, tmp_path / "d", dry_run=True))
     assert res["dry_run"] and res["peak_mem_mb"] > 0 and res["student_base_arrays"] == "cache"
     assert not (tmp_path / "d" / "checkpoints").exists()
 
 
-def test_online_student_base_equals_cached(world, tmp_path):
+def test_online_student_base_equals_cached(tiny, tmp_path):
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     # Online, lS0 comes without the exact target tails (they need the teachers too): compare
@@ -303,53 +303,53 @@ def test_online_student_base_equals_cached(world, tmp_path):
     cache = tmp_path / "seq"
     build_cache(
         CacheBuildConfig(
-            teacher_ft=world["teacher_ft"],
-            teacher_base=world["teacher_base"],
-            data=world["data"],
+            teacher_ft=tiny["teacher_ft"],
+            teacher_base=tiny["teacher_base"],
+            data=tiny["data"],
             out=str(cache),
-            student_base=world["student_base"],
+            student_base=tiny["student_base"],
             support="topk",
             mode="sequential",
             tail_samples=0,
             max_length=64,
         )
     )
-    a = train(cfg_for(world, str(cache), tmp_path / "a", max_steps=2, log_every=1))
-    b = train(cfg_for(world, str(cache), tmp_path / "b", max_steps=2, student_base_online=world["student_base"]))
+    a = train(cfg_for(tiny, str(cache), tmp_path / "a", max_steps=2, log_every=1))
+    b = train(cfg_for(tiny, str(cache), tmp_path / "b", max_steps=2, student_base_online=tiny["student_base"]))
     assert a["eval_p1"] == pytest.approx(b["eval_p1"], rel=2e-3)  # cache holds float16 values
 
 
-def test_refusals(world, cache_dir, tmp_path):
+def test_refusals(tiny, cache_dir, tmp_path):
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
     from deltakd.demo.tiny import save_checkpoint, tiny_llama, train_tokenizer
 
     no_s0 = tmp_path / "nos0"
     build_cache(
         CacheBuildConfig(
-            teacher_ft=world["teacher_ft"],
-            teacher_base=world["teacher_base"],
-            data=world["data"],
+            teacher_ft=tiny["teacher_ft"],
+            teacher_base=tiny["teacher_base"],
+            data=tiny["data"],
             out=str(no_s0),
             top_k=8,
             max_length=48,
         )
     )
     with pytest.raises(CacheFormatError, match="deltakd cache add-student"):
-        Trainer(cfg_for(world, str(no_s0), tmp_path / "x"))
-    Trainer(cfg_for(world, str(no_s0), tmp_path / "x", loss="kd"))  # KD needs no student base
+        Trainer(cfg_for(tiny, str(no_s0), tmp_path / "x"))
+    Trainer(cfg_for(tiny, str(no_s0), tmp_path / "x", loss="kd"))  # KD needs no student base
     tok = train_tokenizer(["other words entirely"] * 5, 270, tmp_path / "t2")
     other = save_checkpoint(tiny_llama(len(tok), tokenizer=tok), tok, tmp_path / "other")
     with pytest.raises(CacheFormatError, match="another tokenizer"):
-        Trainer(cfg_for(world, cache_dir, tmp_path / "y", student=other))
+        Trainer(cfg_for(tiny, cache_dir, tmp_path / "y", student=other))
     with pytest.raises(CacheFormatError, match="no manifest.json"):
-        Trainer(cfg_for(world, str(tmp_path), tmp_path / "z"))
-    train(cfg_for(world, cache_dir, tmp_path / "w", max_steps=1))
+        Trainer(cfg_for(tiny, str(tmp_path), tmp_path / "z"))
+    train(cfg_for(tiny, cache_dir, tmp_path / "w", max_steps=1))
     with pytest.raises(ValueError, match="other settings .*alpha"):
-        train(cfg_for(world, cache_dir, tmp_path / "w", max_steps=1, alpha=0.5))
+        train(cfg_for(tiny, cache_dir, tmp_path / "w", max_steps=1, alpha=0.5))
 
 
-def test_non_finite_loss_stops_before_the_step(world, cache_dir, tmp_path):
-    tr = Trainer(cfg_for(world, cache_dir, tmp_path / "n"))
+def test_non_finite_loss_stops_before_the_step(tiny, cache_dir, tmp_path):
+    tr = Trainer(cfg_for(tiny, cache_dir, tmp_path / "n"))
     with torch.no_grad():
         tr.model.get_output_embeddings().weight[3] = float("inf")
     before = [p.detach().clone() for p in tr.params]
@@ -359,10 +359,10 @@ def test_non_finite_loss_stops_before_the_step(world, cache_dir, tmp_path):
     assert all(torch.equal(x, p.detach()) for x, p in zip(before, tr.params))
 
 
-def test_config_file_with_command_line_override(world, cache_dir, tmp_path):
+def test_config_file_with_command_line_override(tiny, cache_dir, tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(
-        f'cache = "{cache_dir}"\nstudent = "{world["student_base"]}"\nloss = "kd"\n'
+        f'cache = "{cache_dir}"\nstudent = "{tiny["student_base"]}"\nloss = "kd"\n'
         f'divergence = "jsd"\njsd_beta = 0.3\nbatch_tokens = 256\neval_percent = 10.0\n'
     )
     res = subprocess.run(
@@ -389,33 +389,32 @@ def test_config_file_with_command_line_override(world, cache_dir, tmp_path):
     assert saved["divergence"] == "skew_fkl" and saved["jsd_beta"] == 0.3
 
 
-def test_gradient_checkpointing_gives_the_same_step_and_bf16_runs(world, cache_dir, tmp_path):
-    plain = train(cfg_for(world, cache_dir, tmp_path / "a", dry_run=True))
-    ckpt = train(cfg_for(world, cache_dir, tmp_path / "b", dry_run=True, grad_checkpointing=True))
+def test_gradient_checkpointing_gives_the_same_step_and_bf16_runs(tiny, cache_dir, tmp_path):
+    plain = train(cfg_for(tiny, cache_dir, tmp_path / "a", dry_run=True))
+    ckpt = train(cfg_for(tiny, cache_dir, tmp_path / "b", dry_run=True, grad_checkpointing=True))
     assert ckpt["loss_terms"]["p1"] == pytest.approx(plain["loss_terms"]["p1"], rel=1e-5)
     assert ckpt["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
-    bf16 = train(cfg_for(world, cache_dir, tmp_path / "c", dry_run=True, bf16=True))
+    bf16 = train(cfg_for(tiny, cache_dir, tmp_path / "c", dry_run=True, bf16=True))
     assert bf16["loss_terms"]["p1"] == pytest.approx(plain["loss_terms"]["p1"], rel=0.05)
 
 
-def test_settings_the_cache_cannot_serve_are_refused(world, cache_dir, tmp_path):
+def test_settings_the_cache_cannot_serve_are_refused(tiny, cache_dir, tmp_path):
     with pytest.raises(CacheFormatError, match="alphas 0.5, 1, 1.5 only"):
-        Trainer(cfg_for(world, cache_dir, tmp_path / "a", alpha=0.7))
+        Trainer(cfg_for(tiny, cache_dir, tmp_path / "a", alpha=0.7))
     with pytest.raises(CacheFormatError, match="computed with floor -12.0"):
-        Trainer(cfg_for(world, cache_dir, tmp_path / "f", floor="-8"))
+        Trainer(cfg_for(tiny, cache_dir, tmp_path / "f", floor="-8"))
     with pytest.raises(CacheFormatError, match="cannot be re-tempered"):
-        Trainer(cfg_for(world, cache_dir, tmp_path / "t", loss="kd", temperature=2.0))
+        Trainer(cfg_for(tiny, cache_dir, tmp_path / "t", loss="kd", temperature=2.0))
     with pytest.raises(ValueError, match="0 < beta < 1"):
-        cfg_for(world, cache_dir, tmp_path / "j", loss="kd", divergence="jsd", jsd_beta=1.0)
+        cfg_for(tiny, cache_dir, tmp_path / "j", loss="kd", divergence="jsd", jsd_beta=1.0)
     # Served: an alpha of the grid, the cache's floor, renormalised tails at another temperature.
-    assert Trainer(cfg_for(world, cache_dir, tmp_path / "ok", alpha=1.5)).spec.star_col == 2
+    assert Trainer(cfg_for(tiny, cache_dir, tmp_path / "ok", alpha=1.5)).spec.star_col == 2
     assert (
-        Trainer(cfg_for(world, cache_dir, tmp_path / "r", loss="kd", temperature=2.0, tail="renorm")).spec.floor
-        == -12.0
+        Trainer(cfg_for(tiny, cache_dir, tmp_path / "r", loss="kd", temperature=2.0, tail="renorm")).spec.floor == -12.0
     )
 
 
-def test_tied_embeddings_checkpoint_and_resume(world, cache_dir, tmp_path):
+def test_tied_embeddings_checkpoint_and_resume(tiny, cache_dir, tmp_path):
     """A student whose output head is its input embedding (SmolLM2, Llama-3.2, Gemma) saves a training
     checkpoint (safetensors refuses shared tensors) and resumes with the head still tied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -423,11 +422,11 @@ def test_tied_embeddings_checkpoint_and_resume(world, cache_dir, tmp_path):
     from deltakd.demo.tiny import save_checkpoint
     from deltakd.student.checkpointing import load_training_state, save_training_state
 
-    tok = AutoTokenizer.from_pretrained(world["student_base"])
+    tok = AutoTokenizer.from_pretrained(tiny["student_base"])
     torch.manual_seed(0)
     tied = AutoModelForCausalLM.from_config(
         LlamaConfig(
-            vocab_size=world["vocab"],
+            vocab_size=tiny["vocab"],
             hidden_size=32,
             intermediate_size=96,
             num_hidden_layers=2,
@@ -440,7 +439,7 @@ def test_tied_embeddings_checkpoint_and_resume(world, cache_dir, tmp_path):
         )
     )
     student = save_checkpoint(tied, tok, tmp_path / "tied")
-    cfg = cfg_for(world, cache_dir, tmp_path / "run", student=student, max_steps=2, save_every=1)
+    cfg = cfg_for(tiny, cache_dir, tmp_path / "run", student=student, max_steps=2, save_every=1)
     train(cfg)
     tr = Trainer(cfg)
     step, _ = load_training_state(Path(cfg.out) / "checkpoints" / "step-000002", tr)

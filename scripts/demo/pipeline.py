@@ -2,11 +2,11 @@
 
     run_demo(DemoConfig(workdir="runs/demo"))   # what `deltakd demo` runs
 
-Stages (each reused when a re-run finds it finished): world data -> cache (teachers +
+Stages (each reused when a re-run finds it finished): task data and checkpoints -> cache (teachers +
 student base) -> students trained with SFT, KD, Delta-KD P1 and the paper's recipe
 lam*SFT + (1-lam)*D with D = KD or P1 -> ROUGE-L of the teacher, the student base and
 the students on the test split -> report folder, whose first paragraph says which
-objective wins on this world, by how much, and what in the cached targets explains it.
+objective wins on this task, by how much, and what in the cached targets explains it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class DemoConfig:
     workdir: str = "runs/demo"
     quick: bool = False
     steps: int = 600
-    rebuild_world: bool = False
+    rebuild_checkpoints: bool = False
     seed: int = 0
 
     @property
@@ -51,12 +51,12 @@ def _stage(name: str):
 
 
 def assets(cfg: DemoConfig, work: Path) -> dict:
-    from deltakd.demo.synthetic import build_world, write_data
+    from deltakd.demo.synthetic import build_checkpoints, write_data
 
-    if cfg.rebuild_world or not (ASSETS / "teacher_ft" / "config.json").exists():
-        if not (work / "world" / "WORLD.json").exists():
-            build_world(work / "world", cfg.seed)
-        root = work / "world"
+    if cfg.rebuild_checkpoints or not (ASSETS / "teacher_ft" / "config.json").exists():
+        if not (work / "checkpoints" / "TASK.json").exists():
+            build_checkpoints(work / "checkpoints", cfg.seed)
+        root = work / "checkpoints"
     else:
         root = ASSETS
     data = write_data(work / "data", cfg.seed)
@@ -92,9 +92,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     work = Path(cfg.workdir)
     work.mkdir(parents=True, exist_ok=True)
     timings = {}
-    t = _stage("world: checkpoints and data")
+    t = _stage("task: checkpoints and data")
     a = assets(cfg, work)
-    timings["world"] = time.perf_counter() - t
+    timings["task"] = time.perf_counter() - t
 
     t = _stage("cache build (teacher after SFT, teacher before SFT, student base)")
     cache = build_demo_cache(work, a)
@@ -292,13 +292,13 @@ def target_agreement(cache: Path, alpha: float) -> dict:
 
 
 def what_it_means(rouge: dict, agree: dict) -> str:
-    """The report's first paragraph: which student wins on this world, by how much, and why."""
+    """The report's first paragraph: which student wins on this task, by how much, and why."""
     students = sorted(RUNS, key=lambda k: -rouge[k])
     best, second = students[0], students[1]
     d_recipe = rouge["recipe_p1"] - rouge["recipe_kd"]
     d_pure = rouge["delta_p1"] - rouge["kd"]
     lines = [
-        f"**What the table says.** On this world the best student is `{best}` ({rouge[best]:.1f} ROUGE-L, "
+        f"**What the table says.** On this task the best student is `{best}` ({rouge[best]:.1f} ROUGE-L, "
         f"{rouge[best] - rouge[second]:+.1f} over `{second}`; the teacher scores {rouge['teacher_ft']:.1f}). "
         f"In the paper's recipe {LAM:g}·SFT + {1 - LAM:g}·D, the Delta-KD target (D = P1, α = {ALPHA:g}) scores "
         f"{rouge['recipe_p1']:.1f} against {rouge['recipe_kd']:.1f} with plain KD: "

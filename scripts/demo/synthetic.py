@@ -1,4 +1,4 @@
-"""A small world a CPU can learn in minutes: corpus, instructions, tokenizer, checkpoints.
+"""A small synthetic task a CPU can learn in minutes: corpus, instructions, tokenizer, checkpoints.
 
     python -m deltakd.demo.synthetic --out scripts/demo/assets      # rebuild the shipped demo assets
 
@@ -150,7 +150,7 @@ def write_data(out: Path, seed: int = 0) -> dict:
     return paths
 
 
-# ------------------------------------------------------------------ training the world's models
+# ------------------------------------------------------------------ training the task's models
 def lm_batch(rows, pad_id: int):
     """(input ids, attention mask, labels) of (ids, loss_mask) pairs, right-padded; labels −100 off the mask."""
     import torch
@@ -187,7 +187,7 @@ def lm_train(model, sequences, steps: int, lr: float, batch: int, seed: int, des
     return float(loss)
 
 
-def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: int = 600) -> dict:
+def build_checkpoints(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: int = 600) -> dict:
     import torch
 
     from deltakd.cache.format.records import encode_record, read_records
@@ -215,7 +215,7 @@ def build_world(out: str | Path, seed: int = 0, steps: int = 1500, sft_steps: in
     student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **STUDENT)
     lm_train(student, pre, steps, 3e-3, 32, seed + 2, "student base")
     save_checkpoint(student, tok, out / "student_base")
-    (out / "WORLD.json").write_text(
+    (out / "TASK.json").write_text(
         json.dumps(
             {
                 "seed": seed,
@@ -238,7 +238,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1500, help="pretraining steps of each base model")
     ap.add_argument("--sft-steps", type=int, default=600, help="SFT steps of the teacher")
     a = ap.parse_args(argv)
-    print(json.dumps(build_world(a.out, a.seed, a.steps, a.sft_steps), indent=1))
+    print(json.dumps(build_checkpoints(a.out, a.seed, a.steps, a.sft_steps), indent=1))
 
 
 if __name__ == "__main__":
