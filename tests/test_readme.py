@@ -70,12 +70,12 @@ def option_after(argv: list[str], name: str) -> str:
 
 
 @pytest.mark.integration
-def test_use_section_runs_on_tiny_checkpoints(world, tmp_path, capsys):
+def test_use_section_runs_on_tiny_checkpoints(tiny, tmp_path, capsys):
     env = {
-        "TEACHER_FT": world["teacher_ft"],
-        "TEACHER_BASE": world["teacher_base"],
-        "STUDENT_BASE": world["student_base"],
-        "DATA": world["data"],
+        "TEACHER_FT": tiny["teacher_ft"],
+        "TEACHER_BASE": tiny["teacher_base"],
+        "STUDENT_BASE": tiny["student_base"],
+        "DATA": tiny["data"],
         "TEST_DATA": write_data(tmp_path / "test.jsonl", n=6, seed=5),
         "CACHE": str(tmp_path / "cache"),
         "OUT": str(tmp_path / "out"),
