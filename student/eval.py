@@ -2,7 +2,7 @@
 
     deltakd eval --model RUN/final [--model OTHER ...] --data test.jsonl --out EVAL
 
-Prompts are formatted exactly as when the cache was built (`cache.records`), so a
+Prompts are formatted exactly as when the cache was built (`deltakd.cache.format.records`), so a
 student is evaluated on the prompt format it was distilled on. Besides the project's
 JSONL (prompt/response or messages), the Self-Instruct layout (`instruction`,
 `instances: [{input, output}]`) is read, one example per instance.

@@ -114,7 +114,7 @@ def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor)
     its bucket is respread over the sampled ids in proportion to c·target, where
     c = max(πT, τ)/πT is the priority-sampling weight (log_c (N, K)); the bucket becomes
     empty. These weights w make Σ_drawn w(y)·g(y) the self-normalised priority-sampling
-    estimate of Σ_{y∉S} p(y)·g(y) (cache/forward.sample_tail), so forward KL pulls the
+    estimate of Σ_{y∉S} p(y)·g(y) (cache/build/forward.py, sample_tail), so forward KL pulls the
     student's tail toward the teacher's tail tokens instead of leaving its shape free.
     The second result, Σ_drawn w·(log p − log w) per row, turns the divergence of the
     reweighted row into the estimate of the true one: KL(p ‖ q) ≈ KL(row ‖ q) + it (the

@@ -107,7 +107,7 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
 def tail_cells_of(tg: dict, spec: LossSpec):
     """(sampled (c, K), log c (c, K)) when the cache drew tail samples for these rows, else None.
 
-    c = max(πT, τ)/πT is each sampled id's priority-sampling weight (cache/forward.sample_tail).
+    c = max(πT, τ)/πT is each sampled id's priority-sampling weight (cache/build/forward.py, sample_tail).
     """
     if "sampled" not in tg or spec.tail != "bucket":
         return None

@@ -181,8 +181,8 @@ class TrainConfig:
                 "use --lam with --loss, or --w-* alone"
             )
         if explicit and self.loss is not None:
-            # Before, the preset stayed in the mix at its own weight; say what that was, since a
-            # user who names weights rarely means it.
+            # Keeping the preset in the mix at its own weight is rarely what a user who names
+            # weights means; say what it would be and refuse.
             raise ValueError(
                 f"--loss {self.loss} with --w-* weights: that would train "
                 f"{describe_mix(_nonzero({**preset, **explicit}))}. Named weights are the whole mix: "

@@ -85,7 +85,7 @@ def test_loader_resumes_at_the_exact_batch(cache_dir):
 
 
 def _widen(key, t, K):
-    """Pad a batch's (n, K') support tensors to width K the way the loader pads (see cache/support.py)."""
+    """Pad a batch's (n, K') support tensors to width K the way the loader pads (see cache/format/support.py)."""
     if key not in ("support_ids", "valid", "sampled", "logp_ft", "logp_base", "logp_s0") or t.shape[1] == K:
         return t
     none = torch.zeros(t.shape[0], K - t.shape[1], dtype=torch.bool)

@@ -95,7 +95,9 @@ class ShardData:
         # index select per array, no masking pass (this runs for every batch).
         flat_vals = torch.where(valid, flat, self.entry_offsets[-1])
         out = {"valid": valid}
-        if "sample_len" in a:  # tail samples: the last sample_len entries of a row (cache/forward.sample_tail)
+        if (
+            "sample_len" in a
+        ):  # tail samples: the last sample_len entries of a row (cache/build/forward.py, sample_tail)
             first = (lengths - a["sample_len"][rows])[:, None]
             out["sampled"] = valid & (torch.arange(valid.shape[1])[None, :] >= first)
             out["sample_tau"] = a["sample_tau"][rows]

@@ -74,7 +74,7 @@ TEACHER_ARRAYS: dict[str, tuple[str, str | None, str]] = {
 }
 # Tail samples (builds with --tail-samples m > 0; the manifest's `tail_samples`): the
 # last sample_len[i] entries of row i were drawn from πT outside the top-k support by
-# priority sampling with threshold log τ = sample_tau[i] (cache/forward.sample_tail).
+# priority sampling with threshold log τ = sample_tau[i] (cache/build/forward.py, sample_tail).
 SAMPLE_ARRAYS: dict[str, tuple[str, str | None, str]] = {
     "sample_len": ("sup", None, "uint8"),
     "sample_tau": ("sup", None, "value"),
@@ -245,7 +245,7 @@ def _write_arrays(group_dir, arrays: dict[str, np.ndarray]) -> None:
         chunks = (max(1, min(rows, a.shape[0])),) + a.shape[1:]
         # crc32c after zstd: zarr checks each chunk's stored bytes at decode (a flipped
         # byte is an error, not a wrong value). Every chunk is written, even one equal to
-        # the fill value, so that a missing chunk file always means damage (see verify.py).
+        # the fill value, so that a missing chunk file always means damage (see integrity.py).
         root.create_array(
             name,
             shape=a.shape,
