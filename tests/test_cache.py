@@ -78,11 +78,12 @@ def reference_sources(lT, lB, lS, support, alphas, floor):
 @pytest.mark.parametrize(
     "support,mode,dtype,samples",
     [
-        ("topk", "sequential", "float32", 0),
-        ("topk", "sequential", "float16", 0),
-        ("topk", "lockstep", "bfloat16", 0),
-        ("union", "lockstep", "float32", 0),
-        ("union", "lockstep", "float16", 0),
+        # The default build (union, lockstep, tail samples) runs in the quick tier; the other layouts in the full suite.
+        pytest.param("topk", "sequential", "float32", 0, marks=pytest.mark.integration),
+        pytest.param("topk", "sequential", "float16", 0, marks=pytest.mark.integration),
+        pytest.param("topk", "lockstep", "bfloat16", 0, marks=pytest.mark.integration),
+        pytest.param("union", "lockstep", "float32", 0, marks=pytest.mark.integration),
+        pytest.param("union", "lockstep", "float16", 0, marks=pytest.mark.integration),
         ("union", "lockstep", "float32", 5),
     ],
 )
@@ -156,6 +157,7 @@ def test_cached_values_equal_float64_full_vocabulary(tiny, tmp_path, support, mo
     assert validate(tmp_path / "c") == []
 
 
+@pytest.mark.integration  # builds several caches or kills a build
 def test_lockstep_equals_sequential_for_topk(tiny, tmp_path):
     build(tiny, tmp_path / "lock", support="topk", mode="lockstep", dtype="float32", tail_samples=0)
     build(tiny, tmp_path / "seq", support="topk", mode="sequential", dtype="float32")
@@ -216,6 +218,7 @@ def _build_args(tiny, out, **kw):
     return args
 
 
+@pytest.mark.integration  # builds several caches or kills a build
 @pytest.mark.parametrize(
     "kill_when,mode,support",
     [("staged", "sequential", "topk"), ("committed", "sequential", "topk"), ("committed", "lockstep", "union")],
@@ -246,6 +249,7 @@ def test_killed_build_resumes_to_identical_content(tiny, tmp_path, kill_when, mo
     assert not list(out.rglob("*.partial"))
 
 
+@pytest.mark.integration  # builds several caches or kills a build
 def test_two_ranks_give_the_same_content_as_one(tiny, tmp_path):
     # Bit-identical content needs the same float reduction order: one thread everywhere.
     env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
@@ -276,6 +280,7 @@ def test_two_ranks_give_the_same_content_as_one(tiny, tmp_path):
     assert m["summary"]["world_size"] == 2 and m["totals"]["n_seqs"] == 24
 
 
+@pytest.mark.integration  # builds several caches or kills a build
 def test_add_student_equals_building_with_the_student(tiny, tmp_path):
     build(tiny, tmp_path / "with", support="topk", mode="sequential")
     build(tiny, tmp_path / "later", student=False, support="topk", mode="sequential")
@@ -291,6 +296,7 @@ def test_add_student_equals_building_with_the_student(tiny, tmp_path):
     assert not (tmp_path / "later" / "stage").exists()
 
 
+@pytest.mark.integration  # builds several caches or kills a build
 def test_add_student_on_a_union_cache_says_what_it_cannot_provide(tiny, tmp_path, capsys):
     build(tiny, tmp_path / "u")
     assert CacheReader(tmp_path / "u").alphas == (0.5, 1.0, 1.5)

@@ -131,6 +131,7 @@ def _metrics(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.integration  # several training runs
 def test_killed_and_resumed_run_matches_uninterrupted(tiny, cache_dir, tmp_path):
     ref = train(cfg_for(tiny, cache_dir, tmp_path / "ref"))
     cfg = cfg_for(tiny, cache_dir, tmp_path / "run")
@@ -160,6 +161,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tiny, cache_dir, tmp_path)
     assert ref["eval_p1"] == pytest.approx(_metrics(cfg.out)[-1]["eval_p1"], rel=1e-5)
 
 
+@pytest.mark.integration  # several training runs
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny, cache_dir, tmp_path):
     env = {**os.environ, "DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
     common = [
