@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deltakd.cache.format.reader import CacheReader, ShardData
+from deltakd.cache.format.reader import CacheReader, ShardData, arange_ranges, take_ranges
 
 TARGET_KEYS = ("support_ids", "valid", "logp_ft", "logp_base", "tail_ft", "tail_base", "sampled", "sample_tau")
 STUDENT_KEYS = ("logp_s0", "tail_s0", "tail_star")
@@ -199,28 +199,32 @@ def interleave(lanes: list[list[list[int]]], first: int = 0) -> list[list[int]]:
 
 
 def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) -> tuple:
+    """(input ids, attention mask, loss mask, targets, example ids) of sequences `rows` of a shard."""
     a = shard.arrays
-    off = a["seq_offsets"]
-    L = max(int(off[r + 1] - off[r]) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), L), dtype=torch.long)
-    msk = torch.zeros((len(rows), L), dtype=torch.bool)
-    nxt = torch.zeros((len(rows), L), dtype=torch.long)
-    sup_rows = []
-    for i, r in enumerate(rows):
-        t0, t1 = int(off[r]), int(off[r + 1])
-        n = t1 - t0
-        ids[i, :n] = a["tokens"][t0:t1]
-        att[i, :n] = 1
-        msk[i, :n] = a["loss_mask"][t0:t1]
-        nxt[i, : n - 1] = a["tokens"][t0 + 1 : t1]
-        sup_rows.append(torch.arange(int(shard.sup_offsets[r]), int(shard.sup_offsets[r + 1])))
-    got = shard.rows(torch.cat(sup_rows))  # supports padded to the batch's widest row
+    rows = np.asarray(rows, dtype=np.int64)
+    off = a["seq_offsets"].numpy()
+    t0, t1 = off[rows], off[rows + 1]
+    n = t1 - t0
+    col = np.arange(int(n.max()))
+    # Ragged -> padded with one boolean-mask store per array: row i's first n[i] columns
+    # take its tokens (concatenated by take_ranges), the rest keeps the fill value.
+    real, has_next = col[None, :] < n[:, None], col[None, :] < n[:, None] - 1  # (B, L)
+    tokens = a["tokens"].numpy()
+    ids = np.full(real.shape, pad_id, dtype=np.int64)
+    ids[real] = take_ranges(tokens, t0, t1)
+    nxt = np.zeros(real.shape, dtype=np.int64)
+    nxt[has_next] = take_ranges(tokens, t0 + 1, t1)
+    msk = np.zeros(real.shape, dtype=bool)
+    msk[real] = take_ranges(a["loss_mask"].numpy(), t0, t1)
+    sup = shard.sup_offsets
+    got = shard.rows(arange_ranges(sup[rows], sup[rows + 1]))  # supports padded to the batch's widest row
     keys = TARGET_KEYS + (STUDENT_KEYS if with_student else ())
     targets = {k: got[k] for k in keys if k in got}
-    targets["next_tokens"] = nxt[msk]
+    msk = torch.from_numpy(msk)
+    targets["next_tokens"] = torch.from_numpy(nxt)[msk]
     assert targets["support_ids"].shape[0] == int(msk.sum()), "cached rows do not line up with the loss mask"
-    return ids, att, msk, targets, [int(a["example_ids"][r]) for r in rows]
+    att = torch.from_numpy(real.astype(np.int64))
+    return torch.from_numpy(ids), att, msk, targets, a["example_ids"].numpy()[rows].tolist()
 
 
 class StreamingLoader:
@@ -303,7 +307,7 @@ class StreamingLoader:
                     at = np.full(len(idx.sup_offsets) - 1, -1, dtype=np.int64)
                     at[rows] = np.arange(len(rows))  # shard row -> row of the compact read
                 for b in mine:
-                    ids, att, msk, tg, ex = collate(shard, at[plan[b]].tolist(), self.pad_id, self.with_student)
+                    ids, att, msk, tg, ex = collate(shard, at[plan[b]], self.pad_id, self.with_student)
                     done = start + b + 1  # global index after batch b
                     batch = Batch(
                         ids,
