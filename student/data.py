@@ -379,6 +379,7 @@ class StreamingLoader:
         while True:
             item = self._q.get()
             if item is None:
+                self._thread.join()  # the producer has finished: no thread outlives the iteration
                 if self._error is not None:
                     raise self._error
                 return
