@@ -19,7 +19,8 @@ Data parallel on CPU (gloo, 2 ranks under torchrun, same global batches):
   loader per rank at 1, 2, 4 ranks (and 2 ranks accumulating 2): rank 0 of N streams
                 3 epochs; it decodes only its ~1/N block of each shard (student/data.py,
                 lanes); tokens/s it delivers, its wall and CPU time against 1 rank, and the
-                share of the entry arrays' chunks it decoded
+                share of the entry arrays' chunks it decoded; and 1 rank with the reader's
+                checks off (what verifying every read costs; zarr's crc32c stays on)
 
     python -m benchmarks.train_step --only parallel   # just the data-parallel rows (~1 min)
     python -m benchmarks.train_step --only loader     # just the loader per rank
@@ -237,16 +238,20 @@ def decoded_share(reader, fn) -> float:
 
 
 def loader_per_rank(
-    work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1), (2, 2)), repeats: int = 3
+    work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1), (2, 2), (1, 1, False)), repeats: int = 3
 ) -> list[dict]:
-    """Rank 0 of N (accumulating `accum`) streams three epochs; best of `repeats`."""
+    """Rank 0 of N (accumulating `accum`) streams three epochs; best of `repeats`.
+
+    The last row reads with the reader's checks off (listed chunks, dtypes, counts, finiteness;
+    zarr checks each chunk's crc32c either way): what the checks cost."""
     from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
     _, cache = setup(work)
-    reader = CacheReader(cache)
     rows = []
-    for n, accum in ranks:
+    for n, accum, *verified in ranks:
+        verified = verified[0] if verified else True
+        reader = CacheReader(cache, verify=verified)
         kw = dict(batch_tokens=batch_tokens, with_student=True, seed=0, rank=0, world=n, accum=accum)
         best = cpu = None
         for _ in range(repeats):
@@ -262,6 +267,7 @@ def loader_per_rank(
             {
                 "ranks": n,
                 "accum": accum,
+                "verified": verified,
                 "rank0_tokens": tokens,
                 "epoch_s": best,
                 "cpu_s": cpu,
@@ -330,8 +336,9 @@ def print_loader(loader_rows: list[dict]) -> None:
         f"{'time vs 1':>11}{'CPU s vs 1':>12}{'chunks decoded':>16}"
     )
     for r in loader_rows:
+        label = f"{r['ranks']} x {r['accum']}" + ("" if r["verified"] else ", checks off")
         print(
-            f"{str(r['ranks']) + ' x ' + str(r['accum']):<22}{r['rank0_tokens']:>14}{r['epoch_s']:11.3f}"
+            f"{label:<22}{r['rank0_tokens']:>14}{r['epoch_s']:11.3f}"
             f"{r['tokens_per_s_per_rank']:16.0f}{r['epoch_s_vs_1_rank']:11.2f}{r['cpu_s_vs_1_rank']:12.2f}"
             f"{r['entry_chunks_decoded']:16.2f}"
         )

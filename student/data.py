@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from deltakd.cache.format.reader import CacheReader, ShardData
+from deltakd.cache.format.reader import CacheReader, ShardData, arange_ranges, take_ranges
 
 TARGET_KEYS = ("support_ids", "valid", "logp_ft", "logp_base", "tail_ft", "tail_base", "sampled", "sample_tau")
 STUDENT_KEYS = ("logp_s0", "tail_s0", "tail_star")
@@ -198,29 +200,44 @@ def interleave(lanes: list[list[list[int]]], first: int = 0) -> list[list[int]]:
     return out
 
 
+def in_order(pool: ThreadPoolExecutor, fn, items, ahead: int):
+    """fn over items on a thread pool, results in order, at most `ahead` of them submitted and not yet taken."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) -> tuple:
+    """(input ids, attention mask, loss mask, targets, example ids) of sequences `rows` of a shard."""
     a = shard.arrays
-    off = a["seq_offsets"]
-    L = max(int(off[r + 1] - off[r]) for r in rows)
-    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    att = torch.zeros((len(rows), L), dtype=torch.long)
-    msk = torch.zeros((len(rows), L), dtype=torch.bool)
-    nxt = torch.zeros((len(rows), L), dtype=torch.long)
-    sup_rows = []
-    for i, r in enumerate(rows):
-        t0, t1 = int(off[r]), int(off[r + 1])
-        n = t1 - t0
-        ids[i, :n] = a["tokens"][t0:t1]
-        att[i, :n] = 1
-        msk[i, :n] = a["loss_mask"][t0:t1]
-        nxt[i, : n - 1] = a["tokens"][t0 + 1 : t1]
-        sup_rows.append(torch.arange(int(shard.sup_offsets[r]), int(shard.sup_offsets[r + 1])))
-    got = shard.rows(torch.cat(sup_rows))  # supports padded to the batch's widest row
+    rows = np.asarray(rows, dtype=np.int64)
+    off = a["seq_offsets"].numpy()
+    t0, t1 = off[rows], off[rows + 1]
+    n = t1 - t0
+    col = np.arange(int(n.max()))
+    # Ragged -> padded with one boolean-mask store per array: row i's first n[i] columns
+    # take its tokens (concatenated by take_ranges), the rest keeps the fill value.
+    real, has_next = col[None, :] < n[:, None], col[None, :] < n[:, None] - 1  # (B, L)
+    tokens = a["tokens"].numpy()
+    ids = np.full(real.shape, pad_id, dtype=np.int64)
+    ids[real] = take_ranges(tokens, t0, t1)
+    nxt = np.zeros(real.shape, dtype=np.int64)
+    nxt[has_next] = take_ranges(tokens, t0 + 1, t1)
+    msk = np.zeros(real.shape, dtype=bool)
+    msk[real] = take_ranges(a["loss_mask"].numpy(), t0, t1)
+    sup = shard.sup_offsets
+    got = shard.rows(arange_ranges(sup[rows], sup[rows + 1]))  # supports padded to the batch's widest row
     keys = TARGET_KEYS + (STUDENT_KEYS if with_student else ())
     targets = {k: got[k] for k in keys if k in got}
-    targets["next_tokens"] = nxt[msk]
+    msk = torch.from_numpy(msk)
+    targets["next_tokens"] = torch.from_numpy(nxt)[msk]
     assert targets["support_ids"].shape[0] == int(msk.sum()), "cached rows do not line up with the loss mask"
-    return ids, att, msk, targets, [int(a["example_ids"][r]) for r in rows]
+    att = torch.from_numpy(real.astype(np.int64))
+    return torch.from_numpy(ids), att, msk, targets, a["example_ids"].numpy()[rows].tolist()
 
 
 class StreamingLoader:
@@ -244,6 +261,7 @@ class StreamingLoader:
         epochs: int | None = None,
         pin_memory: bool = False,
         accum: int = 1,
+        workers: int = 2,
     ):
         if not (0 <= rank < world) or accum < 1:
             raise ValueError(f"rank {rank} of world {world} with accum {accum}: need 0 <= rank < world and accum >= 1")
@@ -253,7 +271,7 @@ class StreamingLoader:
         self.seed, self.shuffle, self.split, self.eval_percent = seed, shuffle, split, eval_percent
         self.with_student, self.pad_id, self.window, self.epochs = with_student, pad_id, window, epochs
         self.start = dict(state or {"epoch": 0, "shard": 0, "batch": 0, "index": 0})
-        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.prefetch, self.pin_memory, self.workers = prefetch, pin_memory, workers
         self._q: queue.Queue | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -281,45 +299,60 @@ class StreamingLoader:
         return sum(len(b) for i, n in enumerate(names) for b in self._shard_lanes(n, i, 0))
 
     # ------------------------------------------------------------ producing
-    def _produce(self):
-        epoch, index = self.start["epoch"], self.start["index"]
-        shard0, batch0 = self.start["shard"], self.start["batch"]  # where a resumed run picks up
-        # A position saved by any rank resumes at the next round of `world` batches: the
-        # trainer saves rank 0's last micro-batch of a step, whose round ends the step.
-        first = -(-index // self.world) * self.world
+    def _positions(self):
+        """(epoch, shard position, shard name, first batch) of each shard to stream, in order."""
+        epoch, shard0, batch0 = self.start["epoch"], self.start["shard"], self.start["batch"]  # a resumed run
         while not self._stop.is_set() and (self.epochs is None or epoch < self.epochs):
             names = self.reader.shard_order(shuffle=self.shuffle, seed=self.seed, epoch=epoch)
             for sp in range(shard0, len(names)):
-                idx = self._shard_index(names[sp])
-                start = index - batch0  # global index of the shard's batch 0
-                plan = self._shard_plan(names[sp], sp, epoch, start, idx)
-                mine = [
-                    b for b in range(batch0, len(plan)) if start + b >= first and (start + b) % self.world == self.rank
-                ]
-                index = start + len(plan)
-                if mine:
-                    rows = np.unique(np.concatenate([plan[b] for b in mine]))
-                    shard = self.reader.read_rows(names[sp], idx, rows, student=self.with_student)
-                    at = np.full(len(idx.sup_offsets) - 1, -1, dtype=np.int64)
-                    at[rows] = np.arange(len(rows))  # shard row -> row of the compact read
-                for b in mine:
-                    ids, att, msk, tg, ex = collate(shard, at[plan[b]].tolist(), self.pad_id, self.with_student)
-                    done = start + b + 1  # global index after batch b
-                    batch = Batch(
-                        ids,
-                        att,
-                        msk,
-                        tg,
-                        ex,
-                        {"epoch": epoch, "shard": sp, "batch": b + 1, "index": done},
-                        (int(msk.sum()), int(att.sum())),
-                    )
-                    self._put(batch.pin_memory() if self.pin_memory else batch)
-                    if self._stop.is_set():
-                        return
+                yield epoch, sp, names[sp], batch0
                 batch0 = 0
             shard0 = 0
             epoch += 1
+
+    def _read(self, pos: tuple, start: int, first: int) -> tuple:
+        """Plan a shard whose batch 0 has global index `start`, and read this rank's rows of it."""
+        epoch, sp, name, batch0 = pos
+        idx = self._shard_index(name)
+        plan = self._shard_plan(name, sp, epoch, start, idx)
+        mine = [b for b in range(batch0, len(plan)) if start + b >= first and (start + b) % self.world == self.rank]
+        if not mine:
+            return plan, mine, None, None
+        rows = np.unique(np.concatenate([plan[b] for b in mine]))
+        shard = self.reader.read_rows(name, idx, rows, student=self.with_student)
+        at = np.full(len(idx.sup_offsets) - 1, -1, dtype=np.int64)
+        at[rows] = np.arange(len(rows))  # shard row -> row of the compact read
+        return plan, mine, shard, at
+
+    def _batch(self, shard: ShardData, rows: np.ndarray, state: dict) -> Batch:
+        ids, att, msk, tg, ex = collate(shard, rows, self.pad_id, self.with_student)
+        batch = Batch(ids, att, msk, tg, ex, state, (int(msk.sum()), int(att.sum())))
+        return batch.pin_memory() if self.pin_memory else batch
+
+    def _produce(self):
+        index = self.start["index"]
+        # A position saved by any rank resumes at the next round of `world` batches: the
+        # trainer saves rank 0's last micro-batch of a step, whose round ends the step.
+        first = -(-index // self.world) * self.world
+        positions = self._positions()
+        # One thread reads (decodes) the next shard while `workers` threads build this
+        # shard's batches; batches are queued in plan order, so threads change no batch.
+        with ThreadPoolExecutor(1) as reads, ThreadPoolExecutor(self.workers) as builds:
+            pos = next(positions, None)
+            ahead = reads.submit(self._read, pos, index - pos[3], first) if pos else None
+            while ahead is not None:
+                epoch, sp, _, batch0 = pos
+                start = index - batch0  # global index of the shard's batch 0
+                plan, mine, shard, at = ahead.result()
+                index = start + len(plan)
+                pos = next(positions, None) if not self._stop.is_set() else None
+                ahead = reads.submit(self._read, pos, index - pos[3], first) if pos else None
+                states = [{"epoch": epoch, "shard": sp, "batch": b + 1, "index": start + b + 1} for b in mine]
+                work = [(at[plan[b]], st) for b, st in zip(mine, states)]
+                for batch in in_order(builds, lambda w: self._batch(shard, *w), work, self.workers + 1):  # noqa: B023
+                    self._put(batch)
+                    if self._stop.is_set():
+                        return
         self._put(None)
 
     def _put(self, item):
@@ -346,6 +379,7 @@ class StreamingLoader:
         while True:
             item = self._q.get()
             if item is None:
+                self._thread.join()  # the producer has finished: no thread outlives the iteration
                 if self._error is not None:
                     raise self._error
                 return

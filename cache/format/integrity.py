@@ -149,3 +149,24 @@ def check_values(root: Path, name: str, arrays: dict[str, torch.Tensor], version
         bad = ~torch.isfinite(t) if on_support else (torch.isnan(t) | (t == math.inf))
         row = int(bad.reshape(len(t), -1).any(1).nonzero()[0, 0])
         raise bad_shard(root, name, n, f"{int(bad.sum())} NaN/Inf values (first at row {row})")
+
+
+# Bits of the exponent field (and sign-less magnitude mask) of the 16-bit value dtypes:
+# a value is NaN or ±inf iff its magnitude bits are at least the all-ones exponent.
+_EXP_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}
+
+
+def check_stored(root: Path, name: str, stored: dict[str, np.ndarray], manifest: dict) -> None:
+    """`check_values` for per-entry arrays kept as stored (`ShardData.stored`): log-probs on the support
+    are finite, decided on the stored bits without converting the arrays to float32."""
+    vd = manifest["value_dtype"]
+    table = _table(int(manifest["format_version"]))
+    for n, a in stored.items():
+        if table[n][2] != "value" or not a.size:
+            continue
+        if vd in _EXP_BITS:
+            finite = int(np.bitwise_and(a.view(np.uint16), 0x7FFF).max()) < _EXP_BITS[vd]
+        else:  # min and max propagate NaN
+            finite = bool(np.isfinite(a.min()) and np.isfinite(a.max()))
+        if not finite:  # decoded only to describe the bad array, with the same message
+            check_values(root, name, {n: schema.decode_values(a, vd)}, int(manifest["format_version"]))

@@ -23,7 +23,6 @@ import torch
 
 from deltakd.cache.format import integrity, schema, store
 from deltakd.cache.format.schema import CacheFormatError
-from deltakd.cache.format.support import pad_ragged
 
 ENTRY_ARRAYS = ("support_ids", "logp_ft", "logp_base", "logp_s0", "delta")  # delta: version 1 only
 ROW_ARRAYS = ("tail_ft", "tail_base", "tail_s0", "tail_star")
@@ -67,48 +66,78 @@ class CachedSequence:
 
 @dataclass
 class ShardData:
-    """A whole decoded shard: per-token, per-row and flat per-entry tensors."""
+    """A decoded shard (or the rows of one a rank reads): per-token, per-row and flat per-entry arrays.
+
+    `read_rows` leaves the per-entry arrays as stored (`stored`: ids in the id dtype,
+    values in the storage dtype) instead of in `arrays`: `rows` converts only the entries
+    of the rows it is asked for, straight into the padded batch, so a shard's entries are
+    converted once, never first to a whole float32 copy."""
 
     arrays: dict[str, torch.Tensor]
     sup_offsets: np.ndarray  # (n_seqs + 1,) rows of each sequence
     entry_offsets: torch.Tensor  # (n_rows + 1,) entries of each row
-    _sentinels: dict = field(default_factory=dict, repr=False)  # value arrays with a trailing −inf
+    stored: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # per-entry arrays as stored
+    value_dtype: str = "float32"  # the storage dtype of `stored` values (the manifest's value_dtype)
 
     @property
     def n_seqs(self) -> int:
         return len(self.sup_offsets) - 1
 
-    def _with_sentinel(self, name: str) -> torch.Tensor:
-        v = self._sentinels.get(name)
-        if v is None:
-            v = self._sentinels[name] = torch.cat([self.arrays[name], torch.full((1,), float("-inf"))])
-        return v
+    def _entries(self, name: str) -> np.ndarray | None:
+        if name in self.stored:
+            return self.stored[name]
+        return self.arrays[name].numpy() if name in self.arrays else None
 
-    def rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Targets of the given supervised rows, entry arrays padded to the widest: (n, K) / (n,) / (n, A)."""
+    def rows(self, rows) -> dict[str, torch.Tensor]:
+        """Targets of the given supervised rows, entry arrays padded to the widest: (n, K) / (n,) / (n, A).
+
+        Padding: `valid` is False, ids repeat the row's first id, log-probs are −inf."""
         a = self.arrays
-        lengths = a["support_len"][rows]
-        idx, valid = pad_ragged(lengths)  # into the selected rows' entries, concatenated
-        starts = torch.cumsum(lengths, 0) - lengths
-        flat = idx - starts[:, None] + self.entry_offsets[rows][:, None]  # (n, K) into the shard's entries
-        # Padded value entries read a −inf appended after the shard's last entry: one
-        # index select per array, no masking pass (this runs for every batch).
-        flat_vals = torch.where(valid, flat, self.entry_offsets[-1])
-        out = {"valid": valid}
+        r = np.asarray(rows, dtype=np.int64)
+        rt = torch.from_numpy(r)
+        lengths = a["support_len"].numpy()[r]
+        K = int(lengths.max()) if len(r) else 0
+        col = np.arange(K)
+        valid = col[None, :] < lengths[:, None]  # (n, K)
+        # The rows' entries, concatenated: one slice per run of consecutive rows (a
+        # sequence's rows are one run); then one boolean-mask store per array into the
+        # padded batch, which converts to int64 / float32 on the way.
+        eo = self.entry_offsets.numpy()
+        first, end = runs(r)
+        spans = list(zip(eo[first].tolist(), eo[end].tolist()))
+
+        def entries(x: np.ndarray) -> np.ndarray:
+            return (
+                x[spans[0][0] : spans[0][1]]
+                if len(spans) == 1
+                else np.concatenate([x[:0]] + [x[s:e] for s, e in spans])
+            )
+
+        out = {"valid": torch.from_numpy(valid)}
         if (
             "sample_len" in a
         ):  # tail samples: the last sample_len entries of a row (cache/build/forward.py, sample_tail)
-            first = (lengths - a["sample_len"][rows])[:, None]
-            out["sampled"] = valid & (torch.arange(valid.shape[1])[None, :] >= first)
-            out["sample_tau"] = a["sample_tau"][rows]
+            first = (lengths - a["sample_len"].numpy()[r])[:, None]
+            out["sampled"] = torch.from_numpy(valid & (col[None, :] >= first))
+            out["sample_tau"] = a["sample_tau"][rt]
         for n in ENTRY_ARRAYS:
-            if n == "support_ids" and n in a:
-                out[n] = a[n][flat]
-            elif n in a:
-                out[n] = self._with_sentinel(n)[flat_vals]
+            x = self._entries(n)
+            if x is None:
+                continue
+            if n == "support_ids":
+                t = np.empty((len(r), K), dtype=np.int64)
+                t[...] = x[eo[r]][:, None]  # padding repeats the row's first id
+                t[valid] = entries(x)
+            else:
+                t = np.full((len(r), K), -np.inf, dtype=np.float32)
+                src = entries(x)
+                if n in self.stored and self.value_dtype == "bfloat16":  # numpy has no bfloat16
+                    src = schema.decode_values(src, "bfloat16").numpy()
+                t[valid] = src.astype(np.float32, copy=False)  # converted first: numpy's casting store is slower
+            out[n] = torch.from_numpy(t)
         for n in ROW_ARRAYS:
             if n in a:
-                out[n] = a[n][rows]
+                out[n] = a[n][rt]
         return out
 
     def sequence(self, i: int) -> CachedSequence:
@@ -242,20 +271,22 @@ class CacheReader:
             )
         rows = np.asarray(rows, dtype=np.int64)
         off, sup = index.arrays["seq_offsets"].numpy(), index.sup_offsets
-        idx = {"token": _ranges(off[rows], off[rows + 1]), "sup": _ranges(sup[rows], sup[rows + 1])}
+        # Each run of consecutive rows is one range of tokens, of supervised rows and of entries.
+        first, end = runs(rows)
+        ranges = {"token": (off[first], off[end]), "sup": (sup[first], sup[end])}
         tdir, sdir = self.root / schema.TEACHER_DIR / name, self.root / schema.STUDENT_DIR / name
         if self.version >= 2:  # ragged supports: row i owns support_len[i] entries
             lens = schema.read_group(tdir, ["support_len"])["support_len"].astype(np.int64)
             ent = np.concatenate([[0], np.cumsum(lens)])
-            idx["entry"] = _ranges(ent[idx["sup"]], ent[idx["sup"] + 1])
+            ranges["entry"] = (ent[ranges["sup"][0]], ent[ranges["sup"][1]])
         jobs = [
-            (tdir, n, idx[spec[0]])
+            (tdir, n, ranges[spec[0]])
             for n, spec in schema.arrays_of(self.version, False, self.manifest).items()
-            if spec[0] in idx and n != "loss_mask"
+            if spec[0] in ranges and n != "loss_mask"
         ]
         if student:
             jobs += [
-                (sdir, n, idx[spec[0]])
+                (sdir, n, ranges[spec[0]])
                 for n, spec in schema.arrays_of(self.version, True).items()
                 if n != "tail_star" or self.alphas
             ]
@@ -263,27 +294,30 @@ class CacheReader:
             integrity.check_files(self.root, self.manifest, name, [n for d, n, _ in jobs if d == tdir], student)
         try:
             with ThreadPoolExecutor(self.threads) as ex:
-                raw = dict(zip([n for _, n, _ in jobs], ex.map(lambda j: schema.read_rows(*j), jobs)))
+                raw = dict(zip([n for _, n, _ in jobs], ex.map(lambda j: read_ranges(j[0], j[1], *j[2]), jobs)))
         except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
             raise CacheFormatError(f"{e}; {integrity.hint(self.root)}") from e
         if self.verify:
             integrity.check_raw(self.root, self.manifest, name, raw, rows=False)
-        lengths = off[rows + 1] - off[rows]
-        raw["seq_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        raw["loss_mask"] = index.arrays["loss_mask"].numpy()[idx["token"]].astype(np.uint8)
+        raw["seq_offsets"] = np.concatenate([[0], np.cumsum(off[rows + 1] - off[rows])]).astype(np.int64)
+        raw["loss_mask"] = take_ranges(index.arrays["loss_mask"].numpy(), *ranges["token"]).astype(np.uint8)
         raw["example_ids"] = index.arrays["example_ids"].numpy()[rows]
-        data = self._decode(raw)
+        # Version 2's entry arrays stay as stored: a batch converts only its own entries (ShardData.rows).
+        data = self._decode(raw, keep_entries=self.version >= 2)
         if self.verify:
             integrity.check_values(self.root, name, data.arrays, self.version)
+            integrity.check_stored(self.root, name, data.stored, self.manifest)
         return data
 
-    def _decode(self, raw: dict[str, np.ndarray]) -> ShardData:
+    def _decode(self, raw: dict[str, np.ndarray], keep_entries: bool = False) -> ShardData:
         vd = self.manifest["value_dtype"]
         spec = {**schema.arrays_of(self.version, False), **schema.arrays_of(self.version, True)}
-        out = {}
+        out, stored = {}, {}
         for n, a in raw.items():
             kind = spec[n][2]
-            if kind == "value":
+            if keep_entries and spec[n][0] == "entry":
+                stored[n] = a
+            elif kind == "value":
                 out[n] = schema.decode_values(a, vd)
             elif n == "loss_mask":
                 out[n] = torch.from_numpy(a.astype(bool))
@@ -298,7 +332,7 @@ class CacheReader:
             if lengths is not None
             else torch.zeros(1, dtype=torch.long)
         )
-        return ShardData(out, rows, entry_offsets)
+        return ShardData(out, rows, entry_offsets, stored, vd)
 
     def shard_order(
         self, rank: int = 0, world: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0
@@ -345,9 +379,53 @@ def _v1_to_entries(a: dict[str, torch.Tensor], n_rows: int) -> dict[str, torch.T
     return out
 
 
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first, end): the runs of consecutive values of `rows`, run i being first[i]:end[i]."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return rows, rows
+    cut = np.flatnonzero(np.diff(rows) != 1) + 1
+    return rows[np.r_[0, cut]], rows[np.r_[cut, len(rows)] - 1] + 1
+
+
+def arange_ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Concatenation of arange(s, e) for each pair, without a Python loop."""
     lens = ends - starts
     if lens.sum() == 0:
         return np.zeros(0, dtype=np.int64)
     return np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(lens.sum())
+
+
+def take_ranges(a: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of a[s:e] for each pair (a view when there is one range)."""
+    if len(starts) == 1:
+        return a[int(starts[0]) : int(ends[0])]
+    return np.concatenate([a[:0]] + [a[s:e] for s, e in zip(starts.tolist(), ends.tolist())])
+
+
+def read_ranges(group_dir: Path, name: str, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Rows starts[i]:ends[i] of one array (ascending, disjoint ranges), concatenated; zarr decodes
+    only the chunks that hold them.
+
+    One contiguous read per run of chunks holding rows (zarr's own selection by index is much
+    slower per row), split where whole chunks hold none of the rows, so those are never decoded:
+    a data-parallel rank reads its ~1/world block of a shard, and now and then a few rows elsewhere.
+    """
+    import zarr
+
+    keep = ends > starts
+    starts, ends = starts[keep], ends[keep]
+    try:
+        arr = zarr.open_group(store.zarr_store(group_dir, read_only=True), mode="r", zarr_format=3)[name]
+        if not len(starts):
+            return np.zeros((0,) + arr.shape[1:], dtype=arr.dtype)
+        c = arr.chunks[0]
+        new_read = np.flatnonzero(starts[1:] // c - (ends[:-1] - 1) // c > 1) + 1
+        parts = []
+        for i, j in zip(np.r_[0, new_read].tolist(), np.r_[new_read, len(starts)].tolist()):
+            lo = int(starts[i])
+            block = arr[lo : int(ends[j - 1])]
+            parts.append(take_ranges(block, starts[i:j] - lo, ends[i:j] - lo))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    except Exception as e:
+        raise CacheFormatError(f"{group_dir}/{name}: cannot read rows ({type(e).__name__}: {e})") from e
