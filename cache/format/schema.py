@@ -305,6 +305,11 @@ def read_rows(group_dir, name: str, rows: np.ndarray) -> np.ndarray:
 
 
 def write_json_atomic(path, obj) -> None:
+    """Commit points (shard.json, build.json, manifest.json); in an object store only under a held lease."""
+    if store.is_remote(path):
+        from deltakd.runtime import lease
+
+        lease.check_held()
     store.write_json_atomic(path, obj)
 
 
