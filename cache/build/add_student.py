@@ -86,6 +86,20 @@ def add_student(cfg: AddStudentConfig) -> dict:
     same = lambda m: (
         m and {k: v for k, v in m.items() if k != "path"} == {k: v for k, v in ident.items() if k != "path"}
     )  # noqa: E731
+    sdir = root / schema.STUDENT_DIR
+    names = [s["name"] for s in manifest["shards"]]
+    if (
+        manifest.get("student")
+        and same(manifest["student"]["checkpoint"])
+        and all(schema.is_committed(sdir / n) for n in names)
+    ):
+        # The cache holds this student already (with the build's exact target tails, when it had them):
+        # rewriting the manifest would announce fewer arrays than the groups hold.
+        print(
+            f"deltakd: {root} already holds the student-base arrays of {cfg.student_base}; nothing to do",
+            file=sys.stderr,
+        )
+        return manifest
     if manifest.get("support") == "union" or (manifest.get("student") or {}).get("alphas"):
         print(
             f"deltakd: note: {root} was built with {manifest.get('support')} support; add-student scores "
@@ -94,10 +108,9 @@ def add_student(cfg: AddStudentConfig) -> dict:
             "product-formula tail. Rebuild with --student-base for exact targets.",
             file=sys.stderr,
         )
-    sdir = root / schema.STUDENT_DIR
-    if manifest.get("student") and not same(manifest["student"]["checkpoint"]):
-        # Announce "no student" first, so a crash below never leaves a manifest that
-        # names one student over arrays of another.
+    if manifest.get("student") and (not same(manifest["student"]["checkpoint"]) or manifest["student"].get("alphas")):
+        # Announce "no student" first, so a crash below never leaves a manifest that names one
+        # student over arrays of another, or exact target tails over groups without them.
         manifest["student"] = None
         schema.write_json_atomic(mpath, manifest)
     schema.clean_partials(root)
@@ -105,10 +118,14 @@ def add_student(cfg: AddStudentConfig) -> dict:
     for st in store.local_stage(root).glob("*/s0.npz"):
         st.unlink()
     sdir.mkdir(exist_ok=True)
-    names = [s["name"] for s in manifest["shards"]]
     for n in names:  # arrays of another student are dropped, this student's are kept (resume)
         meta = sdir / n / schema.SHARD_META
-        if meta.exists() and not same(json.loads(meta.read_text()).get("student_base")):
+        if not meta.exists():
+            continue
+        own = json.loads(meta.read_text())
+        # A group with the build's exact target tails cannot stay beside groups without them:
+        # the manifest announces tail_star for every group or for none.
+        if not same(own.get("student_base")) or any(r.startswith("tail_star/") for r in own.get("checksums", {})):
             schema.uncommit_group(sdir / n)
             store.rmtree(sdir / n)
     todo = [n for n in names if not schema.is_committed(sdir / n)]

@@ -151,6 +151,17 @@ def covers_vocabulary(support: str, k: int, vocab_size: int) -> bool:
     return k >= vocab_size  # the top-k of any distribution alone is then the whole vocabulary
 
 
+def check_row_width(support: str, k: int, n_sources: int, tail_samples: int, vocab_size: int) -> None:
+    """Refuse a build whose widest row would not fit `support_len` (uint16): min(V, sources·k) + m ids."""
+    sources, most = (1 if support == "topk" else n_sources), int(np.iinfo(np.uint16).max)
+    widest = min(vocab_size, sources * k + tail_samples)
+    if widest > most:
+        raise ValueError(
+            f"--top-k {k}: a row could hold {widest} ids (vocabulary {vocab_size}), more than support_len "
+            f"(uint16) counts; use a --top-k of at most {(most - tail_samples) // sources}"
+        )
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned integer that holds every id of the vocabulary."""
     return np.dtype("uint16") if vocab_size <= 1 << 16 else np.dtype("int32")
