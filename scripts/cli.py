@@ -62,7 +62,7 @@ def run_verb(ns) -> int:
         return fail("interrupted (Ctrl-C); a killed run resumes when started again with the same command", 130)
     except Exception as e:
         # First: a read that failed on the network must not read as a damaged cache.
-        msg = remote.failure_message(e, _verb(ns), getattr(ns, "out", None) or getattr(ns, "cache", None))
+        msg = remote.failure_message(e, _verb(ns), _store_url(ns), _advice(ns))
         if msg is not None:
             # zarr's concurrent writes of the failed group leave coroutines that never ran;
             # Python would name each at exit. The line above says what happened.
@@ -83,6 +83,23 @@ def run_verb(ns) -> int:
         if e.errno == errno.ENOENT:
             return fail(f"{e.filename or e}: no such file or folder")
         return fail(f"{e.strerror or e}: {e.filename}" if e.filename else str(e))
+
+
+def _store_url(ns) -> str | None:
+    """The object-store URL the verb works on (a cache given as --cache, --out or positionally)."""
+    for v in (getattr(ns, "cache", None), getattr(ns, "out", None)):
+        if v is not None and "://" in str(v):
+            return str(v)
+    return None
+
+
+def _advice(ns) -> str:
+    """What a verb stopped by the network keeps, and how to go on."""
+    if getattr(ns, "command", None) == "train":
+        return "the last checkpoint is kept: run the same command again to resume"
+    if getattr(ns, "verb", None) in ("build", "add-student"):
+        return "what was committed is kept: run the same command again to resume"
+    return "nothing was changed: run the same command again once the store answers"
 
 
 def _verb(ns) -> str:

@@ -197,7 +197,12 @@ def doing_note(e: BaseException, what: str, where) -> None:
             pass
 
 
-def failure_message(exc: BaseException, verb: str, target: str | None) -> str | None:
+def failure_message(
+    exc: BaseException,
+    verb: str,
+    target: str | None,
+    advice: str = "what was committed is kept: run the same command again to resume",
+) -> str | None:
     """The one line for a network fault (None for other errors): operation, URL, reason, and how to resume."""
     reason = network_failure(exc)
     if reason is None:
@@ -206,8 +211,7 @@ def failure_message(exc: BaseException, verb: str, target: str | None) -> str | 
     request = _last_request(exc)
     return (
         f"{verb}: the object store did not answer while {what}{f' ({request})' if request else ''}: {reason}, "
-        f"still after retrying for {retry_seconds():g} s ({RETRY_ENV}); what was committed is kept: run the "
-        "same command again to resume"
+        f"still after retrying for {retry_seconds():g} s ({RETRY_ENV}); {advice}"
     )
 
 
