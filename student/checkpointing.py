@@ -4,6 +4,10 @@
                                    (--parallel fsdp: sharded/, torch.distributed.checkpoint, every rank)
     RUN/final/                     save_pretrained (safetensors) + tokenizer + train_config.json
 
+A run resumes on another number of ranks when M = ranks × grad_accum stays (e.g. 8 × 1 as
+4 × 2): the batch order depends on M only, the loader restarts at the saved step's end,
+DDP checkpoints hold full tensors and FSDP ones are resharded by torch.distributed.checkpoint.
+
 A checkpoint is written aside and renamed into place, so a kill during a save
 leaves the previous checkpoint as the newest complete one. Under FSDP every rank
 writes its shards into the same folder; rank 0 renames it after a barrier.
@@ -33,6 +37,30 @@ def _ckpt_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
+def resume_differences(saved: dict, saved_world: int | None, cfg, world: int) -> list[str]:
+    """What keeps a run saved with `saved` (config dict) on `saved_world` ranks from continuing exactly as `cfg`
+    on `world` ranks. The batch order and each step's gradient depend on M = ranks × grad_accum only
+    (student/data.py; the loss is normalised over the whole step), so grad_accum may change with the
+    number of ranks as long as M stays."""
+    now = dataclasses.asdict(cfg)
+    free = RESUME_FREE | {"grad_accum"}
+    diff = sorted(k for k in set(saved) | set(now) if k not in free and saved.get(k) != now.get(k))
+    w0 = world if saved_world is None else int(saved_world)  # checkpoints of early versions record no world
+    a0 = int(saved.get("grad_accum", 1))
+    m0, m = w0 * a0, world * cfg.grad_accum
+    if m0 != m:
+        fix = (
+            f"pass --grad-accum {m0 // world} to continue it exactly on {world} rank(s)"
+            if m0 % world == 0
+            else f"no --grad-accum keeps M = {m0} on {world} ranks: use a number of ranks that divides {m0}"
+        )
+        diff.append(
+            f"micro-batches per step M = ranks x grad_accum: {w0} x {a0} = {m0} -> {world} x {cfg.grad_accum} = "
+            f"{m}, which changes the batch order; {fix}"
+        )
+    return diff
+
+
 def find_resume(out, cfg, world: int = 1) -> Path | None:
     d = _ckpt_dir(out)
     if not d.is_dir():
@@ -41,24 +69,33 @@ def find_resume(out, cfg, world: int = 1) -> Path | None:
     if not done:
         return None
     state = json.loads((done[-1] / "state.json").read_text())
-    saved, now = state["config"], dataclasses.asdict(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
-    # The batch order depends on world × grad_accum (student/data.py); checkpoints written
-    # before the world size was recorded carry none.
-    if state.get("world_size", world) != world:
-        diff.append(f"world size {state['world_size']} -> {world}, which changes the batch order")
+    diff = resume_differences(state["config"], state.get("world_size"), cfg, world)
     if diff:
         raise ValueError(
-            f"{out} holds a run with other settings ({', '.join(diff)}); "
+            f"{out} holds a run with other settings ({'; '.join(diff)}); "
             "use another --out folder to start a new run, or the same settings to resume"
         )
     return done[-1]
 
 
+def step_boundary(state: dict, saved_world: int) -> dict:
+    """The loader position at the end of the saved step, for any split of M into ranks × accumulation.
+
+    The trainer saves rank 0's last micro-batch of a step, global index t·M + M − world: on `saved_world`
+    ranks the step ends at the next multiple of it. Shard-local `batch` moves with `index` (a position past a
+    shard's last batch is where the next shard starts, see StreamingLoader._produce)."""
+    if "index" not in state:
+        return state
+    end = -(-int(state["index"]) // saved_world) * saved_world
+    return {**state, "index": end, "batch": int(state["batch"]) + end - int(state["index"])}
+
+
 def save_training_state(tr) -> None:
     from safetensors.torch import save_model
 
-    sharded = parallel.is_fsdp(tr.module)
+    # --parallel fsdp saves torch.distributed.checkpoint shards on any number of ranks, one process
+    # included, so that its checkpoints load on any other number (DCP reshards on load).
+    sharded = tr.cfg.parallel == "fsdp"
     if tr.rank != 0 and not sharded:
         return
     d = _ckpt_dir(tr.out)
@@ -100,13 +137,14 @@ def save_training_state(tr) -> None:
 def load_training_state(path: Path, tr) -> tuple[int, dict]:
     from safetensors.torch import load_model
 
-    if parallel.is_fsdp(tr.module):
-        if not (path / "sharded").is_dir():
-            raise ValueError(f"{path} holds an unsharded checkpoint; resume it with --parallel ddp")
-        parallel.load_sharded(tr.module, tr.opt, path / "sharded")
+    sharded = (path / "sharded").is_dir()
+    if sharded and tr.cfg.parallel == "fsdp":
+        parallel.load_sharded(tr.module, tr.opt, path / "sharded")  # any number of ranks (DCP reshards)
+    elif sharded:
+        raise ValueError(f"{path} holds a sharded (FSDP) checkpoint; resume it with --parallel fsdp")
+    elif parallel.is_fsdp(tr.module):
+        raise ValueError(f"{path} holds an unsharded checkpoint; resume it with --parallel ddp")
     else:
-        if not (path / "model.safetensors").exists():
-            raise ValueError(f"{path} holds a sharded (FSDP) checkpoint; resume it with --parallel fsdp")
         load_model(tr.model, str(path / "model.safetensors"), device=str(tr.device))
         tr.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=tr.device, weights_only=False))
     rng = torch.load(path / "rng.pt", weights_only=False)
@@ -116,7 +154,7 @@ def load_training_state(path: Path, tr) -> tuple[int, dict]:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     st = json.loads((path / "state.json").read_text())
-    return int(st["step"]), st["loader"]
+    return int(st["step"]), step_boundary(st["loader"], int(st.get("world_size", tr.world)))
 
 
 def save_final(tr) -> Path | None:

@@ -3,7 +3,9 @@
     deltakd train ... --parallel ddp    # DistributedDataParallel: full replica per rank, bucketed
                                         # all-reduce overlapped with the backward
     deltakd train ... --parallel fsdp   # FSDP2 fully_shard per decoder layer + root; with --bf16,
-                                        # bf16 parameters in compute and fp32 gradient reduction
+                                        # bf16 parameters in compute and fp32 gradient reduction;
+                                        # checkpoints by torch.distributed.checkpoint, loadable on
+                                        # any number of ranks (one process without torchrun too)
 
 The fused head+loss (objective.chunked_loss) reads the output layer's weight outside
 the Hugging Face model's forward. Under FSDP that weight would still be sharded
@@ -20,7 +22,8 @@ default, which is switched off below.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -130,22 +133,34 @@ def full_value(x) -> torch.Tensor:
 
 # ---------------------------------------------------------------- FSDP checkpoints
 def save_sharded(module, opt, path: Path) -> None:
-    """Every rank writes its shards (torch.distributed.checkpoint); collective."""
+    """Every rank writes its shards (torch.distributed.checkpoint); collective. One process (no group) writes all."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(module, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+    with _single_process_is_meant():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
 
 
 def load_sharded(module, opt, path: Path) -> None:
+    """Load shards saved on any number of ranks into this one's (DCP reshards); collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     msd, osd = get_state_dict(module, opt)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_is_meant():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+@contextmanager
+def _single_process_is_meant():
+    """DCP warns when it runs without a process group; one process with --parallel fsdp is meant."""
+    with warnings.catch_warnings():
+        if not dist.active():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def gathered_model_state(module) -> dict:

@@ -31,7 +31,7 @@ from deltakd.cache.format.schema import MANIFEST
 from deltakd.runtime.checkpoints import checkpoint_identity, local_checkpoint
 from deltakd.runtime.lock import folder_lock
 from deltakd.runtime.stop import graceful_stop
-from deltakd.student.checkpointing import RESUME_FREE
+from deltakd.student.checkpointing import resume_differences
 
 IDENTITY_FILE = "cache_identity.json"
 
@@ -84,8 +84,10 @@ def finished_result(cfg) -> dict | None:
     final = Path(cfg.out) / "final" / "train_config.json"
     if cfg.dry_run or not final.is_file():
         return None
-    saved, now = json.loads(final.read_text()), dataclasses.asdict(cfg)
-    if any(saved.get(k) != now.get(k) for k in now if k not in RESUME_FREE):
+    saved = json.loads(final.read_text())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = {k: v for k, v in saved.items() if k in dataclasses.asdict(cfg)}
+    if resume_differences(config, saved.get("world_size"), cfg, world):
         return None  # other settings: the resume check explains the refusal
     evals = []
     metrics = Path(cfg.out) / "metrics.jsonl"

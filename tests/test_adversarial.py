@@ -395,12 +395,12 @@ def test_no_tracebacks_for_what_users_do(tiny, cache_copy, tmp_path, monkeypatch
     ro = tmp_path / "ro"
     ro.mkdir()
     if os.geteuid() == 0:
-        import filelock
+        from deltakd.runtime import lock
 
-        def denied(self, *a, **kw):
-            raise PermissionError(errno.EACCES, "Permission denied", self.lock_file)
+        def denied(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-        monkeypatch.setattr(filelock.FileLock, "acquire", denied)
+        monkeypatch.setattr(lock, "open_lock_file", denied)
     else:
         ro.chmod(0o555)
     code, _, err = cli(*train_args(tiny, cache_copy, ro))

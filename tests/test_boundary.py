@@ -32,6 +32,7 @@ STUDENT_ALLOWED = {
     "deltakd.runtime.config",
     "deltakd.runtime.dist",
     "deltakd.runtime.lock",
+    "deltakd.runtime.remote",
     "deltakd.runtime.stop",
 }
 

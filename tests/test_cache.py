@@ -285,6 +285,8 @@ def test_add_student_equals_building_with_the_student(tiny, tmp_path):
     build(tiny, tmp_path / "with", support="topk", mode="sequential")
     build(tiny, tmp_path / "later", student=False, support="topk", mode="sequential")
     assert not CacheReader(tmp_path / "later").has_student
+    # manifest.alphas: the grid asked for, even where no tails were stored for it (FORMAT.md).
+    assert CacheReader(tmp_path / "later").manifest["alphas"] == [0.5, 1.0, 1.5]
     add_student(AddStudentConfig(cache=str(tmp_path / "later"), student_base=tiny["student_base"], batch_size=5))
     assert_same_content(tmp_path / "with", tmp_path / "later")
     assert validate(tmp_path / "later") == []
@@ -296,6 +298,43 @@ def test_add_student_equals_building_with_the_student(tiny, tmp_path):
     assert not (tmp_path / "later" / "stage").exists()
 
 
+def _edited(path: Path, edit) -> list[str]:
+    """validate() of the cache with one JSON file edited, then the file restored."""
+    text = path.read_text()
+    obj = json.loads(text)
+    edit(obj)
+    path.write_text(json.dumps(obj))
+    try:
+        return validate(path.parent)
+    finally:
+        path.write_text(text)
+
+
+def test_manifest_arrays_and_build_file_agree(tiny, tmp_path, capsys):
+    out = tmp_path / "u"
+    build(tiny, out)
+    m = CacheReader(out).manifest
+    assert m["alphas"] == m["student"]["alphas"] == [0.5, 1.0, 1.5]
+    assert not any(p.name.startswith(".deltakd") for p in out.iterdir())  # no lock left in a finished cache
+    # Chunks hold min(rows, N) rows (FORMAT.md, Codec).
+    z = json.loads((out / "shards" / "shard-00000" / "tokens" / "zarr.json").read_text())
+    n_tokens = m["shards"][0]["n_tokens"]
+    assert z["chunk_grid"]["configuration"]["chunk_shape"] == [min(n_tokens, schema.TOKEN_CHUNK_ROWS)]
+    # add-student with the cache's own student: nothing to do, nothing rewritten.
+    before = (out / schema.MANIFEST).read_bytes()
+    add_student(AddStudentConfig(cache=str(out), student_base=tiny["student_base"]))
+    assert "nothing to do" in capsys.readouterr().err
+    assert (out / schema.MANIFEST).read_bytes() == before and validate(out) == []
+    # What validate finds: a manifest that hides exact tails there (the add-student of earlier
+    # versions wrote that), sample arrays it does not announce, a build.json that disagrees.
+    hidden = "\n".join(_edited(out / schema.MANIFEST, lambda m: m["student"].update(alphas=[])))
+    assert "shard-00000 (student): holds tail_star (3 exact target tails per row)" in hidden
+    assert "the alphas of the build's exact target tails is [0.5, 1.0, 1.5], the manifest says []" in hidden
+    samples = "\n".join(_edited(out / schema.MANIFEST, lambda m: m.update(tail_samples=0)))
+    assert "holds tail-sample array sample_len" in samples and "tail_samples is 16, the manifest says 0" in samples
+    assert "n_shards is 99" in "\n".join(_edited(out / schema.BUILD_FILE, lambda b: b.update(n_shards=99)))
+
+
 @pytest.mark.integration  # builds several caches or kills a build
 def test_add_student_on_a_union_cache_says_what_it_cannot_provide(tiny, tmp_path, capsys):
     build(tiny, tmp_path / "u")
@@ -305,6 +344,11 @@ def test_add_student_on_a_union_cache_says_what_it_cannot_provide(tiny, tmp_path
     assert "union support" in err and "exact target tails" in err and "Rebuild with --student-base" in err
     r = CacheReader(tmp_path / "u")
     assert r.alphas == () and r.has_student and validate(tmp_path / "u") == []
+    # build.json still describes the build (its student, its tails); exact tails announced for
+    # another student's arrays would be a lie validate names.
+    assert json.loads((tmp_path / "u" / schema.BUILD_FILE).read_text())["alphas"] == [0.5, 1.0, 1.5]
+    lie = _edited(tmp_path / "u" / schema.MANIFEST, lambda m: m["student"].update(alphas=[0.5, 1.0, 1.5]))
+    assert any("come from `deltakd cache add-student`" in p for p in lie), lie
     assert (
         r.read_shard(r.shard_names[0]).arrays["logp_s0"].shape == r.read_shard(r.shard_names[0]).arrays["logp_ft"].shape
     )

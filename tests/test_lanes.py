@@ -248,7 +248,7 @@ def test_a_rank_decodes_only_its_share_of_each_shard(chunky_cache, monkeypatch, 
 
 
 def test_a_resume_with_another_world_or_accumulation_is_refused(tiny, cache_dir, tmp_path):
-    """The batch order depends on world × grad_accum: a run resumed with either changed would see other batches."""
+    """The batch order depends on M = world × grad_accum: a resume that changes M is refused, naming the fix."""
     import dataclasses
 
     from deltakd.student.checkpointing import find_resume
@@ -261,7 +261,12 @@ def test_a_resume_with_another_world_or_accumulation_is_refused(tiny, cache_dir,
         json.dumps({"step": 4, "loader": {}, "config": dataclasses.asdict(cfg), "world_size": 2})
     )
     assert find_resume(tmp_path, cfg, world=2) == ck
-    with pytest.raises(ValueError, match=r"other settings \(world size 2 -> 4, which changes the batch order\)"):
+    # M = ranks x grad_accum decides the batch order: 2 x 2 resumes as 4 x 1 or 1 x 4, never as 4 x 2.
+    assert find_resume(tmp_path, dataclasses.replace(cfg, grad_accum=1), world=4) == ck
+    assert find_resume(tmp_path, dataclasses.replace(cfg, grad_accum=4), world=1) == ck
+    with pytest.raises(ValueError, match=r"2 x 2 = 4 -> 4 x 2 = 8, which changes the batch order; pass --grad-accum 1"):
         find_resume(tmp_path, cfg, world=4)
-    with pytest.raises(ValueError, match=r"other settings \(grad_accum\)"):
+    with pytest.raises(ValueError, match=r"no --grad-accum keeps M = 4 on 3 ranks"):
+        find_resume(tmp_path, cfg, world=3)
+    with pytest.raises(ValueError, match=r"2 x 2 = 4 -> 2 x 4 = 8"):
         find_resume(tmp_path, dataclasses.replace(cfg, grad_accum=4), world=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -309,10 +310,41 @@ def test_killed_fsdp_run_resumes_as_uninterrupted(tiny, cache_dir, tied_student,
         text=True,
         env=ENV,
     )
-    assert (
-        res.returncode == 2
-        and "other settings (parallel, world size 2 -> 1, which changes the batch order)" in res.stderr
-    ), res.stderr[-2000:]
+    assert res.returncode == 2 and "other settings (parallel; micro-batches per step M" in res.stderr, res.stderr[
+        -2000:
+    ]
+
+
+# ---------------------------------------------------------------- elastic resume
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_run_resumes_on_another_number_of_ranks_when_m_stays(
+    tiny, cache_dir, tied_student, runs, tmp_path, mode, capsys
+):
+    """2 ranks x 1 stopped at step 2 continue as one process x 2 (M = 2) to the 2-rank run's weights."""
+    from deltakd.cli import main
+
+    ref = runs(mode, "p1")
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    # What the 2-rank run leaves when stopped after its checkpoint of step 2.
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    # One process accumulating 1 would change M (2 -> 1): refused, naming the --grad-accum that keeps it.
+    assert main(_args(tiny, cache_dir, tied_student, "p1", out, 1, ["--parallel", mode])) == 2
+    err = capsys.readouterr().err
+    assert "2 x 1 = 2 -> 1 x 1 = 1" in err and "pass --grad-accum 2 to continue it exactly on 1 rank" in err, err
+    assert main(_args(tiny, cache_dir, tied_student, "p1", out, 2, ["--parallel", mode])) == 0
+    assert "(resuming at step 2)" in capsys.readouterr().out
+    a = [m for m in _metrics(ref) if "loss" in m]
+    b = [m for m in _metrics(out) if "loss" in m]
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("loss", "p1", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-3, abs=1e-7), (mode, x["step"], key)
+    wa, wb = _weights(ref), _weights(out)
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-6, msg=lambda m, k=k: f"{mode} {k}: {m}")
 
 
 # ---------------------------------------------------------------- per-rank reading

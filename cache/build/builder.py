@@ -543,7 +543,9 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
     vocab = ident["tokenizer"]["vocab_size"]
     manifest = {
         "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": ident["support"],
-        "k": min(ident["k"], vocab), "vocab_size": vocab, "alphas": ident["alphas"], "floor": ident["floor"],
+        # alphas: the grid asked for (FORMAT.md); the tail_star columns are student.alphas.
+        "k": min(ident["k"], vocab), "vocab_size": vocab, "alphas": list(schema.parse_alphas(build_cfg["alphas"])),
+        "floor": ident["floor"],
         "mode": ident["mode"], "value_dtype": ident["value_dtype"], "id_dtype": str(schema.id_dtype(vocab)),
         "covers_vocabulary": schema.covers_vocabulary(ident["support"], ident["k"], vocab),
         "tail_samples": ident.get("tail_samples", 0), "sample_min_tail": ident.get("sample_min_tail"),
@@ -585,6 +587,8 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
         roles["student_base"] = cfg.student_base
     records = read_records(cfg.data)
     tok, tok_id = check_checkpoints(roles)
+    schema.check_row_width(cfg.support, cfg.top_k, 2 + bool(cfg.student_base) + len(star_alphas(cfg)),
+                           cfg.tail_samples, tok_id["vocab_size"])
     sharding = resolve_sharding(cfg.teacher_sharding, cfg.device, [cfg.teacher_ft, cfg.teacher_base])
     # Data-parallel layout: under tp the whole (one-node) job is one teacher replica.
     dp_rank, dp_world, writer = (0, 1, rank == 0) if sharding == "tp" else (rank, world, True)

@@ -21,6 +21,7 @@ import torch
 
 from deltakd.cache.format import schema, store
 from deltakd.cache.format.schema import CacheFormatError
+from deltakd.runtime import remote
 
 
 def hint(root: Path) -> str:
@@ -54,7 +55,9 @@ def check_files(root: Path, manifest: dict, name: str, arrays: list[str], studen
         meta = gdir / schema.SHARD_META
         try:
             own = json.loads(meta.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if remote.network_failure(e) is not None:  # not an answer about the folder
+                raise
             own = {}
         if own.get("name") != name:
             raise bad_shard(

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from deltakd.cache.format import store
+from deltakd.runtime import remote
 
 FORMAT_NAME = "deltakd-cache"
 FORMAT_VERSION = 2
@@ -150,6 +151,17 @@ def covers_vocabulary(support: str, k: int, vocab_size: int) -> bool:
     return k >= vocab_size  # the top-k of any distribution alone is then the whole vocabulary
 
 
+def check_row_width(support: str, k: int, n_sources: int, tail_samples: int, vocab_size: int) -> None:
+    """Refuse a build whose widest row would not fit `support_len` (uint16): min(V, sources·k) + m ids."""
+    sources, most = (1 if support == "topk" else n_sources), int(np.iinfo(np.uint16).max)
+    widest = min(vocab_size, sources * k + tail_samples)
+    if widest > most:
+        raise ValueError(
+            f"--top-k {k}: a row could hold {widest} ids (vocabulary {vocab_size}), more than support_len "
+            f"(uint16) counts; use a --top-k of at most {(most - tail_samples) // sources}"
+        )
+
+
 def id_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned integer that holds every id of the vocabulary."""
     return np.dtype("uint16") if vocab_size <= 1 << 16 else np.dtype("int32")
@@ -230,7 +242,7 @@ def write_group(group_dir, arrays: dict[str, np.ndarray]) -> None:
     """Write whole arrays into a fresh zarr v3 group (one writer per group: see FORMAT.md)."""
     from deltakd.runtime.stop import deferred
 
-    with deferred():  # SIGTERM / Ctrl-C during a build: the group is finished first (stop.py)
+    with deferred(), remote.doing("writing", group_dir):  # SIGTERM / Ctrl-C: the group is finished first (stop.py)
         _write_arrays(group_dir, arrays)
 
 
@@ -259,17 +271,26 @@ def _write_arrays(group_dir, arrays: dict[str, np.ndarray]) -> None:
 def read_group(group_dir: Path, names) -> dict[str, np.ndarray]:
     import zarr
 
-    try:
-        root = zarr.open_group(store.zarr_store(group_dir, read_only=True), mode="r", zarr_format=3)
-    except Exception as e:  # zarr raises several types for a missing or broken group
-        raise CacheFormatError(f"{group_dir}: not a readable zarr v3 group ({e})") from e
-    out = {}
-    for n in names:
+    with remote.doing("reading", group_dir):
         try:
-            out[n] = root[n][...]
-        except Exception as e:
-            raise CacheFormatError(f"{group_dir}/{n}: cannot read array ({type(e).__name__}: {e})") from e
-    return out
+            root = zarr.open_group(store.zarr_store(group_dir, read_only=True), mode="r", zarr_format=3)
+        except Exception as e:  # zarr raises several types for a missing or broken group
+            _unless_network(e)
+            raise CacheFormatError(f"{group_dir}: not a readable zarr v3 group ({e})") from e
+        out = {}
+        for n in names:
+            try:
+                out[n] = root[n][...]
+            except Exception as e:
+                _unless_network(e)
+                raise CacheFormatError(f"{group_dir}/{n}: cannot read array ({type(e).__name__}: {e})") from e
+        return out
+
+
+def _unless_network(e: BaseException) -> None:
+    """A store that does not answer is not a damaged cache: its fault goes up as it is."""
+    if remote.network_failure(e) is not None:
+        raise e
 
 
 def read_rows(group_dir, name: str, rows: np.ndarray) -> np.ndarray:
@@ -288,10 +309,18 @@ def read_rows(group_dir, name: str, rows: np.ndarray) -> np.ndarray:
         parts = np.split(rows, np.nonzero(np.diff(c) > 1)[0] + 1)
         return np.concatenate([arr[int(p[0]) : int(p[-1]) + 1][p - p[0]] for p in parts])
     except Exception as e:
+        if remote.network_failure(e) is not None:
+            remote.doing_note(e, "reading", f"{group_dir}/{name}")
+            raise
         raise CacheFormatError(f"{group_dir}/{name}: cannot read rows ({type(e).__name__}: {e})") from e
 
 
 def write_json_atomic(path, obj) -> None:
+    """Commit points (shard.json, build.json, manifest.json); in an object store only under a held lease."""
+    if store.is_remote(path):
+        from deltakd.runtime import lease
+
+        lease.check_held()
     store.write_json_atomic(path, obj)
 
 
@@ -302,7 +331,8 @@ def partial_dir(final):
 
 def is_committed(group_dir) -> bool:
     """A group counts once its shard.json exists (written last; locally also renamed into place)."""
-    return (group_dir / SHARD_META).exists()
+    with remote.doing("checking", group_dir / SHARD_META):
+        return (group_dir / SHARD_META).exists()
 
 
 def commit_group(partial, final, meta: dict) -> None:

@@ -9,7 +9,9 @@ so the builder, reader and validator use one code path. What differs is the comm
 object store has no rename, so a remote group is written at its final prefix and
 counts as committed only once its `shard.json` exists, written last. Credentials and
 endpoints come from the usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)
-or from fsspec's configuration.
+or from fsspec's configuration; retries and timeouts from `deltakd.runtime.remote`
+(DELTAKD_STORE_RETRY_S, DELTAKD_STORE_TIMEOUT_S), so a network fault ends in one line
+that names the operation and URL, never in a traceback or a hang.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from deltakd.runtime import remote
 
 
 def is_url(path) -> bool:
@@ -37,7 +41,8 @@ def cache_root(path):
             f"{path}: caches in object storage need `pip install 'deltakd[s3]'` "
             "(universal_pathlib and s3fs, or the fsspec backend of your store)"
         ) from e
-    root = UPath(str(path))
+    root = UPath(str(path), **remote.storage_options(str(path)))
+    remote.configure(root.fs)
     # fsspec shares one filesystem object per process and caches its listings; another
     # process (a resumed build, add-student) may have rewritten objects since.
     root.fs.invalidate_cache()
@@ -56,13 +61,16 @@ def zarr_store(p, read_only: bool):
         return zarr.storage.LocalStore(str(p), read_only=read_only)
     # zarr drives its own event loop: it needs an asynchronous filesystem of its own,
     # not the (synchronous) one behind the path.
-    return zarr.storage.FsspecStore.from_url(str(p), storage_options=dict(p.storage_options), read_only=read_only)
+    st = zarr.storage.FsspecStore.from_url(str(p), storage_options=dict(p.storage_options), read_only=read_only)
+    remote.configure(st.fs)
+    return st
 
 
 def write_text_atomic(p, text: str) -> None:
     """Readers see the old text or the new, never a part: rename locally; one PUT (atomic per object) remotely."""
     if is_remote(p):
-        p.write_text(text)
+        with remote.doing("writing", p):
+            p.write_text(text)
         return
     tmp = p.with_name(p.name + ".tmp")
     with open(tmp, "w") as f:

@@ -1,10 +1,11 @@
-"""Check a cache end to end: manifest, files, checksums, shapes, counts, finite values.
+"""Check a cache end to end: manifest, build.json, files, checksums, arrays, shapes, counts, finite values.
 
 deltakd cache validate CACHE      # exit 1 and name the shard and array on any problem
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ from deltakd.cache.format import integrity, schema
 from deltakd.cache.format.reader import CacheReader
 
 
-def _check_group(gdir: Path, expected: dict[str, str], label: str) -> list[str]:
+def _check_group(gdir: Path, expected: dict[str, str], label: str, want: set[str]) -> list[str]:
+    """Files against the manifest's checksums, and the group's arrays against those the manifest announces."""
     problems = []
     if not schema.is_committed(gdir):
         return [f"{label}: folder {gdir} is missing"]
     actual = schema.group_checksums(gdir)
+    problems += _check_array_set(gdir, label, {rel.split("/")[0] for rel in actual if "/" in rel}, want)
     for rel, h in expected.items():
         if rel not in actual:
             problems.append(f"{label}: file {rel} is missing")
@@ -35,18 +38,23 @@ def validate(path: str | Path) -> list[str]:
     except (schema.CacheFormatError, KeyError) as e:
         return [str(e)]
     root, m = reader.root, reader.manifest
-    problems, seen_ids = _check_listing(root, m), set()
+    problems, seen_ids = _check_listing(root, m) + _check_build_file(root, m), set()
     student_meta = {s["name"]: s for s in (m.get("student") or {}).get("shards", [])}
+    want_teacher = set(schema.arrays_of(reader.version, False, m))
+    want_student = set(schema.arrays_of(reader.version, True, m))
     for s in m["shards"]:
         name = s["name"]
         label = f"shard {name}"
-        found = _check_group(root / schema.TEACHER_DIR / name, s["checksums"], label)
+        found = _check_group(root / schema.TEACHER_DIR / name, s["checksums"], label, want_teacher)
         if m.get("student"):
             if name not in student_meta:
                 found.append(f"{label}: the manifest lists no student arrays for it")
             else:
                 found += _check_group(
-                    root / schema.STUDENT_DIR / name, student_meta[name]["checksums"], f"{label} (student)"
+                    root / schema.STUDENT_DIR / name,
+                    student_meta[name]["checksums"],
+                    f"{label} (student)",
+                    want_student,
                 )
         problems += found
         if found:  # the files are not the ones written: their contents say nothing more
@@ -69,6 +77,77 @@ def validate(path: str | Path) -> list[str]:
                 f"the teacher shard has {s['n_supervised']}"
             )
     return problems
+
+
+def _check_array_set(gdir: Path, label: str, have: set[str], want: set[str]) -> list[str]:
+    """The arrays a group holds are the ones the manifest announces (`tail_star` iff student.alphas,
+    `sample_len`/`sample_tau` iff tail_samples > 0): a reader goes by the manifest alone."""
+    p = [f"{label}: array {n} is missing (the manifest announces it)" for n in sorted(want - have)]
+    for n in sorted(have - want):
+        if n == "tail_star":
+            try:
+                cols = json.loads((gdir / n / "zarr.json").read_text())["shape"][1]
+            except (OSError, ValueError, KeyError, IndexError):
+                cols = "?"
+            p.append(
+                f"{label}: holds tail_star ({cols} exact target tails per row) but the manifest's student.alphas "
+                "is empty, so readers ignore them; run the `deltakd cache build` command of build.json again "
+                "(it rewrites the manifest)"
+            )
+        elif n in schema.SAMPLE_ARRAYS:
+            p.append(f"{label}: holds tail-sample array {n} but the manifest's tail_samples is 0")
+        else:
+            p.append(f"{label}: holds array {n}, which the format does not define")
+    return p
+
+
+def _same_checkpoint(a: dict | None, b: dict | None) -> bool:
+    strip = lambda c: {k: v for k, v in (c or {}).items() if k != "path"}  # noqa: E731
+    return bool(a and b) and strip(a) == strip(b)
+
+
+def _check_build_file(root: Path, m: dict) -> list[str]:
+    """build.json (the build's identity) against the manifest: the same inputs, settings and student."""
+    bpath = root / schema.BUILD_FILE
+    if not bpath.exists():
+        return [f"{schema.BUILD_FILE} is missing (every build writes it first)"]
+    try:
+        b = json.loads(bpath.read_text())
+    except ValueError as e:
+        return [f"{schema.BUILD_FILE}: not valid JSON ({e})"]
+    p = []
+
+    def differ(what: str, built, listed) -> None:
+        if built != listed:
+            p.append(f"{schema.BUILD_FILE}: {what} is {built!r}, the manifest says {listed!r}")
+
+    for key in ("format_version", "support", "value_dtype", "mode", "floor"):
+        if key in b and key in m:
+            differ(key, b[key], m[key])
+    if "k" in b:
+        differ("k (capped at the vocabulary)", min(b["k"], m["vocab_size"]), m["k"])
+    differ("tail_samples", b.get("tail_samples", 0), m.get("tail_samples", 0))
+    if "sample_min_tail" in b:
+        differ("sample_min_tail", b["sample_min_tail"], m.get("sample_min_tail"))
+    differ("tokenizer", (b.get("tokenizer") or {}).get("sha256"), (m.get("tokenizer") or {}).get("sha256"))
+    differ("data", (b.get("data") or {}).get("sha256"), (m.get("data") or {}).get("sha256"))
+    for role in ("teacher_ft", "teacher_base"):
+        if not _same_checkpoint((b.get("checkpoints") or {}).get(role), (m.get("checkpoints") or {}).get(role)):
+            p.append(f"{schema.BUILD_FILE}: checkpoint {role} differs from the manifest's")
+    differ("n_shards", b.get("n_shards"), len(m["shards"]))
+    if "n_truncated" in b and m.get("summary"):
+        differ("n_truncated", b["n_truncated"], m["summary"].get("n_truncated"))
+    st = m.get("student")
+    if st and "alphas" in b:
+        if _same_checkpoint(st.get("checkpoint"), b.get("student_base")):
+            # The build's own student: the manifest announces the exact tails the build wrote.
+            differ("the alphas of the build's exact target tails", b["alphas"], st.get("alphas", []))
+        elif st.get("alphas"):
+            p.append(
+                f"manifest: student.alphas is {st['alphas']}, but its student arrays come from "
+                "`deltakd cache add-student` (another checkpoint than the build's), which writes no exact tails"
+            )
+    return p
 
 
 def _check_listing(root: Path, m: dict) -> list[str]:

@@ -4,19 +4,23 @@
         ...
 
 `cache build`, `cache add-student` and `train` each hold the lock of the folder they
-write for as long as they run. The lock itself is filelock's `FileLock` on
-`FOLDER/.deltakd.lock` (an OS `flock`: the kernel drops it when the holder dies, even
-on `kill -9`, so a lock can never outlive its process on the same host). Next to it,
-`FOLDER/.deltakd.lock.json` names the holder (host, pid, command, start time) so that a
-refused writer can say who is in the way, and so that a lock left by a dead process is
-reported when it is taken over. Under torchrun only rank 0 takes the lock: the ranks of
-one job are one writer. An object store has no locks: for a cache at a URL the writers
-of this host are serialised by a local lock named after the URL.
+write for as long as they run. The lock is an OS `flock` on `FOLDER/.deltakd.lock`: the
+kernel drops it when the holder dies, even on `kill -9`, so a lock can never outlive its
+process on the same host. Next to it, `FOLDER/.deltakd.lock.json` names the holder (host,
+pid, command, start time) so that a refused writer can say who is in the way, and so
+that a lock left by a dead process is reported when it is taken over. The holder deletes
+both files when it ends (the lock file while still holding the lock; a writer that opened
+the file just before checks, once it holds the lock, that the file is still the one on
+disk), so a finished folder holds neither. Under torchrun only rank 0 takes the lock: the
+ranks of one job are one writer. A cache at an S3 URL is guarded by a lease object in
+the bucket instead (lease.py), which writers on every host see; for other URLs the
+writers of this host are serialised by a local lock named after the URL.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import json
 import os
@@ -39,7 +43,7 @@ class FolderError(ValueError):
     """The folder cannot be created or written; the message says what to do."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -56,7 +60,7 @@ def _read_holder(folder: Path) -> dict:
         return {}
 
 
-def _describe(h: dict) -> str:
+def describe_holder(h: dict) -> str:
     if not h:
         return "another process (no holder record)"
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("since", 0)))
@@ -81,26 +85,43 @@ def prepare_folder(folder: Path, option: str, create: bool = True) -> None:
         raise FolderError(f"{option} {folder} cannot be created ({e.strerror})") from None
 
 
+def open_lock_file(path: Path) -> int:
+    """The lock file's descriptor, created if needed (the OS refusal, e.g. a read-only folder, goes up)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+def _try_lock(path: Path) -> int | None:
+    """A descriptor holding the exclusive lock of `path`, or None when another process holds it."""
+    while True:
+        fd = open_lock_file(path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        # The previous holder deletes the file as it ends: a file opened just before that is
+        # no longer the one on disk, and its lock guards nothing. Then take the current one.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
 @contextmanager
 def folder_lock(folder: str | Path, command: str, option: str = "--out", create: bool = True, label: str | None = None):
     """Hold the folder's exclusive lock; refuse at once (LockedError) when another process holds it.
 
     `label` names what is locked in messages when the lock folder stands for something else (a URL).
     """
-    from filelock import FileLock, Timeout
-
     folder = Path(folder)
     what = label or folder
     created = not folder.exists()
     prepare_folder(folder, option, create)
-    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
     try:
-        lock.acquire()
-    except Timeout:
-        raise LockedError(
-            f"{what} is being written by {_describe(_read_holder(folder))}: "
-            "wait for it to finish or stop it; one writer per folder"
-        ) from None
+        fd = _try_lock(folder / LOCK_FILE)
     except PermissionError:
         raise FolderError(
             f"{option} {folder} is not writable (permission denied): choose a folder you can write to"
@@ -111,18 +132,24 @@ def folder_lock(folder: str | Path, command: str, option: str = "--out", create:
                 f"{option} {folder} is not writable ({e.strerror}): choose a folder you can write to"
             ) from None
         raise
+    if fd is None:
+        raise LockedError(
+            f"{what} is being written by {describe_holder(_read_holder(folder))}: "
+            "wait for it to finish or stop it; one writer per folder"
+        )
     try:
         old, host = _read_holder(folder), socket.gethostname()
         if old and (old.get("pid"), old.get("host")) != (os.getpid(), host):
             # The OS lock was free, so its holder is gone; say so when its record survived it.
-            if old.get("host") == host and not _pid_alive(int(old.get("pid", -1))):
+            who = describe_holder(old)
+            if old.get("host") == host and not pid_alive(int(old.get("pid", -1))):
                 print(
-                    f"deltakd: taking over the lock of {what} left by {_describe(old)}, which is no longer running",
+                    f"deltakd: taking over the lock of {what} left by {who}, which is no longer running",
                     file=sys.stderr,
                 )
             else:
                 print(
-                    f"deltakd: taking over the lock of {what} recorded for {_describe(old)}, which no longer holds it",
+                    f"deltakd: taking over the lock of {what} recorded for {who}, which no longer holds it",
                     file=sys.stderr,
                 )
         me = {"host": host, "pid": os.getpid(), "command": command, "since": time.time(), "argv": sys.argv[1:]}
@@ -134,10 +161,10 @@ def folder_lock(folder: str | Path, command: str, option: str = "--out", create:
         # The record goes first: a holder record without the OS lock reads as "left behind".
         if _read_holder(folder).get("pid") == os.getpid():
             (folder / HOLDER_FILE).unlink(missing_ok=True)
-        lock.release()
-        if created and all(is_lock_file(p) for p in folder.iterdir()):
+        (folder / LOCK_FILE).unlink(missing_ok=True)  # still held: no other process holds this file
+        os.close(fd)
+        if created and folder.is_dir() and not any(folder.iterdir()):
             # Refused before writing anything: leave no trace of the attempt.
-            (folder / LOCK_FILE).unlink(missing_ok=True)
             folder.rmdir()
 
 
@@ -151,8 +178,13 @@ def locked(folder_of, command: str, option: str = "--out", create: bool = True):
                 return fn(cfg, *a, **kw)
             target = str(folder_of(cfg))
             if "://" in target and not target.startswith("file://"):
-                # An object store has no locks: serialise at least the writers of this host
-                # with a local lock named after the URL.
+                from deltakd.runtime import lease
+
+                if lease.supported(target):  # S3: a lease object in the bucket, seen from every host
+                    with lease.url_lease(target, command):
+                        return fn(cfg, *a, **kw)
+                # Other object stores: serialise at least the writers of this host with a
+                # local lock named after the URL.
                 with folder_lock(_url_lock_dir(target), command, option, label=target):
                     return fn(cfg, *a, **kw)
             with folder_lock(target, command, option, create):
@@ -171,4 +203,5 @@ def _url_lock_dir(url: str) -> Path:
 
 
 def is_lock_file(p: Path) -> bool:
-    return p.name in LOCK_FILES or p.name == HOLDER_FILE + ".tmp"
+    """The lock's own files, and the lease object of a cache in an object store (lease.py)."""
+    return p.name in LOCK_FILES or p.name in (HOLDER_FILE + ".tmp", ".deltakd.lease.json")
