@@ -377,3 +377,28 @@ def test_a_stale_lease_is_taken_over_and_its_holder_stops(s3, monkeypatch, capsy
             check_held()
     assert json.loads(fs.cat_file(key))["host"] == "other-host"  # not deleted: it is not ours
     fs.rm(key)
+
+
+@pytest.mark.slow  # a torchrun launch: -m slow
+def test_every_rank_reports_an_unreachable_store(tiny, tmp_path, s3):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{dead}", "DELTAKD_STORE_RETRY_S": "0.5"}
+    env |= {"DELTAKD_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+        + ["-m", "deltakd.cli", "train", "--cache", f"{s3}/caches/unreachable", "--student", tiny["student_base"]]
+        + ["--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    lines = [l for l in res.stderr.splitlines() if l.startswith("deltakd: error: train: the object store did not")]
+    assert res.returncode != 0 and len(lines) == 2, res.stderr[-3000:]
+    assert "never awaited" not in res.stderr
