@@ -2,6 +2,7 @@
 
 proxy = FaultProxy(target_port)        # clients talk to 127.0.0.1:proxy.port
 proxy.cut()                            # every open connection is reset, new ones too
+proxy.busy()                           # every new request is answered 503 SlowDown (throttling)
 proxy.restore()                        # connections pass again
 """
 
@@ -29,6 +30,7 @@ class FaultProxy:
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
         self.port = self.listener.getsockname()[1]
         self.down = threading.Event()
+        self.slow_down = False
         self.requests = 0  # connections forwarded (tests wait for traffic before cutting)
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -45,8 +47,12 @@ class FaultProxy:
                 _reset(s)
             self._open.clear()
 
+    def busy(self) -> None:
+        self.slow_down = True
+
     def restore(self) -> None:
         self.down.clear()
+        self.slow_down = False
 
     def close(self) -> None:
         self.cut()
@@ -60,6 +66,9 @@ class FaultProxy:
                 return
             if self.down.is_set():
                 _reset(client)
+                continue
+            if self.slow_down:
+                threading.Thread(target=self._answer_503, args=(client,), daemon=True).start()
                 continue
             try:
                 upstream = socket.create_connection(self.target)
@@ -86,3 +95,28 @@ class FaultProxy:
                 if s in self._open:
                     self._open.discard(s)
                     _reset(s) if self.down.is_set() else s.close()
+
+    def _answer_503(self, client: socket.socket) -> None:
+        """What a throttling S3 answers: 503 SlowDown, then the connection closes."""
+        body = (
+            b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>"
+        )
+        head = b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+        try:
+            client.settimeout(5)
+            seen = b""
+            while b"\r\n\r\n" not in seen:
+                data = client.recv(1 << 16)
+                if not data:
+                    break
+                seen += data
+            answer = head + b"Content-Length: %d\r\n\r\n" % len(body)
+            client.sendall(answer if seen.startswith(b"HEAD ") else answer + body)  # HEAD: headers only
+            # Unread request bytes at close would turn the close into a reset, racing the answer.
+            client.shutdown(socket.SHUT_WR)
+            while client.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+        client.close()

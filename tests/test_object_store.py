@@ -344,6 +344,33 @@ def test_an_unreachable_store_is_one_line_for_every_verb(tiny, tmp_path, s3, mon
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_throttling_is_retried_then_one_line(s3, monkeypatch, capsys):
+    """503 SlowDown for a while is waited out; for longer than the budget it is one line, exit 2."""
+    import threading
+
+    import s3fs
+
+    from deltakd.cli import main
+
+    proxy = FaultProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    monkeypatch.setenv("DELTAKD_STORE_RETRY_S", "5")
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = f"{s3}/caches/throttled"
+    proxy.busy()
+    threading.Timer(1.0, proxy.restore).start()
+    assert main(["cache", "validate", url]) == 1  # answered after the throttling: no cache there
+    assert "no manifest.json" in capsys.readouterr().err
+    monkeypatch.setenv("DELTAKD_STORE_RETRY_S", "0.5")
+    s3fs.S3FileSystem.clear_instance_cache()
+    proxy.busy()
+    assert main(["cache", "validate", url]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "the server answered" in line and "503" in line and url in line, line
+    proxy.close()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_a_stale_lease_is_taken_over_and_its_holder_stops(s3, monkeypatch, capsys):
     import json
     import socket

@@ -116,14 +116,17 @@ def _register_s3fs_errors() -> None:
     import s3fs.core
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    s3fs.core.add_retryable_error(BotoConnectionError)  # refused, unreachable, connect timeout
-    previous = s3fs.core.CUSTOM_ERROR_HANDLER
-
-    def transient(e: BaseException) -> bool:
-        return _transient_client_error(e) is not None or bool(previous(e))
-
-    s3fs.core.set_custom_error_handler(transient)
     _registered[0] = True
+    # Both hooks are s3fs's public API (older versions lack them: botocore's own errors then stay final).
+    if hasattr(s3fs.core, "add_retryable_error"):
+        s3fs.core.add_retryable_error(BotoConnectionError)  # refused, unreachable, connect timeout
+    if hasattr(s3fs.core, "set_custom_error_handler"):
+        previous = getattr(s3fs.core, "CUSTOM_ERROR_HANDLER", lambda e: False)
+
+        def transient(e: BaseException) -> bool:
+            return _transient_client_error(e) is not None or bool(previous(e))
+
+        s3fs.core.set_custom_error_handler(transient)
 
 
 def _transient_client_error(e: BaseException) -> str | None:
