@@ -91,7 +91,7 @@ def _add_student(ns) -> int:
     from deltakd.cache.build.add_student import AddStudentConfig, add_student
 
     m = add_student(config_from_args(AddStudentConfig, ns))
-    print(f"student-base arrays added from {m['student']['checkpoint']['path']} to {ns.cache}")
+    print(f"{ns.cache} holds the student-base arrays of {m['student']['checkpoint']['path']}")
     return 0
 
 

@@ -18,7 +18,9 @@ its next commit once the lease was taken over, or once it could not renew it for
 TTL (another writer may then hold it). The writer deletes the object when it ends.
 
 Only S3 and S3-compatible stores (s3fs) are supported here; for other fsspec URLs the
-writers of one host are serialised by a local lock named after the URL (lock.py).
+writers of one host are serialised by a local lock named after the URL (lock.py). Under
+torchrun rank 0 holds the lease for the job; the other ranks' commits are not checked
+against it (a lost lease stops rank 0 at its next commit, and the job with it).
 """
 
 from __future__ import annotations
@@ -113,8 +115,16 @@ class Lease:
         return json.dumps(rec).encode()
 
     def _put(self, **cond) -> str:
-        with remote.doing("writing the lease", self.where):
-            r = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), **cond)
+        from botocore.exceptions import ParamValidationError
+
+        try:
+            with remote.doing("writing the lease", self.where):
+                r = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=self._body(), **cond)
+        except ParamValidationError as e:  # a botocore from before S3's conditional writes (2024)
+            raise ValueError(
+                f"{self.url}: this botocore cannot make conditional writes ({e}); upgrade it "
+                "(pip install -U s3fs aiobotocore botocore) to write caches in S3"
+            ) from None
         return r["ETag"]
 
     def _read(self) -> tuple[dict, str, float] | None:
@@ -139,6 +149,11 @@ class Lease:
             try:
                 self.etag = self._put(IfNoneMatch="*")
                 break
+            except FileNotFoundError:
+                raise ValueError(
+                    f"{self.url}: the bucket {self.bucket!r} does not exist; create it, or check the URL "
+                    "(and AWS_ENDPOINT_URL)"
+                ) from None
             except Exception as e:
                 if not _conflict(e) and not isinstance(e, FileExistsError):
                     raise

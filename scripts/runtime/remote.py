@@ -10,12 +10,14 @@ Transient faults (refused or reset connections, timeouts, 5xx answers, throttlin
 retried by the storage client itself: every S3 request of s3fs, listings and response
 bodies included, goes through its retry loop (`s3fs.core._error_wrapper`, backoff
 0.1·1.7^i s capped at 15 s), and the number of attempts is set so that the backoff adds
-up to DELTAKD_STORE_RETRY_S seconds (default 120). botocore makes one attempt per s3fs
-attempt (its own retries would multiply the budget), with a connect timeout of at most
-10 s and a read timeout of DELTAKD_STORE_TIMEOUT_S seconds (default 30), so that no call
-waits forever: a command gives up after about the budget plus the timeouts of its last
-attempts. Other fsspec backends keep their own retry settings; their failures are
-reported the same way. Runs no model; imports no other room.
+up to DELTAKD_STORE_RETRY_S seconds (default 120: 17 attempts). botocore makes one
+attempt per s3fs attempt (its own retries would multiply the budget), with a connect
+timeout of at most 5 s and a read timeout of DELTAKD_STORE_TIMEOUT_S seconds (default
+30), so that no call waits forever. A request gives up after the budget plus the time its
+failed attempts took: about the budget when connections are refused or reset (the usual
+drop), up to attempts × connect timeout more (17 × 5 s) when a network swallows packets
+without an answer. Other fsspec backends keep their own retry settings; their failures
+are reported the same way. Runs no model; imports no other room.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def retry_seconds() -> float:
 
 
 def timeout_seconds() -> float:
-    """The read timeout of one request (DELTAKD_STORE_TIMEOUT_S); the connect timeout is at most 10 s."""
+    """The read timeout of one request (DELTAKD_STORE_TIMEOUT_S); the connect timeout is at most 5 s."""
     return max(_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S), 0.1)
 
 
@@ -87,7 +89,7 @@ def storage_options(url: str) -> dict:
     t = timeout_seconds()
     return {
         "config_kwargs": {
-            "connect_timeout": min(10.0, t),
+            "connect_timeout": min(5.0, t),
             "read_timeout": t,
             "retries": {"mode": "standard", "total_max_attempts": 1},
         }
@@ -116,14 +118,17 @@ def _register_s3fs_errors() -> None:
     import s3fs.core
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    s3fs.core.add_retryable_error(BotoConnectionError)  # refused, unreachable, connect timeout
-    previous = s3fs.core.CUSTOM_ERROR_HANDLER
-
-    def transient(e: BaseException) -> bool:
-        return _transient_client_error(e) is not None or bool(previous(e))
-
-    s3fs.core.set_custom_error_handler(transient)
     _registered[0] = True
+    # Both hooks are s3fs's public API (older versions lack them: botocore's own errors then stay final).
+    if hasattr(s3fs.core, "add_retryable_error"):
+        s3fs.core.add_retryable_error(BotoConnectionError)  # refused, unreachable, connect timeout
+    if hasattr(s3fs.core, "set_custom_error_handler"):
+        previous = getattr(s3fs.core, "CUSTOM_ERROR_HANDLER", lambda e: False)
+
+        def transient(e: BaseException) -> bool:
+            return _transient_client_error(e) is not None or bool(previous(e))
+
+        s3fs.core.set_custom_error_handler(transient)
 
 
 def _transient_client_error(e: BaseException) -> str | None:
