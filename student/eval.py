@@ -19,6 +19,7 @@ import torch
 
 from deltakd.cache.format.records import DataError, Record, encode_prompt, read_records
 from deltakd.runtime import dist
+from deltakd.student.model_card import add_evaluation
 
 
 @dataclass(frozen=True)
@@ -170,8 +171,18 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(m, examples, cfg, out) for m in cfg.models]
+    for r in results:  # a deltakd model card (final/README.md) gets its evaluation row
+        r["card_updated"] = add_evaluation(r["model"], cfg.data, decoding_of(cfg), r["n"], r["rougeL"])
     (out / "summary.json").write_text(json.dumps({"data": cfg.data, "results": results}, indent=1))
     return results
+
+
+def decoding_of(cfg: EvalConfig) -> str:
+    if cfg.sample:
+        how = f"sampling (temperature {cfg.temperature:g}, top-p {cfg.top_p:g}, seeds {list(cfg.seeds)})"
+    else:
+        how = "greedy"
+    return f"{how}, {cfg.max_new_tokens} new tokens"
 
 
 def format_table(results: list[dict]) -> str:

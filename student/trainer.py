@@ -371,6 +371,9 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * per_epoch) // (self.world * cfg.grad_accum))
         self.out = Path(cfg.out)
         self.step, self.loader_state = 0, None
+        # Run totals for the model card; saved with every checkpoint so that a resume keeps counting.
+        self.counters = {"tokens": 0, "supervised": 0}
+        self.final_metrics: dict = {}
 
     # -------------------------------------------------------------- the step
     def batch_targets(self, batch) -> dict:
@@ -509,6 +512,8 @@ class Trainer:
                 since += res["term_sums"].cpu()
                 n_since += res["n"]
                 tok_log += float(res["tokens"])
+                self.counters["tokens"] += int(res["tokens"])
+                self.counters["supervised"] += int(res["n"])
                 bar.update(1)
                 if cfg.dry_run:
                     last = self._dry_report(res)
@@ -552,6 +557,7 @@ class Trainer:
             return last
         ev = self.evaluate()
         self.log({"step": self.step, **ev})
+        self.final_metrics = last | ev
         save_training_state(self)
         save_final(self)  # collective under FSDP (the weights are gathered); rank 0 writes
         return last | ev
