@@ -28,6 +28,7 @@ from deltakd.student.model_card import card_info, write_card
 
 # Fields that may change between a run and its resume without changing the result.
 RESUME_FREE = {"out", "device", "log_every", "save_every", "eval_every", "eval_batches", "dry_run", "strict"}
+RESUME_FREE |= {"report_to", "run_name", "project"}  # where the metrics are reported, not what is trained
 KEEP = 2
 
 
