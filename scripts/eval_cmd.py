@@ -1,6 +1,7 @@
 """`deltakd eval`: generate with one or more models and compare ROUGE-L in one table.
 
 deltakd eval --model RUN/final --model TEACHER --data test.jsonl --out EVAL [--sample --seeds 0 1 2]
+deltakd eval ... --data hf:org/name --data-split test [--prompt-field instruction --response-field output]
 """
 
 from __future__ import annotations
@@ -9,7 +10,17 @@ from __future__ import annotations
 def register(sub) -> None:
     p = sub.add_parser("eval", help="generate answers and score ROUGE-L against references")
     p.add_argument("--model", action="append", required=True, help="model folder (repeat for a comparison table)")
-    p.add_argument("--data", required=True, help="JSONL: prompt/response, messages, or Self-Instruct")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="JSONL (prompt/response, messages, or Self-Instruct); a Parquet or Arrow file or folder, a save_to_disk "
+        "folder, or hf:org/name (extra [datasets])",
+    )
+    p.add_argument("--data-split", help="split of a dataset with several (default: its only split, else test)")
+    p.add_argument("--data-config", help="configuration (subset) of a Hub dataset")
+    p.add_argument("--prompt-field", default="prompt", help="field of the prompt (text, or chat messages)")
+    p.add_argument("--response-field", default="response", help="field of the reference (response, else completion)")
+    p.add_argument("--messages-field", default="messages", help="field of the chat messages")
     p.add_argument("--out", required=True, help="folder for per-example JSONL and summary.json")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
@@ -24,6 +35,7 @@ def register(sub) -> None:
 
 
 def _eval(ns) -> int:
+    from deltakd.cache.format.records import Fields
     from deltakd.runtime.checkpoints import local_checkpoint
     from deltakd.student.eval import EvalConfig, format_table, run_eval
 
@@ -42,6 +54,9 @@ def _eval(ns) -> int:
         top_p=ns.top_p,
         seeds=tuple(ns.seeds),
         device=ns.device,
+        data_split=ns.data_split,
+        data_config=ns.data_config,
+        fields=Fields(ns.prompt_field, ns.response_field, ns.messages_field),
     )
     print(format_table(run_eval(cfg)))
     return 0

@@ -2,7 +2,8 @@
 
     RUN/checkpoints/step-000100/   model.safetensors, optimizer.pt, rng.pt, state.json
                                    (--parallel fsdp: sharded/, torch.distributed.checkpoint, every rank)
-    RUN/final/                     save_pretrained (safetensors) + tokenizer + train_config.json
+    RUN/final/                     save_pretrained (safetensors) + tokenizer + train_config.json + README.md
+                                   (the model card, student/model_card.py)
 
 A run resumes on another number of ranks when M = ranks × grad_accum stays (e.g. 8 × 1 as
 4 × 2): the batch order depends on M only, the loader restarts at the saved step's end,
@@ -27,9 +28,11 @@ import torch
 
 from deltakd.runtime import dist
 from deltakd.student import parallel
+from deltakd.student.model_card import card_info, write_card
 
 # Fields that may change between a run and its resume without changing the result.
 RESUME_FREE = {"out", "device", "log_every", "save_every", "eval_every", "eval_batches", "dry_run", "strict"}
+RESUME_FREE |= {"report_to", "run_name", "project"}  # where the metrics are reported, not what is trained
 KEEP = 2
 
 
@@ -125,7 +128,13 @@ def save_training_state(tr) -> None:
     torch.save(rng, part / "rng.pt")
     (part / "state.json").write_text(
         json.dumps(
-            {"step": tr.step, "loader": tr.loader_state, "config": dataclasses.asdict(tr.cfg), "world_size": tr.world},
+            {
+                "step": tr.step,
+                "loader": tr.loader_state,
+                "config": dataclasses.asdict(tr.cfg),
+                "world_size": tr.world,
+                "counters": getattr(tr, "counters", None),
+            },
             indent=1,
         )
     )
@@ -154,6 +163,8 @@ def load_training_state(path: Path, tr) -> tuple[int, dict]:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     st = json.loads((path / "state.json").read_text())
+    if st.get("counters"):
+        tr.counters = st["counters"]
     return int(st["step"]), step_boundary(st["loader"], int(st.get("world_size", tr.world)))
 
 
@@ -174,6 +185,7 @@ def save_final(tr) -> Path | None:
     model.save_pretrained(str(part), safe_serialization=True)
     tr.tok.save_pretrained(str(part))
     shutil.copy(tr.out / "train_config.json", part / "train_config.json")
+    write_card(part, card_info(tr))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(part, out)
     return out

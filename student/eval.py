@@ -1,15 +1,18 @@
 """Generate answers and score them with ROUGE-L (F-measure x 100) against references.
 
     deltakd eval --model RUN/final [--model OTHER ...] --data test.jsonl --out EVAL
+    deltakd eval ... --data hf:org/name --data-split test     # or a Parquet / Arrow / save_to_disk source
 
 Prompts are formatted exactly as when the cache was built (`deltakd.cache.format.records`), so a
 student is evaluated on the prompt format it was distilled on. Besides the project's
-JSONL (prompt/response or messages), the Self-Instruct layout (`instruction`,
-`instances: [{input, output}]`) is read, one example per instance.
+JSONL (prompt/response or messages) and the dataset sources of `deltakd.cache.format.sources`
+(the "test" split by default), the Self-Instruct layout (`instruction`,
+`instances: [{input, output}]`) is read from JSONL, one example per instance.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,14 +20,18 @@ from pathlib import Path
 
 import torch
 
-from deltakd.cache.format.records import DataError, Record, encode_prompt, read_records
+from deltakd.cache.format.records import DataError, Fields, Record, encode_prompt
+from deltakd.cache.format.sources import DataSource, open_records
 from deltakd.runtime import dist
+from deltakd.student.model_card import add_evaluation
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     models: tuple = field(metadata={"help": "model folders (Hugging Face checkpoints)"})
-    data: str = field(metadata={"help": "JSONL: prompt/response, messages, or Self-Instruct instruction/instances"})
+    data: str = field(
+        metadata={"help": "JSONL (prompt/response, messages, Self-Instruct), Parquet, Arrow, hf:org/name"}
+    )
     out: str = field(metadata={"help": "folder for per-example JSONL and summary.json"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens generated per answer"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generate() call"})
@@ -35,6 +42,11 @@ class EvalConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     seeds: tuple = field(default=(0,), metadata={"help": "sampling seeds (ROUGE-L averaged over them)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or cuda:N"})
+    data_split: str | None = field(
+        default=None, metadata={"help": "split of a dataset (default: its only one, else test)"}
+    )
+    data_config: str | None = field(default=None, metadata={"help": "configuration (subset) of a Hub dataset"})
+    fields: Fields = field(default_factory=Fields, metadata={"help": "prompt / response / messages field names"})
 
     def __post_init__(self):
         if not self.models:
@@ -43,8 +55,11 @@ class EvalConfig:
             raise ValueError("--max-new-tokens and --batch-size must be positive")
 
 
-def read_eval_examples(path: str) -> list[tuple[Record, str]]:
-    """(record, reference) pairs; Self-Instruct files give one pair per instance."""
+def read_eval_examples(path: str, limit: int | None = None, **source) -> list[tuple[Record, str]]:
+    """(record, reference) pairs, the first `limit` of them; Self-Instruct files give one pair per instance."""
+    src = DataSource(path, default_split="test", **source)
+    if src.kind != "jsonl":
+        return [(r, r.response) for r in itertools.islice(open_records(src), limit)]
     p = Path(path)
     lines = p.read_text(encoding="utf-8").splitlines() if p.exists() else []
     first = next((l for l in lines if l.strip()), None)
@@ -63,8 +78,8 @@ def read_eval_examples(path: str) -> list[tuple[Record, str]]:
             for inst in obj["instances"]:
                 text = obj["instruction"] + (f"\n\n{inst['input']}" if inst.get("input") else "")
                 out.append((Record(len(out), (("user", text),), inst["output"]), inst["output"]))
-        return out
-    return [(r, r.response) for r in read_records(path)]
+        return out[:limit]
+    return [(r, r.response) for r in itertools.islice(open_records(src), limit)]
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -166,12 +181,24 @@ def _label(path: str) -> str:
 
 
 def run_eval(cfg: EvalConfig) -> list[dict]:
-    examples = read_eval_examples(cfg.data)[: cfg.max_examples]
+    examples = read_eval_examples(
+        cfg.data, cfg.max_examples, split=cfg.data_split, config=cfg.data_config, fields=cfg.fields
+    )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = [evaluate_model(m, examples, cfg, out) for m in cfg.models]
+    for r in results:  # a deltakd model card (final/README.md) gets its evaluation row
+        r["card_updated"] = add_evaluation(r["model"], cfg.data, decoding_of(cfg), r["n"], r["rougeL"])
     (out / "summary.json").write_text(json.dumps({"data": cfg.data, "results": results}, indent=1))
     return results
+
+
+def decoding_of(cfg: EvalConfig) -> str:
+    if cfg.sample:
+        how = f"sampling (temperature {cfg.temperature:g}, top-p {cfg.top_p:g}, seeds {list(cfg.seeds)})"
+    else:
+        how = "greedy"
+    return f"{how}, {cfg.max_new_tokens} new tokens"
 
 
 def format_table(results: list[dict]) -> str:

@@ -26,7 +26,7 @@ from deltakd.cache.format.schema import CacheFormatError
 from deltakd.runtime import dist
 from deltakd.runtime.config import check_fields
 from deltakd.runtime.stop import Stopped, signal_name, stop_requested
-from deltakd.student import parallel
+from deltakd.student import parallel, tracking
 from deltakd.student.checkpointing import find_resume, load_training_state, save_final, save_training_state
 from deltakd.student.data import StreamingLoader
 from deltakd.student.objective import TERMS, LossSpec, student_base_targets
@@ -151,6 +151,20 @@ class TrainConfig:
     student_base_online: str | None = field(
         default=None, metadata={"help": "compute lS0 from this frozen checkpoint instead of the cache"}
     )
+    report_to: str = field(
+        default="none",
+        metadata={
+            "help": "experiment trackers beside metrics.jsonl, comma-separated: none, tensorboard, wandb, trackio, "
+            "mlflow (each an extra: pip install 'deltakd[tensorboard]'); rank 0 reports"
+        },
+    )
+    run_name: str | None = field(
+        default=None, metadata={"help": "the run's name in the trackers (default: --out's name)"}
+    )
+    project: str | None = field(
+        default=None,
+        metadata={"help": "W&B / Trackio project, MLflow experiment (default: their environment, deltakd)"},
+    )
     dry_run: bool = field(default=False, metadata={"help": "check cache vs student, run one step, report memory, exit"})
     strict: bool = field(
         default=False, metadata={"help": "make warnings errors (e.g. a student that is not the cache's student base)"}
@@ -165,6 +179,7 @@ class TrainConfig:
         if self.batch_tokens < 1 or self.grad_accum < 1:
             raise ValueError("--batch-tokens and --grad-accum must be positive")
         self.loss_spec()  # validates the loss settings
+        tracking.parse_report_to(self.report_to)
         if self.floor != "cache":
             from deltakd.cache.format.schema import parse_floor
 
@@ -318,6 +333,8 @@ class Trainer:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.spec = cfg, cfg.loss_spec()
+        tracking.require(tracking.parse_report_to(cfg.report_to))  # every rank refuses before any work
+        self.trackers = tracking.NoTrackers()
         self.rank, self.world = dist.init(cfg.device)
         self.device = dist.resolve_device(cfg.device)
         self.reader = CacheReader(cfg.cache)
@@ -371,6 +388,9 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * per_epoch) // (self.world * cfg.grad_accum))
         self.out = Path(cfg.out)
         self.step, self.loader_state = 0, None
+        # Run totals for the model card; saved with every checkpoint so that a resume keeps counting.
+        self.counters = {"tokens": 0, "supervised": 0}
+        self.final_metrics: dict = {}
 
     # -------------------------------------------------------------- the step
     def batch_targets(self, batch) -> dict:
@@ -461,26 +481,37 @@ class Trainer:
         if self.rank == 0:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            self.trackers.log(rec)
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.trackers.close()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         resume = None if cfg.dry_run else find_resume(self.out, cfg, self.world)
         if resume is not None:
             self.step, self.loader_state = load_training_state(resume, self)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(
-                json.dumps(
-                    dataclasses.asdict(cfg)
-                    | {
-                        "resolved_weights": self.spec.weights,
-                        "objective": cfg.objective(),
-                        "total_steps": self.total_steps,
-                        "world_size": self.world,
-                    },
-                    indent=1,
+            resolved = dataclasses.asdict(cfg) | {
+                "resolved_weights": self.spec.weights,
+                "objective": cfg.objective(),
+                "total_steps": self.total_steps,
+                "world_size": self.world,
+            }
+            (self.out / "train_config.json").write_text(json.dumps(resolved, indent=1))
+            if not cfg.dry_run:
+                self.trackers = tracking.Trackers(
+                    tracking.parse_report_to(cfg.report_to),
+                    self.out,
+                    cfg.run_name or self.out.resolve().name,
+                    cfg.project,
+                    resolved,
+                    self.step if resume is not None else None,
                 )
-            )
             if resume is None and not cfg.dry_run:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
                 # The first line says what is being optimised (a resume keeps it: step 0 survives truncation).
@@ -509,6 +540,8 @@ class Trainer:
                 since += res["term_sums"].cpu()
                 n_since += res["n"]
                 tok_log += float(res["tokens"])
+                self.counters["tokens"] += int(res["tokens"])
+                self.counters["supervised"] += int(res["n"])
                 bar.update(1)
                 if cfg.dry_run:
                     last = self._dry_report(res)
@@ -552,6 +585,7 @@ class Trainer:
             return last
         ev = self.evaluate()
         self.log({"step": self.step, **ev})
+        self.final_metrics = last | ev
         save_training_state(self)
         save_final(self)  # collective under FSDP (the weights are gathered); rank 0 writes
         return last | ev

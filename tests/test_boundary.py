@@ -25,6 +25,7 @@ STUDENT_ALLOWED = {
     "deltakd.cache.format.reader",
     "deltakd.cache.format.records",
     "deltakd.cache.format.schema",
+    "deltakd.cache.format.sources",
     "deltakd.cache.format.store",
     "deltakd.cache.format.support",
     "deltakd.runtime",

@@ -5,11 +5,12 @@
     torchrun --nproc_per_node N -m deltakd.cli cache build ... --device cuda   # ranks split the shards
     ... --teacher-sharding tp|device_map    # a teacher larger than one GPU (forward.resolve_sharding)
 
-Plan: records are tokenised and grouped, in file order, into shards of about
-`shard_tokens` tokens; shard j belongs to rank j % world, so the content does not
-depend on the number of ranks. Checkpoints run one after another (only one model in
-memory); each phase leaves its per-shard results in `stage/<shard>/` so that a killed
-build resumes from the last finished phase of each shard.
+Plan (cache/build/plan.py, streamed: one shard in memory): records are tokenised and
+grouped, in data order, into shards of about `shard_tokens` tokens; shard j belongs to
+rank j % world, so the content does not depend on the number of ranks. Checkpoints
+run one after another (only one model in memory); each phase leaves its per-shard
+results in `stage/<shard>/` so that a killed build resumes from the last finished phase
+of each shard.
 """
 from __future__ import annotations
 
@@ -34,14 +35,18 @@ from deltakd.runtime.lock import is_lock_file, locked
 from deltakd.runtime.config import check_fields
 from deltakd.runtime.stop import Stopped, graceful_stop
 from deltakd.cache.format.support import pad_ragged, support_logprobs
-from deltakd.cache.format.records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
+from deltakd.cache.format.records import Fields, tokenizer_identity
+from deltakd.cache.format.sources import DataSource
+# Plan and plan_shards stay importable from here (benchmarks/cache_build.py).
+from deltakd.cache.build.plan import Plan, Sequence, plan_shards, scan, stage  # noqa: F401
 
 
 @dataclass(frozen=True)
 class CacheBuildConfig:
     teacher_ft: str = field(metadata={"help": "teacher after SFT (local Hugging Face checkpoint folder)"})
     teacher_base: str = field(metadata={"help": "the same teacher before SFT"})
-    data: str = field(metadata={"help": "JSONL with prompt/response fields or chat messages"})
+    data: str = field(metadata={"help": "JSONL with prompt/response fields or chat messages; a Parquet or Arrow "
+                                        "file or folder, a save_to_disk folder, or hf:org/name (extra [datasets])"})
     out: str = field(metadata={"help": "cache folder to create or resume"})
     student_base: str | None = field(default=None, metadata={"help": "student before distillation (optional; see `cache add-student`)"})
     support: str = field(default="union", metadata={"help": "union: top-k of every model and of the Delta-KD target per alpha (every objective faithful); topk: top-k of the finetuned teacher only (forward KL only; accepts add-student)", "choices": ("union", "topk")})
@@ -58,6 +63,13 @@ class CacheBuildConfig:
     dtype: str = field(default="float16", metadata={"help": "stored value dtype: float16, bfloat16 or float32"})
     model_dtype: str = field(default="float32", metadata={"help": "dtype the checkpoints run in (bfloat16 on accelerators)"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N"})
+    data_split: str | None = field(default=None, metadata={
+        "help": "split of a dataset with several (default: its only split, else train)"})
+    data_config: str | None = field(default=None, metadata={"help": "configuration (subset) of a Hub dataset"})
+    prompt_field: str = field(default="prompt", metadata={"help": "field of the prompt (text, or chat messages)"})
+    response_field: str = field(default="response", metadata={
+        "help": "field of the response (response, else completion)"})
+    messages_field: str = field(default="messages", metadata={"help": "field of the chat messages"})
     teacher_sharding: str = field(default="none", metadata={
         "help": "spread each teacher over GPUs: tp (tensor parallel over the torchrun ranks of one node), "
                 "device_map (one process per node, layers over its GPUs), auto (tp where transformers has a plan), none",
@@ -101,32 +113,9 @@ class CacheBuildConfig:
 
 
 
-@dataclass
-class Sequence:
-    example_id: int
-    tokens: list[int]
-    loss_mask: list[int]
-
-
-@dataclass
-class Plan:
-    shards: list[list[Sequence]]
-    n_truncated: int
-
-
-def plan_shards(records, tokenizer, max_length: int, shard_tokens: int) -> Plan:
-    shards, cur, cur_tokens, n_trunc = [], [], 0, 0
-    for rec in records:
-        ids, plen, truncated = encode_record(tokenizer, rec, max_length)
-        n_trunc += truncated
-        cur.append(Sequence(rec.example_id, ids, loss_mask_for(len(ids), plen)))
-        cur_tokens += len(ids)
-        if cur_tokens >= shard_tokens:
-            shards.append(cur)
-            cur, cur_tokens = [], 0
-    if cur:
-        shards.append(cur)
-    return Plan(shards, n_trunc)
+def data_source(cfg: CacheBuildConfig) -> DataSource:
+    return DataSource(cfg.data, cfg.data_split, cfg.data_config,
+                      Fields(cfg.prompt_field, cfg.response_field, cfg.messages_field))
 
 
 def check_checkpoints(paths: dict[str, str]):
@@ -150,18 +139,18 @@ def check_checkpoints(paths: dict[str, str]):
     return toks[ref_role], ids[ref_role]
 
 
-def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan: Plan) -> dict:
+def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan) -> dict:
     """What makes two builds produce the same cache; a resume must match it exactly."""
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}
     ident = {
         "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": cfg.support,
         "checkpoints": {r: checkpoint_identity(p) for r, p in roles.items()},
         "tokenizer": tok_id,
-        "data": {"path": str(Path(cfg.data).resolve()), "sha256": data_sha256(cfg.data)},
+        "data": plan.data,
         "k": cfg.top_k, "value_dtype": cfg.dtype, "model_dtype": cfg.model_dtype, "mode": cfg.mode,
         "alphas": list(star_alphas(cfg)), "floor": cfg.floor_value,
         "max_length": cfg.max_length, "shard_tokens": cfg.shard_tokens,
-        "n_shards": len(plan.shards), "n_truncated": plan.n_truncated,
+        "n_shards": plan.n_shards, "n_truncated": plan.n_truncated,
     }
     if cfg.tail_samples:  # only then: the identity of a build without samples stays what it was
         ident["tail_samples"], ident["sample_min_tail"] = cfg.tail_samples, cfg.sample_min_tail
@@ -585,14 +574,14 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}
     if cfg.student_base:
         roles["student_base"] = cfg.student_base
-    records = read_records(cfg.data)
     tok, tok_id = check_checkpoints(roles)
     schema.check_row_width(cfg.support, cfg.top_k, 2 + bool(cfg.student_base) + len(star_alphas(cfg)),
                            cfg.tail_samples, tok_id["vocab_size"])
     sharding = resolve_sharding(cfg.teacher_sharding, cfg.device, [cfg.teacher_ft, cfg.teacher_base])
     # Data-parallel layout: under tp the whole (one-node) job is one teacher replica.
     dp_rank, dp_world, writer = (0, 1, rank == 0) if sharding == "tp" else (rank, world, True)
-    plan = plan_shards(records, tok, cfg.max_length, cfg.shard_tokens)
+    source = data_source(cfg)
+    plan = scan(source, tok, cfg.max_length, cfg.shard_tokens, progress=rank == 0)  # streamed: one shard in memory
     ident = build_identity(cfg, tok_id, plan)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -614,12 +603,14 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
         if diff:
             raise ValueError(f"rank {rank} sees different inputs than rank 0: {diff}")
 
-    names_all = [schema.shard_name(i) for i in range(len(plan.shards))]
-    shards = dict(zip(names_all, plan.shards))
+    names_all = [schema.shard_name(i) for i in range(plan.n_shards)]
     mine = [n for i, n in enumerate(names_all) if i % dp_world == dp_rank]
     student_ident = ident.get("student_base")
     pending = [n for n in mine if not schema.is_committed(root / schema.TEACHER_DIR / n)
                or (student_ident and not schema.is_committed(root / schema.STUDENT_DIR / n))]
+    # The token ids of the pending shards, read from the data again into stage files (name -> sequences).
+    todo = {i: _stage(root, n) for i, n in enumerate(names_all) if n in pending}
+    shards = stage(source, plan, todo, tok, cfg.max_length)
     (root / schema.TEACHER_DIR).mkdir(exist_ok=True)
     (root / schema.STUDENT_DIR).mkdir(exist_ok=True)
     phases = {"ft": cfg.teacher_ft, "base": cfg.teacher_base}
@@ -641,7 +632,7 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
             commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)
     dist.barrier(world)
     summary = {
-        "n_records": len(records), "n_truncated": plan.n_truncated, "world_size": world,
+        "n_records": plan.n_records, "n_truncated": plan.n_truncated, "world_size": world,
         "phases": timings if world == 1 else None, "shards_built_this_run": len(pending) if world == 1 else None,
     }
     manifest = None
