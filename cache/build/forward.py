@@ -6,6 +6,7 @@ chunks of rows, each chunk reduced at once to the support's ids, the log-probs o
 it and the tail log-masses (cache/support.py holds the arithmetic shared with the
 trainer).
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,7 @@ import torch
 from deltakd.cache.format.support import floored_shift, pad_ragged, support_logprobs
 
 # Checkpoint identity lives with the other input checks, where the student side can use it too.
-from deltakd.runtime.checkpoints import WEIGHT_SUFFIXES, CheckpointError  # noqa: E402
+from deltakd.runtime.checkpoints import CheckpointError  # noqa: E402
 
 
 def load_tokenizer(path: str | Path):
@@ -67,8 +68,10 @@ def resolve_sharding(mode: str, device: str, paths) -> str:
     if mode == "none":
         return mode
     if not torch.cuda.is_available():
-        raise ValueError(f"--teacher-sharding {mode} spreads each teacher over GPUs, but no CUDA GPU is visible "
-                         "(torch.cuda.is_available() is False); use --teacher-sharding none on this machine")
+        raise ValueError(
+            f"--teacher-sharding {mode} spreads each teacher over GPUs, but no CUDA GPU is visible "
+            "(torch.cuda.is_available() is False); use --teacher-sharding none on this machine"
+        )
     if torch.device(device).type != "cuda":
         raise ValueError(f"--teacher-sharding {mode} needs --device cuda (got --device {device})")
     from deltakd.runtime import dist
@@ -79,18 +82,26 @@ def resolve_sharding(mode: str, device: str, paths) -> str:
         mode = "tp" if dist.under_torchrun() and local_world > 1 and all(plans.values()) else "device_map"
     if mode == "tp":
         if not dist.under_torchrun() or world < 2:
-            raise ValueError("--teacher-sharding tp needs one process per GPU: torchrun --nproc_per_node N -m deltakd.cli "
-                             "cache build ... --device cuda")
+            raise ValueError(
+                "--teacher-sharding tp needs one process per GPU: torchrun --nproc_per_node N -m deltakd.cli "
+                "cache build ... --device cuda"
+            )
         if world != local_world:
-            raise ValueError(f"--teacher-sharding tp spans the GPUs of one node, and this job has {world} ranks over "
-                             "several nodes: use --teacher-sharding device_map with torchrun --nproc_per_node 1 per node")
+            raise ValueError(
+                f"--teacher-sharding tp spans the GPUs of one node, and this job has {world} ranks over "
+                "several nodes: use --teacher-sharding device_map with torchrun --nproc_per_node 1 per node"
+            )
         missing = [p for p, ok in plans.items() if not ok]
         if missing:
-            raise ValueError(f"{missing[0]}: transformers has no tensor-parallel plan for this architecture; "
-                             "use --teacher-sharding device_map")
+            raise ValueError(
+                f"{missing[0]}: transformers has no tensor-parallel plan for this architecture; "
+                "use --teacher-sharding device_map"
+            )
     if mode == "device_map" and local_world > 1:
-        raise ValueError("--teacher-sharding device_map gives one process every GPU it sees: start one process per "
-                         f"node (torchrun --nproc_per_node 1), not {local_world}")
+        raise ValueError(
+            "--teacher-sharding device_map gives one process every GPU it sees: start one process per "
+            f"node (torchrun --nproc_per_node 1), not {local_world}"
+        )
     return mode
 
 
@@ -123,7 +134,6 @@ def input_device(model) -> torch.device:
     return w.to_local().device if hasattr(w, "to_local") else w.device
 
 
-
 @torch.no_grad()
 def supervised_hidden(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
     """Final hidden states at supervised positions, (N_sup, H), in batch-major order."""
@@ -142,16 +152,23 @@ def logit_chunks(model, hidden, vocab_size: int, chunk_rows: int):
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     for s in range(0, hidden.shape[0], chunk_rows):
-        logits = head(hidden[s:s + chunk_rows])[:, :vocab_size].float()
+        logits = head(hidden[s : s + chunk_rows])[:, :vocab_size].float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
         yield slice(s, s + logits.shape[0]), logits
 
 
 @torch.no_grad()
-def lockstep_rows(logits: dict[str, torch.Tensor], support: str, k: int, alphas: tuple[float, ...],
-                  floor: float | None, samples: int = 0, min_tail: float = 0.0,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def lockstep_rows(
+    logits: dict[str, torch.Tensor],
+    support: str,
+    k: int,
+    alphas: tuple[float, ...],
+    floor: float | None,
+    samples: int = 0,
+    min_tail: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
     """One chunk of rows from every model at once: the support and all values on it.
 
     logits: role ("ft", "base", optional "s0") -> (c, V) float32, consumed in place.
@@ -171,7 +188,7 @@ def lockstep_rows(logits: dict[str, torch.Tensor], support: str, k: int, alphas:
     c, V = lp["ft"].shape
     kk = min(k, V)
     mask = torch.zeros((c, V), dtype=torch.bool, device=lp["ft"].device)
-    for r in (("ft",) if support == "topk" else tuple(lp)):
+    for r in ("ft",) if support == "topk" else tuple(lp):
         mask.scatter_(1, lp[r].topk(kk, dim=1).indices, True)
     star = "s0" in lp and len(alphas) > 0
     if star:
