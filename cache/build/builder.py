@@ -31,12 +31,12 @@ from deltakd.cache.build.forward import (
     input_device,
     load_model,
     load_tokenizer,
-    lockstep_rows,
     logit_chunks,
     output_rows,
     resolve_sharding,
     supervised_hidden,
 )
+from deltakd.cache.build.rows import lockstep_rows
 from deltakd.cache.format import schema, store
 from deltakd.cache.format.records import data_sha256, encode_record, loss_mask_for, read_records, tokenizer_identity
 from deltakd.cache.format.support import pad_ragged, support_logprobs
