@@ -6,7 +6,9 @@
 same length-sorted batches, no_grad, models already loaded. "Build": the whole
 `build_cache` call (hashing, tokenising, three model loads, extraction, zarr writes,
 commit, manifest), and its compute phases alone. Two worlds: the demo's (vocabulary
-662) and synthetic ones at vocabulary 32000 (hidden 256 and 1024).
+662) and synthetic ones at vocabulary 32000 (hidden 256 and 1024). Beside wall time,
+process CPU time (robust to other jobs on a shared machine; with OMP_NUM_THREADS=1 the
+two agree on an idle one).
 """
 
 from __future__ import annotations
@@ -31,23 +33,30 @@ from deltakd.runtime import dist  # noqa: E402
 def bare_forward_seconds(paths: dict, cfg: CacheBuildConfig) -> tuple[float, int]:
     """(seconds, tokens × models) of each checkpoint's plain forward (full logits) over the build's own
     batches on `cfg.device`: the figure a cache build is compared with. Shared by real_pair and gpu_check."""
+    wall, _, tokens = bare_forward_times(paths, cfg)
+    return wall, tokens
+
+
+@torch.no_grad()
+def bare_forward_times(paths: dict, cfg: CacheBuildConfig) -> tuple[float, float, int]:
+    """(wall seconds, process CPU seconds, tokens × models) of the bare forwards (see bare_forward_seconds)."""
     dev = dist.resolve_device(cfg.device)
     tok = load_tokenizer(paths["teacher_ft"])
     plan = plan_shards(read_records(cfg.data), tok, cfg.max_length, cfg.shard_tokens)
-    total, tokens = 0.0, 0
+    total, cpu, tokens = 0.0, 0.0, 0
     for role in ("teacher_ft", "teacher_base", "student_base"):
         model = load_model(paths[role], dev, cfg.model_dtype)
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for seqs in plan.shards:
             for batch in length_sorted_batches(seqs, cfg.batch_size):
                 ids, att, _ = pad_batch(seqs, batch, tok.pad_token_id or 0, dev)
                 model(input_ids=ids, attention_mask=att).logits.float().sum().item()
                 tokens += int(att.sum())
         _sync(dev)
-        total += time.perf_counter() - t0
+        total, cpu = total + time.perf_counter() - t0, cpu + time.process_time() - c0
         del model
-    return total, tokens
+    return total, cpu, tokens
 
 
 def _sync(dev: torch.device):
@@ -66,10 +75,10 @@ def measure(name: str, paths: dict, out: Path, **kw) -> dict:
         top_k=64,
         **kw,
     )
-    bare, _ = bare_forward_seconds(paths, cfg)
-    t0 = time.perf_counter()
+    bare, bare_cpu, _ = bare_forward_times(paths, cfg)
+    t0, c0 = time.perf_counter(), time.process_time()
     m = build_cache(cfg)
-    build = time.perf_counter() - t0
+    build, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     phases = sum(p["seconds"] for p in m["summary"]["phases"].values())
     return {
         "world": name,
@@ -81,6 +90,9 @@ def measure(name: str, paths: dict, out: Path, **kw) -> dict:
         "build_phases_s": phases,
         "ratio_build": build / bare,
         "ratio_phases": phases / bare,
+        "bare_forward_cpu_s": bare_cpu,
+        "build_cpu_s": build_cpu,
+        "ratio_build_cpu": build_cpu / bare_cpu,
     }
 
 
@@ -115,12 +127,12 @@ def main():
     ]
     print(
         f"\n{'world':<30}{'tokens':>8}{'bare fwd s':>12}{'build s':>10}{'phases s':>10}"
-        f"{'build/bare':>12}{'phases/bare':>13}"
+        f"{'build/bare':>12}{'phases/bare':>13}{'cpu build/bare':>16}"
     )
     for r in rows:
         print(
             f"{r['world']:<30}{r['tokens']:>8}{r['bare_forward_s']:12.2f}{r['build_s']:10.2f}{r['build_phases_s']:10.2f}"
-            f"{r['ratio_build']:12.2f}{r['ratio_phases']:13.2f}"
+            f"{r['ratio_build']:12.2f}{r['ratio_phases']:13.2f}{r['ratio_build_cpu']:16.2f}"
         )
     print(
         json.dumps(

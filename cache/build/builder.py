@@ -12,6 +12,7 @@ run one after another (only one model in memory); each phase leaves its per-shar
 results in `stage/<shard>/` so that a killed build resumes from the last finished phase
 of each shard.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,54 +27,117 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deltakd.runtime import dist
-from deltakd.cache.format import schema, store
-from deltakd.runtime.checkpoints import CheckpointError, checkpoint_identity
-from deltakd.cache.build.forward import (SHARDING, input_device, load_model, load_tokenizer,
-                      lockstep_rows, logit_chunks, output_rows, resolve_sharding, supervised_hidden)
-from deltakd.runtime.lock import is_lock_file, locked
-from deltakd.runtime.config import check_fields
-from deltakd.runtime.stop import Stopped, graceful_stop
-from deltakd.cache.format.support import pad_ragged, support_logprobs
-from deltakd.cache.format.records import Fields, tokenizer_identity
-from deltakd.cache.format.sources import DataSource
+from deltakd.cache.build.forward import (
+    SHARDING,
+    input_device,
+    load_model,
+    load_tokenizer,
+    logit_chunks,
+    output_rows,
+    resolve_sharding,
+    supervised_hidden,
+)
+
 # Plan and plan_shards stay importable from here (benchmarks/cache_build.py).
 from deltakd.cache.build.plan import Plan, Sequence, plan_shards, scan, stage  # noqa: F401
+from deltakd.cache.build.rows import lockstep_rows
+from deltakd.cache.format import schema, store
+from deltakd.cache.format.records import Fields, tokenizer_identity
+from deltakd.cache.format.sources import DataSource
+from deltakd.cache.format.support import pad_ragged, support_logprobs
+from deltakd.runtime import dist
+from deltakd.runtime.checkpoints import CheckpointError, checkpoint_identity
+from deltakd.runtime.config import check_fields
+from deltakd.runtime.lock import is_lock_file, locked
+from deltakd.runtime.stop import Stopped, graceful_stop
 
 
 @dataclass(frozen=True)
 class CacheBuildConfig:
     teacher_ft: str = field(metadata={"help": "teacher after SFT (local Hugging Face checkpoint folder)"})
     teacher_base: str = field(metadata={"help": "the same teacher before SFT"})
-    data: str = field(metadata={"help": "JSONL with prompt/response fields or chat messages; a Parquet or Arrow "
-                                        "file or folder, a save_to_disk folder, or hf:org/name (extra [datasets])"})
+    data: str = field(
+        metadata={
+            "help": "JSONL with prompt/response fields or chat messages; a Parquet or Arrow "
+            "file or folder, a save_to_disk folder, or hf:org/name (extra [datasets])"
+        }
+    )
     out: str = field(metadata={"help": "cache folder to create or resume"})
-    student_base: str | None = field(default=None, metadata={"help": "student before distillation (optional; see `cache add-student`)"})
-    support: str = field(default="union", metadata={"help": "union: top-k of every model and of the Delta-KD target per alpha (every objective faithful); topk: top-k of the finetuned teacher only (forward KL only; accepts add-student)", "choices": ("union", "topk")})
-    top_k: int = field(default=16, metadata={"help": "ids taken from each distribution per supervised position (topk: 64 is the usual choice)"})
-    alphas: str = field(default="0.5,1,1.5", metadata={"help": "comma-separated alpha grid of the exact Delta-KD target tails (training refuses other alphas)"})
-    floor: str = field(default="-12", metadata={"help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none'"})
-    tail_samples: int = field(default=16, metadata={"help": "ids drawn per position from the finetuned teacher's tail outside the top-k support (priority sampling), so that forward-type objectives learn the tail's shape where the teacher is flat; 0: none (needed with --mode sequential)"})
-    sample_min_tail: float = field(default=0.01, metadata={"help": "draw tail samples only where the teacher's mass outside the top-k support is at least this"})
-    mode: str = field(default="lockstep", metadata={"help": "lockstep: all checkpoints resident, run together on each batch (needed for union and exact target tails); sequential: one model in memory at a time (topk only)", "choices": ("lockstep", "sequential")})
-    max_length: int = field(default=1024, metadata={"help": "tokens per sequence; longer records are truncated and counted"})
+    student_base: str | None = field(
+        default=None, metadata={"help": "student before distillation (optional; see `cache add-student`)"}
+    )
+    support: str = field(
+        default="union",
+        metadata={
+            "help": "union: top-k of every model and of the Delta-KD target per alpha (every objective faithful); "
+            "topk: top-k of the finetuned teacher only (forward KL only; accepts add-student)",
+            "choices": ("union", "topk"),
+        },
+    )
+    top_k: int = field(
+        default=16,
+        metadata={"help": "ids taken from each distribution per supervised position (topk: 64 is the usual choice)"},
+    )
+    alphas: str = field(
+        default="0.5,1,1.5",
+        metadata={
+            "help": "comma-separated alpha grid of the exact Delta-KD target tails (training refuses other alphas)"
+        },
+    )
+    floor: str = field(
+        default="-12",
+        metadata={"help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none'"},
+    )
+    tail_samples: int = field(
+        default=16,
+        metadata={
+            "help": "ids drawn per position from the finetuned teacher's tail outside the top-k support "
+            "(priority sampling), so that forward-type objectives learn the tail's shape where the teacher is flat; "
+            "0: none (needed with --mode sequential)"
+        },
+    )
+    sample_min_tail: float = field(
+        default=0.01,
+        metadata={"help": "draw tail samples only where the teacher's mass outside the top-k support is at least this"},
+    )
+    mode: str = field(
+        default="lockstep",
+        metadata={
+            "help": "lockstep: all checkpoints resident, run together on each batch (needed for union and exact "
+            "target tails); sequential: one model in memory at a time (topk only)",
+            "choices": ("lockstep", "sequential"),
+        },
+    )
+    max_length: int = field(
+        default=1024, metadata={"help": "tokens per sequence; longer records are truncated and counted"}
+    )
     batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
-    chunk_rows: int = field(default=1024, metadata={"help": "supervised rows projected to the vocabulary at once (memory peak)"})
+    chunk_rows: int = field(
+        default=1024, metadata={"help": "supervised rows projected to the vocabulary at once (memory peak)"}
+    )
     shard_tokens: int = field(default=65536, metadata={"help": "tokens per shard (unit of commit, resume and reading)"})
     dtype: str = field(default="float16", metadata={"help": "stored value dtype: float16, bfloat16 or float32"})
-    model_dtype: str = field(default="float32", metadata={"help": "dtype the checkpoints run in (bfloat16 on accelerators)"})
+    model_dtype: str = field(
+        default="float32", metadata={"help": "dtype the checkpoints run in (bfloat16 on accelerators)"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda (cuda:LOCAL_RANK under torchrun) or cuda:N"})
-    data_split: str | None = field(default=None, metadata={
-        "help": "split of a dataset with several (default: its only split, else train)"})
+    data_split: str | None = field(
+        default=None, metadata={"help": "split of a dataset with several (default: its only split, else train)"}
+    )
     data_config: str | None = field(default=None, metadata={"help": "configuration (subset) of a Hub dataset"})
     prompt_field: str = field(default="prompt", metadata={"help": "field of the prompt (text, or chat messages)"})
-    response_field: str = field(default="response", metadata={
-        "help": "field of the response (response, else completion)"})
+    response_field: str = field(
+        default="response", metadata={"help": "field of the response (response, else completion)"}
+    )
     messages_field: str = field(default="messages", metadata={"help": "field of the chat messages"})
-    teacher_sharding: str = field(default="none", metadata={
-        "help": "spread each teacher over GPUs: tp (tensor parallel over the torchrun ranks of one node), "
-                "device_map (one process per node, layers over its GPUs), auto (tp where transformers has a plan), none",
-        "choices": SHARDING})
+    teacher_sharding: str = field(
+        default="none",
+        metadata={
+            "help": "spread each teacher over GPUs: tp (tensor parallel over the torchrun ranks of one node), "
+            "device_map (one process per node, layers over its GPUs), auto (tp where transformers has a plan), none",
+            "choices": SHARDING,
+        },
+    )
 
     def __post_init__(self):
         check_fields(self)
@@ -91,17 +155,21 @@ class CacheBuildConfig:
         if self.mode not in ("lockstep", "sequential"):
             raise ValueError(f"--mode {self.mode!r}: choose lockstep or sequential")
         if self.mode == "sequential" and self.support == "union":
-            raise ValueError("--support union needs --mode lockstep: the top ids of the Delta-KD target and its exact "
-                             "tail need all checkpoints at the same position at once; use --support topk for a "
-                             "one-model-at-a-time build")
+            raise ValueError(
+                "--support union needs --mode lockstep: the top ids of the Delta-KD target and its exact "
+                "tail need all checkpoints at the same position at once; use --support topk for a "
+                "one-model-at-a-time build"
+            )
         if not 0 <= self.tail_samples <= 255:
             raise ValueError(f"--tail-samples {self.tail_samples}: give 0 (none) to 255")
         if not 0 <= self.sample_min_tail < 1:
             raise ValueError(f"--sample-min-tail {self.sample_min_tail}: give a probability mass in [0, 1)")
         if self.tail_samples and self.mode != "lockstep":
-            raise ValueError("--tail-samples needs --mode lockstep (the samples are drawn while the support is chosen): "
-                             "pass --tail-samples 0 with --mode sequential")
-        self.alpha_grid, self.floor_value  # validates both
+            raise ValueError(
+                "--tail-samples needs --mode lockstep (the samples are drawn while the support is chosen): "
+                "pass --tail-samples 0 with --mode sequential"
+            )
+        _ = self.alpha_grid, self.floor_value  # validates both
 
     @property
     def alpha_grid(self) -> tuple[float, ...]:
@@ -112,10 +180,10 @@ class CacheBuildConfig:
         return schema.parse_floor(self.floor)
 
 
-
 def data_source(cfg: CacheBuildConfig) -> DataSource:
-    return DataSource(cfg.data, cfg.data_split, cfg.data_config,
-                      Fields(cfg.prompt_field, cfg.response_field, cfg.messages_field))
+    return DataSource(
+        cfg.data, cfg.data_split, cfg.data_config, Fields(cfg.prompt_field, cfg.response_field, cfg.messages_field)
+    )
 
 
 def check_checkpoints(paths: dict[str, str]):
@@ -128,14 +196,16 @@ def check_checkpoints(paths: dict[str, str]):
             raise CheckpointError(
                 f"the tokenizers of {role} ({paths[role]}) and {ref_role} ({paths[ref_role]}) differ "
                 f"(vocabulary {ident['vocab_size']} vs {ids[ref_role]['vocab_size']}, or special tokens / chat "
-                "template): a cache needs one tokenizer shared by all checkpoints")
+                "template): a cache needs one tokenizer shared by all checkpoints"
+            )
     vocab = ids[ref_role]["vocab_size"]
     for role, p in paths.items():
         rows = output_rows(p)
         if rows < vocab:
             raise CheckpointError(
                 f"{role} ({p}) has {rows} output rows but its tokenizer has {vocab} tokens: "
-                "the model cannot score every token")
+                "the model cannot score every token"
+            )
     return toks[ref_role], ids[ref_role]
 
 
@@ -143,14 +213,22 @@ def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan) -> dict:
     """What makes two builds produce the same cache; a resume must match it exactly."""
     roles = {"teacher_ft": cfg.teacher_ft, "teacher_base": cfg.teacher_base}
     ident = {
-        "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": cfg.support,
+        "format": schema.FORMAT_NAME,
+        "format_version": schema.FORMAT_VERSION,
+        "support": cfg.support,
         "checkpoints": {r: checkpoint_identity(p) for r, p in roles.items()},
         "tokenizer": tok_id,
         "data": plan.data,
-        "k": cfg.top_k, "value_dtype": cfg.dtype, "model_dtype": cfg.model_dtype, "mode": cfg.mode,
-        "alphas": list(star_alphas(cfg)), "floor": cfg.floor_value,
-        "max_length": cfg.max_length, "shard_tokens": cfg.shard_tokens,
-        "n_shards": plan.n_shards, "n_truncated": plan.n_truncated,
+        "k": cfg.top_k,
+        "value_dtype": cfg.dtype,
+        "model_dtype": cfg.model_dtype,
+        "mode": cfg.mode,
+        "alphas": list(star_alphas(cfg)),
+        "floor": cfg.floor_value,
+        "max_length": cfg.max_length,
+        "shard_tokens": cfg.shard_tokens,
+        "n_shards": plan.n_shards,
+        "n_truncated": plan.n_truncated,
     }
     if cfg.tail_samples:  # only then: the identity of a build without samples stays what it was
         ident["tail_samples"], ident["sample_min_tail"] = cfg.tail_samples, cfg.sample_min_tail
@@ -201,7 +279,7 @@ def length_sorted_batches(seqs: list[Sequence], batch_size: int):
     """Batches of sequence indices, sorted by length so that padding stays small."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].tokens))
     for s in range(0, len(order), batch_size):
-        yield order[s:s + batch_size]
+        yield order[s : s + batch_size]
 
 
 def pad_batch(seqs: list[Sequence], batch: list[int], pad_id: int, device):
@@ -235,8 +313,18 @@ def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, i
             gen = None
             if cfg.tail_samples:
                 gen = torch.Generator(device=logits[roles[0]].device).manual_seed(seed * 1_000_003 + s)
-            parts.append(lockstep_rows(logits, cfg.support, cfg.top_k, star_alphas(cfg), cfg.floor_value,
-                                       cfg.tail_samples, cfg.sample_min_tail, gen))
+            parts.append(
+                lockstep_rows(
+                    logits,
+                    cfg.support,
+                    cfg.top_k,
+                    star_alphas(cfg),
+                    cfg.floor_value,
+                    cfg.tail_samples,
+                    cfg.sample_min_tail,
+                    gen,
+                )
+            )
             continue
         if ids_flat is None:  # sequential "ft" phase: the top-k of πT, ids ascending
             z = logits["ft"]
@@ -259,8 +347,9 @@ def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, i
     return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
-def run_batches(models: dict, seqs: list[Sequence], cfg: CacheBuildConfig, vocab: int, pad_id: int, bar,
-                support_of_seq=None) -> list[dict]:
+def run_batches(
+    models: dict, seqs: list[Sequence], cfg: CacheBuildConfig, vocab: int, pad_id: int, bar, support_of_seq=None
+) -> list[dict]:
     """The given models over one shard, together on each batch. Returns per-sequence result dicts.
 
     With `support_of_seq` (per sequence: (lengths, ids)), the models are scored on that
@@ -284,9 +373,12 @@ def run_batches(models: dict, seqs: list[Sequence], cfg: CacheBuildConfig, vocab
         row0 = ent0 = 0
         for r, i in enumerate(batch):
             n = counts[r]
-            e = int(res["len"][row0:row0 + n].sum())
-            out[i] = {key: (v[row0:row0 + n] if key in ROW_KEYS else v[ent0:ent0 + e]).numpy()
-                      for key, v in res.items() if key != "len" or support_of_seq is None}
+            e = int(res["len"][row0 : row0 + n].sum())
+            out[i] = {
+                key: (v[row0 : row0 + n] if key in ROW_KEYS else v[ent0 : ent0 + e]).numpy()
+                for key, v in res.items()
+                if key != "len" or support_of_seq is None
+            }
             row0, ent0 = row0 + n, ent0 + e
         bar.update(sum(len(seqs[i].tokens) for i in batch), len(batch))
     return out
@@ -314,7 +406,8 @@ def _check_finite(res: dict, counts: list[int], batch: list[int], seqs: list[Seq
         raise FloatingPointError(
             f"{phase} checkpoint produced NaN/Inf log-probs for example {seqs[seq_i].example_id} "
             f"(line {seqs[seq_i].example_id + 1} of the data, counting non-blank lines); "
-            "try --model-dtype float32 or check the checkpoint")
+            "try --model-dtype float32 or check the checkpoint"
+        )
 
 
 def _pack(per_seq: list[dict], key: str) -> np.ndarray:
@@ -328,7 +421,9 @@ class Progress:
     def __init__(self, total_tokens: int, desc: str, enabled: bool):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_tokens, desc=desc, unit="tok", unit_scale=True, disable=not enabled, dynamic_ncols=True
+        )
         self.t0, self.seqs, self.tokens = time.perf_counter(), 0, 0
 
     def update(self, tokens: int, seqs: int):
@@ -352,15 +447,22 @@ def teacher_arrays(seqs: list[Sequence], res: list[dict], vocab: int, value_dtyp
         "example_ids": np.asarray([s.example_id for s in seqs], dtype=np.int64),
         "support_len": _pack(res, "len").astype(np.uint16),
         "support_ids": _pack(res, "ids").astype(schema.id_dtype(vocab)),
-        "logp_ft": enc(_pack(res, "ft")), "logp_base": enc(_pack(res, "base")),
-        "tail_ft": enc(_pack(res, "tail_ft")), "tail_base": enc(_pack(res, "tail_base")),
-    } | ({"sample_len": _pack(res, "sample_len").astype(np.uint8), "sample_tau": enc(_pack(res, "sample_tau"))}
-         if res and "sample_len" in res[0] else {})
+        "logp_ft": enc(_pack(res, "ft")),
+        "logp_base": enc(_pack(res, "base")),
+        "tail_ft": enc(_pack(res, "tail_ft")),
+        "tail_base": enc(_pack(res, "tail_base")),
+    } | (
+        {"sample_len": _pack(res, "sample_len").astype(np.uint8), "sample_tau": enc(_pack(res, "sample_tau"))}
+        if res and "sample_len" in res[0]
+        else {}
+    )
 
 
 def student_arrays(res: list[dict], value_dtype: str) -> dict[str, np.ndarray]:
-    out = {"logp_s0": schema.encode_values(_pack(res, "s0"), value_dtype),
-           "tail_s0": schema.encode_values(_pack(res, "tail_s0"), value_dtype)}
+    out = {
+        "logp_s0": schema.encode_values(_pack(res, "s0"), value_dtype),
+        "tail_s0": schema.encode_values(_pack(res, "tail_s0"), value_dtype),
+    }
     if res and "tail_star" in res[0]:
         out["tail_star"] = schema.encode_values(np.concatenate([d["tail_star"] for d in res]), value_dtype)
     return out
@@ -369,7 +471,9 @@ def student_arrays(res: list[dict], value_dtype: str) -> dict[str, np.ndarray]:
 def _load_models(phases: dict[str, str], cfg: CacheBuildConfig, sharding: str = "none") -> dict:
     """The phases' checkpoints; the teachers spread over GPUs when `sharding` says so (the student base never is)."""
     dev = dist.resolve_device(cfg.device)
-    return {r: load_model(p, dev, cfg.model_dtype, sharding if r in ("ft", "base") else "none") for r, p in phases.items()}
+    return {
+        r: load_model(p, dev, cfg.model_dtype, sharding if r in ("ft", "base") else "none") for r, p in phases.items()
+    }
 
 
 def _free(models: dict):
@@ -379,9 +483,18 @@ def _free(models: dict):
         torch.cuda.empty_cache()
 
 
-def run_phases(root: Path, names: list[str], shards: dict[str, list[Sequence]], phases: dict[str, str],
-               cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int, sharding: str = "none",
-               writer: bool = True) -> dict:
+def run_phases(
+    root: Path,
+    names: list[str],
+    shards: dict[str, list[Sequence]],
+    phases: dict[str, str],
+    cfg: CacheBuildConfig,
+    vocab: int,
+    pad_id: int,
+    rank: int,
+    sharding: str = "none",
+    writer: bool = True,
+) -> dict:
     """Sequential mode: each phase's checkpoint over every shard that lacks that phase's stage file.
 
     Under tensor parallelism all ranks run the same shards and only the `writer` saves.
@@ -440,12 +553,22 @@ def support_from_committed(root: Path, name: str) -> list[tuple[np.ndarray, np.n
         ids = a["topk_ids"].reshape(-1)
     rows = schema.sup_offsets(a["loss_mask"], a["seq_offsets"])
     ent = np.concatenate([[0], np.cumsum(lengths)])
-    return [(lengths[rows[i]:rows[i + 1]], ids[ent[rows[i]]:ent[rows[i + 1]]]) for i in range(len(rows) - 1)]
+    return [(lengths[rows[i] : rows[i + 1]], ids[ent[rows[i]] : ent[rows[i + 1]]]) for i in range(len(rows) - 1)]
 
 
-def run_lockstep(root: Path, names: list[str], shards: dict[str, list[Sequence]], phases: dict[str, str],
-                 cfg: CacheBuildConfig, vocab: int, pad_id: int, rank: int, student_ident, sharding: str = "none",
-                 writer: bool = True) -> dict:
+def run_lockstep(
+    root: Path,
+    names: list[str],
+    shards: dict[str, list[Sequence]],
+    phases: dict[str, str],
+    cfg: CacheBuildConfig,
+    vocab: int,
+    pad_id: int,
+    rank: int,
+    student_ident,
+    sharding: str = "none",
+    writer: bool = True,
+) -> dict:
     """Lockstep mode: every checkpoint resident, all of them on each batch; each shard commits when done."""
     if not names:
         return {}
@@ -469,8 +592,14 @@ def commit_shard(root: Path, name: str, seqs, res: list[dict], cfg: CacheBuildCo
         store.rmtree(part)
         arrays = teacher_arrays(seqs, res, vocab, cfg.dtype)
         schema.write_group(part, arrays)
-        meta = schema.ShardInfo(name, len(seqs), int(arrays["tokens"].shape[0]), int(arrays["support_len"].shape[0]),
-                                schema.group_checksums(part), int(arrays["support_ids"].shape[0])).to_json()
+        meta = schema.ShardInfo(
+            name,
+            len(seqs),
+            int(arrays["tokens"].shape[0]),
+            int(arrays["support_len"].shape[0]),
+            schema.group_checksums(part),
+            int(arrays["support_ids"].shape[0]),
+        ).to_json()
         schema.commit_group(part, tdir, meta)
     if student_ident is not None:
         commit_student_shard(root, name, res, cfg.dtype, student_ident)
@@ -484,8 +613,12 @@ def commit_student_shard(root: Path, name: str, res: list[dict], value_dtype: st
     store.rmtree(part)
     arrays = student_arrays(res, value_dtype)
     schema.write_group(part, arrays)
-    meta = {"name": name, "n_supervised": int(arrays["tail_s0"].shape[0]),
-            "checksums": schema.group_checksums(part), "student_base": student_ident}
+    meta = {
+        "name": name,
+        "n_supervised": int(arrays["tail_s0"].shape[0]),
+        "checksums": schema.group_checksums(part),
+        "student_base": student_ident,
+    }
     schema.commit_group(part, sdir, meta)
 
 
@@ -513,8 +646,11 @@ def _kept_student(root: Path, shards: list[dict]) -> dict | None:
     """The student entry of the previous manifest (from add-student), when all its shards are still there."""
     mpath = root / schema.MANIFEST
     old = json.loads(mpath.read_text()).get("student") if mpath.exists() else None
-    if old and [s["name"] for s in old["shards"]] == [s["name"] for s in shards] and \
-            all(schema.is_committed(root / schema.STUDENT_DIR / s["name"]) for s in old["shards"]):
+    if (
+        old
+        and [s["name"] for s in old["shards"]] == [s["name"] for s in shards]
+        and all(schema.is_committed(root / schema.STUDENT_DIR / s["name"]) for s in old["shards"])
+    ):
         return old
     return None
 
@@ -527,19 +663,34 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
     student = _kept_student(root, shards)
     if ident.get("student_base"):
         sh = [json.loads((root / schema.STUDENT_DIR / s["name"] / schema.SHARD_META).read_text()) for s in shards]
-        student = {"checkpoint": ident["student_base"], "alphas": ident["alphas"],
-                   "shards": [{k: v for k, v in m.items() if k != "student_base"} for m in sh]}
+        student = {
+            "checkpoint": ident["student_base"],
+            "alphas": ident["alphas"],
+            "shards": [{k: v for k, v in m.items() if k != "student_base"} for m in sh],
+        }
     vocab = ident["tokenizer"]["vocab_size"]
     manifest = {
-        "format": schema.FORMAT_NAME, "format_version": schema.FORMAT_VERSION, "support": ident["support"],
+        "format": schema.FORMAT_NAME,
+        "format_version": schema.FORMAT_VERSION,
+        "support": ident["support"],
         # alphas: the grid asked for (FORMAT.md); the tail_star columns are student.alphas.
-        "k": min(ident["k"], vocab), "vocab_size": vocab, "alphas": list(schema.parse_alphas(build_cfg["alphas"])),
+        "k": min(ident["k"], vocab),
+        "vocab_size": vocab,
+        "alphas": list(schema.parse_alphas(build_cfg["alphas"])),
         "floor": ident["floor"],
-        "mode": ident["mode"], "value_dtype": ident["value_dtype"], "id_dtype": str(schema.id_dtype(vocab)),
+        "mode": ident["mode"],
+        "value_dtype": ident["value_dtype"],
+        "id_dtype": str(schema.id_dtype(vocab)),
         "covers_vocabulary": schema.covers_vocabulary(ident["support"], ident["k"], vocab),
-        "tail_samples": ident.get("tail_samples", 0), "sample_min_tail": ident.get("sample_min_tail"),
-        "checkpoints": ident["checkpoints"], "tokenizer": ident["tokenizer"], "data": ident["data"],
-        "build": build_cfg, "summary": summary, "shards": shards, "student": student,
+        "tail_samples": ident.get("tail_samples", 0),
+        "sample_min_tail": ident.get("sample_min_tail"),
+        "checkpoints": ident["checkpoints"],
+        "tokenizer": ident["tokenizer"],
+        "data": ident["data"],
+        "build": build_cfg,
+        "summary": summary,
+        "shards": shards,
+        "student": student,
         "totals": {key: sum(s[key] for s in shards) for key in ("n_seqs", "n_tokens", "n_supervised", "n_entries")},
     }
     schema.write_json_atomic(root / schema.MANIFEST, manifest)
@@ -548,6 +699,7 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
 
 def stops_cleanly(what: str, root_of):
     """Decorator for a cache writer `fn(cfg)`: a signal abandons the shard in progress and says what is kept."""
+
     def wrap(fn):
         @functools.wraps(fn)
         def inner(cfg, *a, **kw):
@@ -558,8 +710,11 @@ def stops_cleanly(what: str, root_of):
                     root = root_of(cfg)
                     schema.clean_partials(root)  # what the interrupted shard left aside
                     kept = sum(1 for p in (root / schema.TEACHER_DIR).glob("shard-*") if schema.is_committed(p))
-                    raise Stopped(f"{e}: the shard in progress was abandoned, the {kept} committed shard(s) of "
-                                  f"{root} are kept; run the same command to resume", e.signum) from None
+                    raise Stopped(
+                        f"{e}: the shard in progress was abandoned, the {kept} committed shard(s) of "
+                        f"{root} are kept; run the same command to resume",
+                        e.signum,
+                    ) from None
 
         return inner
 
@@ -575,8 +730,13 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     if cfg.student_base:
         roles["student_base"] = cfg.student_base
     tok, tok_id = check_checkpoints(roles)
-    schema.check_row_width(cfg.support, cfg.top_k, 2 + bool(cfg.student_base) + len(star_alphas(cfg)),
-                           cfg.tail_samples, tok_id["vocab_size"])
+    schema.check_row_width(
+        cfg.support,
+        cfg.top_k,
+        2 + bool(cfg.student_base) + len(star_alphas(cfg)),
+        cfg.tail_samples,
+        tok_id["vocab_size"],
+    )
     sharding = resolve_sharding(cfg.teacher_sharding, cfg.device, [cfg.teacher_ft, cfg.teacher_base])
     # Data-parallel layout: under tp the whole (one-node) job is one teacher replica.
     dp_rank, dp_world, writer = (0, 1, rank == 0) if sharding == "tp" else (rank, world, True)
@@ -591,7 +751,8 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
             if diff:
                 raise ValueError(
                     f"{root} holds a cache built from other inputs or settings (differs in: {', '.join(diff)}); "
-                    "use another --out folder or delete this one")
+                    "use another --out folder or delete this one"
+                )
         elif not store.is_empty_or_missing(root) and any(not is_lock_file(p) for p in root.iterdir()):
             raise ValueError(f"{root} is not empty and holds no deltakd build: choose an empty or new --out folder")
         schema.clean_partials(root)
@@ -606,8 +767,12 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
     names_all = [schema.shard_name(i) for i in range(plan.n_shards)]
     mine = [n for i, n in enumerate(names_all) if i % dp_world == dp_rank]
     student_ident = ident.get("student_base")
-    pending = [n for n in mine if not schema.is_committed(root / schema.TEACHER_DIR / n)
-               or (student_ident and not schema.is_committed(root / schema.STUDENT_DIR / n))]
+    pending = [
+        n
+        for n in mine
+        if not schema.is_committed(root / schema.TEACHER_DIR / n)
+        or (student_ident and not schema.is_committed(root / schema.STUDENT_DIR / n))
+    ]
     # The token ids of the pending shards, read from the data again into stage files (name -> sequences).
     todo = {i: _stage(root, n) for i, n in enumerate(names_all) if n in pending}
     shards = stage(source, plan, todo, tok, cfg.max_length)
@@ -621,19 +786,33 @@ def build_cache(cfg: CacheBuildConfig) -> dict:
         timings = run_lockstep(root, pending, shards, phases, cfg, vocab, pad_id, rank, student_ident, sharding, writer)
     else:
         teacher_pending = [n for n in pending if not schema.is_committed(root / schema.TEACHER_DIR / n)]
-        timings = run_phases(root, teacher_pending, shards, {p: phases[p] for p in ("ft", "base")}, cfg,
-                             vocab, pad_id, rank, sharding, writer)
+        timings = run_phases(
+            root,
+            teacher_pending,
+            shards,
+            {p: phases[p] for p in ("ft", "base")},
+            cfg,
+            vocab,
+            pad_id,
+            rank,
+            sharding,
+            writer,
+        )
         if "s0" in phases:
-            timings.update(run_phases(root, pending, shards, {"s0": phases["s0"]}, cfg, vocab, pad_id, rank,
-                                      sharding, writer))
+            timings.update(
+                run_phases(root, pending, shards, {"s0": phases["s0"]}, cfg, vocab, pad_id, rank, sharding, writer)
+            )
         for n in pending if writer else []:
             staged = [load_stage(root, n, p) for p in phases if (_stage(root, n) / f"{p}.npz").exists()]
             res = [dict(kv for d in per_phase for kv in d.items()) for per_phase in zip(*staged)] if staged else []
             commit_shard(root, n, shards[n], res, cfg, vocab, student_ident)
     dist.barrier(world)
     summary = {
-        "n_records": plan.n_records, "n_truncated": plan.n_truncated, "world_size": world,
-        "phases": timings if world == 1 else None, "shards_built_this_run": len(pending) if world == 1 else None,
+        "n_records": plan.n_records,
+        "n_truncated": plan.n_truncated,
+        "world_size": world,
+        "phases": timings if world == 1 else None,
+        "shards_built_this_run": len(pending) if world == 1 else None,
     }
     manifest = None
     if rank == 0:

@@ -28,7 +28,9 @@ class SupportParts:
     tail_sum: torch.Tensor  # (c,) Σ_{j ∉ S} exp(logit_j − m)
 
 
-def support_logprobs(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None):
+def support_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None = None, row_max: torch.Tensor | None = None
+):
     """(log p at ids (c, K), tail log-mass (c,), log Z (c,), parts) from logits (c, V), consuming them.
 
     One exp pass, in place (no (c, V) copy): the normaliser and the tail are sums of
@@ -37,10 +39,11 @@ def support_logprobs(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tenso
     covers the whole vocabulary. Entries where `valid` is False are −inf; their ids
     must repeat an id of the same row (zeroing an entry twice changes nothing).
     log Z is the log normaliser of the logits (so `log p + log Z` gives the logits back).
+    `row_max` (c,), when the caller has it, must be logits.amax(1) (it saves that pass).
     """
     assert logits.dim() == 2 and ids.shape[0] == logits.shape[0], (logits.shape, ids.shape)
     top = logits.gather(1, ids)
-    m = logits.amax(dim=1)
+    m = logits.amax(dim=1) if row_max is None else row_max
     e = logits.sub_(m[:, None]).exp_()  # (c, V), in place
     Z = e.sum(dim=1)
     log_z = Z.log() + m
