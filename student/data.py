@@ -21,6 +21,10 @@ little: when a position's lane has run out, it takes the next batch of the lane 
 the most batches to spare (nearest in the shard first); such a batch may be another
 rank's rows, read on their own (a few chunks more).
 
+Threads: one thread plans the next shard and reads it (zarr decodes, the reader verifies)
+while `workers` threads build this shard's batches (numpy, no torch intra-op threads); the
+batches are queued in plan order, so threads change no batch, only when it is ready.
+
 The loader position {epoch, shard, batch, index} is exact: a resumed run rebuilds
 the shard's plan from the seed and skips to the batch, replaying nothing. A rank
 resumed from any rank's position starts at the next round of `world` global batches,
@@ -201,17 +205,17 @@ def interleave(lanes: list[list[list[int]]], first: int = 0) -> list[list[int]]:
 
 
 def in_order(pool: ThreadPoolExecutor, fn, items, ahead: int):
-    """fn over items on a thread pool, results in order, at most `ahead` of them submitted and not yet taken."""
+    """fn(*item) for each item on a thread pool, results in order, at most `ahead` submitted and not yet taken."""
     pending = deque()
     for item in items:
-        pending.append(pool.submit(fn, item))
+        pending.append(pool.submit(fn, *item))
         if len(pending) >= ahead:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
 
 
-def collate(shard: ShardData, rows: list[int], pad_id: int, with_student: bool) -> tuple:
+def collate(shard: ShardData, rows: np.ndarray | list[int], pad_id: int, with_student: bool) -> tuple:
     """(input ids, attention mask, loss mask, targets, example ids) of sequences `rows` of a shard."""
     a = shard.arrays
     rows = np.asarray(rows, dtype=np.int64)
@@ -347,9 +351,11 @@ class StreamingLoader:
                 index = start + len(plan)
                 pos = next(positions, None) if not self._stop.is_set() else None
                 ahead = reads.submit(self._read, pos, index - pos[3], first) if pos else None
-                states = [{"epoch": epoch, "shard": sp, "batch": b + 1, "index": start + b + 1} for b in mine]
-                work = [(at[plan[b]], st) for b, st in zip(mine, states)]
-                for batch in in_order(builds, lambda w: self._batch(shard, *w), work, self.workers + 1):  # noqa: B023
+                work = [
+                    (shard, at[plan[b]], {"epoch": epoch, "shard": sp, "batch": b + 1, "index": start + b + 1})
+                    for b in mine
+                ]
+                for batch in in_order(builds, self._batch, work, self.workers + 1):
                     self._put(batch)
                     if self._stop.is_set():
                         return

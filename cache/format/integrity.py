@@ -4,8 +4,9 @@ Cheap next to decoding (benchmarks/cache_format.py measures it): every chunk the
 manifest lists must exist (zarr would read a missing chunk as its fill value), each
 group's own shard.json must name the shard it is read as (swapped folders), stored
 dtypes must match the manifest's value_dtype and id_dtype, row counts must match the
-manifest, and decoded values must be finite (tails may be -inf). Chunk contents are
-verified by zarr itself: format-1 caches written since the crc32c codec was added carry a
+manifest, and decoded values must be finite (tails may be -inf; the per-entry arrays
+a rank reads stay as stored, see reader.ShardData, and are checked on their bits).
+Chunk contents are verified by zarr itself: format-1 caches written since the crc32c codec was added carry a
 CRC-32C per chunk, checked at decode. Each error names the shard and array and points to
 `deltakd cache validate`, which finds every damaged shard at once.
 """
