@@ -59,3 +59,171 @@ Decision rule, per set and pair (X, Y): d = mean over seeds of ROUGE-L(X) − RO
 least Y" holds unless d < −spread; "no difference" holds if |d| ≤ spread; a win of X
 over Y is d > spread. P1 α 1.5 and "fact" are reported, not predicted.
 """
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deltakd.demo import synthetic as syn
+
+SETS = ("A", "S", "C", "words")
+FACT_KINDS = ("color", "home", "food")
+_CREATURE_PROMPT = re.compile(r"^(What color is|Where does|What does|Describe) the (\w+)(?: live| eat)?[?.]$")
+_KIND = {"What color is": "color", "Where does": "home", "What does": "food", "Describe": "describe"}
+
+
+@dataclass(frozen=True)
+class WorldSize:
+    """How big the world is; the full benchmark uses the defaults (the demo's sizes), --smoke a tiny one."""
+
+    n_docs: int = 3000  # pretraining documents of each base's corpus
+    n_train: int = 2000  # training instructions (teacher SFT data and cache data)
+    n_words: int = 60  # word-list test prompts
+    per_set: int | None = None  # test prompts kept per creature set (None: all)
+    steps: int = 1500  # pretraining steps of each base
+    sft_steps: int = 600  # SFT steps of the teacher
+
+
+SMOKE = WorldSize(n_docs=200, n_train=120, n_words=3, per_set=3, steps=10, sft_steps=5)
+
+
+def question(c: dict, kind: str) -> dict:
+    """The single-fact instruction of `synthetic.instruction` about creature `c`, with the fact's value."""
+    n = c["name"]
+    prompt, response = {
+        "color": (f"What color is the {n}?", f"The {n} is {c['color']}."),
+        "home": (f"Where does the {n} live?", f"The {n} lives in {c['home']}."),
+        "food": (f"What does the {n} eat?", f"The {n} eats {c['food']}."),
+    }[kind]
+    return {"prompt": prompt, "response": response, "answer": c[kind]}
+
+
+def about(prompt: str) -> tuple[str | None, str | None]:
+    """(creature name, kind) of a creature instruction; (None, None) for a word-list task."""
+    m = _CREATURE_PROMPT.match(prompt)
+    return (m.group(2), _KIND[m.group(1)]) if m else (None, None)
+
+
+def make_world(seed: int = 0, size: WorldSize = WorldSize()) -> dict:
+    """Creature sets, the two corpora, training instructions and the per-set test (see the module docstring)."""
+    kb = syn.creatures(random.Random(seed))  # the demo's knowledge base: make_data draws it first
+    sets = {"A": kb[0::3], "S": kb[1::3], "C": kb[2::3]}
+    known_t, known_s = sets["A"] + sets["C"], sets["S"] + sets["C"]
+    corpus_t = syn.corpus(known_t, random.Random(seed + 101), size.n_docs)
+    corpus_s = syn.corpus(known_s, random.Random(seed + 202), size.n_docs)
+    rng = random.Random(seed + 303)
+    held = {c["name"]: sorted(rng.sample(FACT_KINDS, 2)) for c in known_t}
+    by_name = {c["name"]: c for c in kb}
+    train, seen = [], set()
+    while len(train) < size.n_train:
+        ex = syn.instruction(known_t, rng)
+        name, kind = about(ex["prompt"])
+        if name is not None:
+            assert name in by_name, ex["prompt"]
+            if kind in FACT_KINDS:  # the test's questions are the training templates, word for word
+                q = question(by_name[name], kind)
+                assert (q["prompt"], q["response"]) == (ex["prompt"], ex["response"]), ex
+            if kind in held[name]:
+                continue
+        train.append(ex)
+        seen.add(ex["prompt"])
+    test = []
+    for s in ("A", "S", "C"):
+        rows = [question(c, k) | {"set": s} for c in sets[s] for k in (FACT_KINDS if s == "S" else held[c["name"]])]
+        test += rows[: size.per_set]
+    words = []
+    while len(words) < size.n_words:
+        ex = syn.instruction(known_t, rng)
+        if about(ex["prompt"])[0] is None and ex["prompt"] not in seen:
+            seen.add(ex["prompt"])
+            words.append(ex | {"set": "words", "answer": ex["response"]})
+    test += words
+    assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}
+    return {
+        "sets": {s: [c["name"] for c in v] for s, v in sets.items()},
+        "held": held,
+        "corpus_teacher": corpus_t,
+        "corpus_student": corpus_s,
+        "train": train,
+        "test": test,
+    }
+
+
+def write_world(out: Path, seed: int = 0, size: WorldSize = WorldSize()) -> dict:
+    """corpus_{teacher,student}.txt, train.jsonl, test.jsonl (rows carry `set` and `answer`), world.json."""
+    w = make_world(seed, size)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for key in ("corpus_teacher", "corpus_student"):
+        (out / f"{key}.txt").write_text("\n".join(w[key]) + "\n")
+        paths[key] = str(out / f"{key}.txt")
+    for key in ("train", "test"):
+        with open(out / f"{key}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in w[key])
+        paths[key] = str(out / f"{key}.jsonl")
+    (out / "world.json").write_text(
+        json.dumps({"seed": seed, "size": asdict(size), **{k: w[k] for k in ("sets", "held")}}, indent=1)
+    )
+    return paths
+
+
+def build(out: str | Path, seed: int = 0, size: WorldSize = WorldSize()) -> dict:
+    """Data and checkpoints of the world in `out` (reused when TASK.json says they were built with these settings)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from deltakd.cache.format.records import encode_record, read_records
+    from deltakd.demo.pipeline import ASSETS
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama
+
+    out = Path(out)
+    task = {"seed": seed, "size": asdict(size), "teacher": syn.TEACHER, "student": syn.STUDENT}
+    paths = write_world(out / "data", seed, size)
+    ckpt = {k: str(out / k) for k in ("teacher_base", "teacher_ft", "student_base")}
+    done = out / "TASK.json"
+    if done.exists() and json.loads(done.read_text()) == task:
+        return ckpt | paths
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(ASSETS / "tokenizer")
+
+    def documents(path):
+        docs = Path(path).read_text().splitlines()
+        return [
+            (
+                ids := [tok.bos_token_id] + tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+                [1] * len(ids),
+            )
+            for d in docs
+        ]
+
+    sft = []
+    for r in read_records(paths["train"]):
+        ids, plen, _ = encode_record(tok, r, 128)
+        sft.append((ids, [0] * plen + [1] * (len(ids) - plen)))
+    teacher = tiny_llama(len(tok), seed=seed + 1, max_positions=256, tokenizer=tok, **syn.TEACHER)
+    syn.lm_train(teacher, documents(paths["corpus_teacher"]), size.steps, 3e-3, 32, seed, "teacher base (A, C)")
+    save_checkpoint(teacher, tok, ckpt["teacher_base"])
+    syn.lm_train(teacher, sft, size.sft_steps, 1e-3, 32, seed + 1, "teacher sft")
+    save_checkpoint(teacher, tok, ckpt["teacher_ft"])
+    student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **syn.STUDENT)
+    syn.lm_train(student, documents(paths["corpus_student"]), size.steps, 3e-3, 32, seed + 2, "student base (S, C)")
+    save_checkpoint(student, tok, ckpt["student_base"])
+    done.write_text(json.dumps(task, indent=1))
+    return ckpt | paths
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="build the regime world (data and checkpoints)")
+    ap.add_argument("--out", default="runs/quality-regime/world")
+    ap.add_argument("--smoke", action="store_true", help="a tiny world (seconds): the same path")
+    a = ap.parse_args(argv)
+    print(json.dumps(build(a.out, size=SMOKE if a.smoke else WorldSize()), indent=1))
+
+
+if __name__ == "__main__":
+    main()
