@@ -217,6 +217,120 @@ def build(out: str | Path, seed: int = 0, size: WorldSize = WorldSize()) -> dict
     return ckpt | paths
 
 
+def set_of(row: dict) -> str:
+    """A test row's set; rows without one (the demo's test split) form the set "all"."""
+    return row.get("set", "all")
+
+
+def score_sets(test_path: str | Path, eval_rows: list[dict]) -> dict:
+    """Per set: mean ROUGE-L and "fact" (share of answers containing the asked value; words: exact answers)."""
+    test = [json.loads(l) for l in Path(test_path).read_text().splitlines()]
+    out = {}
+    for s in dict.fromkeys(set_of(t) for t in test):
+        rows = [(test[r["example_id"]], r) for r in eval_rows if set_of(test[r["example_id"]]) == s]
+        if not rows:
+            continue
+        out[s] = {"rougeL": sum(r["rougeL"] for _, r in rows) / len(rows), "n": len(rows)}
+        if all("answer" in t for t, _ in rows):
+            hit = [
+                (r["output"].strip() == t["answer"]) if s == "words" else (t["answer"] in r["output"]) for t, r in rows
+            ]
+            out[s]["fact"] = 100.0 * sum(hit) / len(rows)
+    return out
+
+
+# The predictions of the module docstring: (set, X, Y, claim); claim "at least": X >= Y, "level": no difference.
+PREDICTIONS = (
+    ("S", "p1_a1.0", "kd_fkl", "at least"),
+    ("S", "lam0.5_p1_a1.0", "lam0.5_kd", "at least"),
+    ("A", "kd_fkl", "p1_a1.0", "at least"),
+    ("A", "lam0.5_kd", "lam0.5_p1_a1.0", "at least"),
+    *((s, x, y, "level") for s in ("C", "words") for x, y in (("p1_a1.0", "kd_fkl"), ("lam0.5_p1_a1.0", "lam0.5_kd"))),
+)
+
+
+def judge(per_seed: dict) -> list[dict]:
+    """Each prediction under the decision rule; per_seed[variant][set]: ROUGE-L per seed, same seed order."""
+    import statistics
+
+    def sd(v):
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+
+    out = []
+    for s, x, y, claim in PREDICTIONS:
+        vx, vy = per_seed.get(x, {}).get(s, []), per_seed.get(y, {}).get(s, [])
+        n = min(len(vx), len(vy))
+        if n == 0:
+            out.append({"set": s, "x": x, "y": y, "claim": claim, "held": None})
+            continue
+        d = statistics.mean(a - b for a, b in zip(vx[:n], vy[:n]))
+        spread = sd(vx[:n]) + sd(vy[:n])
+        held = d >= -spread if claim == "at least" else abs(d) <= spread
+        out.append({"set": s, "x": x, "y": y, "claim": claim, "d": d, "spread": spread, "seeds": n, "held": held})
+    return out
+
+
+class HeldOutKL:
+    """Full-vocabulary KL(πT ‖ πθ) and KL(π* ‖ πθ) of a model, teacher-forced on the reference answers of each set.
+
+    π* = softmax(lS0 + α·(max(lT, f) − max(lB, f))) on the whole vocabulary (float32), the target
+    of P1 with floor f. Targets are computed once from the three frozen checkpoints; `__call__`
+    scores one model. Mean per answer token (the positions a cache would supervise).
+    """
+
+    def __init__(self, paths: dict, alpha: float = 1.0, floor: float | None = -12.0, max_length: int = 128):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from deltakd.cache.format.records import encode_record, loss_mask_for, read_records
+
+        self.tok = AutoTokenizer.from_pretrained(paths["teacher_ft"])
+        test = [json.loads(l) for l in Path(paths["test"]).read_text().splitlines()]
+        sets = dict.fromkeys(set_of(t) for t in test)
+        self.index = {s: [i for i, t in enumerate(test) if set_of(t) == s] for s in sets}
+        records = read_records(paths["test"])
+        models = {
+            k: AutoModelForCausalLM.from_pretrained(paths[k]).eval()
+            for k in ("teacher_ft", "teacher_base", "student_base")
+        }
+        self.inputs, self.targets = {}, {}
+        for s, idx in self.index.items():
+            enc = [encode_record(self.tok, records[i], max_length) for i in idx]
+            L = max(len(ids) for ids, _, _ in enc)
+            ids = torch.zeros(len(enc), L, dtype=torch.long)
+            att = torch.zeros(len(enc), L, dtype=torch.long)
+            mask = torch.zeros(len(enc), L, dtype=torch.bool)
+            for r, (x, plen, _) in enumerate(enc):
+                ids[r, : len(x)] = torch.tensor(x)
+                att[r, : len(x)] = 1
+                mask[r, : len(x)] = torch.tensor(loss_mask_for(len(x), plen), dtype=torch.bool)
+            with torch.no_grad():
+                lp = {
+                    k: torch.log_softmax(m(input_ids=ids, attention_mask=att).logits.float()[mask], -1)
+                    for k, m in models.items()
+                }
+            shift = (
+                lp["teacher_ft"] - lp["teacher_base"]
+                if floor is None
+                else (lp["teacher_ft"].clamp_min(floor) - lp["teacher_base"].clamp_min(floor))
+            )
+            star = torch.log_softmax(lp["student_base"] + alpha * shift, -1)  # (N, V)
+            self.inputs[s] = (ids, att, mask)
+            self.targets[s] = {"kl_t": lp["teacher_ft"], "kl_star": star}
+
+    def __call__(self, model_dir: str | Path) -> dict:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        out = {}
+        for s, (ids, att, mask) in self.inputs.items():
+            with torch.no_grad():
+                lq = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits.float()[mask], -1)  # (N, V)
+            out[s] = {k: float((p.exp() * (p - lq)).sum(-1).mean()) for k, p in self.targets[s].items()}
+        return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="build the regime world (data and checkpoints)")
     ap.add_argument("--out", default="runs/quality-regime/world")
