@@ -457,7 +457,7 @@ def regime(a: argparse.Namespace, rt) -> None:
             if not (out / "eval" / "summary.json").exists():
                 run_eval(EvalConfig(models=(str(model),), out=str(out / "eval"), **ev))
             rows = [json.loads(l) for f in (out / "eval").glob("*.jsonl") for l in f.read_text().splitlines()]
-            kl = kl or rt.HeldOutKL(paths)
+            kl = kl or rt.HeldOutKL(paths, floor=None if a.floor == "none" else float(a.floor))
             done.write_text(json.dumps({"sets": rt.score_sets(paths["test"], rows), "kl": kl(model)}))
         return json.loads(done.read_text())
 
@@ -491,7 +491,7 @@ def regime(a: argparse.Namespace, rt) -> None:
         for name, c in cfgs.items():
             if (Path(c.out) / "final" / "config.json").exists():
                 runs[name].append(result(Path(c.out) / "final", Path(c.out)))
-    ref = {k: result(Path(paths[k]), work / "ref" / k) for k in ("teacher_ft", "student_base")}
+    ref = {k: result(Path(paths[k]), work / f"ref{tag}" / k) for k in ("teacher_ft", "student_base")}
     sets = list(ref["teacher_ft"]["sets"])
 
     def cell(v: list[float], w: int = 14) -> str:
@@ -517,7 +517,7 @@ def regime(a: argparse.Namespace, rt) -> None:
     def mean_kl(rs: list[dict], s: str, key: str) -> float:
         return _mean_std([r["kl"][s][key] for r in rs])[0]
 
-    print("\nheld-out full-vocabulary KL per answer token, to πT | to π* (α 1, floor −12), mean over seeds")
+    print(f"\nheld-out full-vocabulary KL per answer token, to πT | to π* (α 1, floor {a.floor}), mean over seeds")
     print(f"{'row':<16}" + "".join(f"{s:>16}" for s in sets))
     for name, rs in [(k, [v]) for k, v in ref.items()] + list(runs.items()):
         if rs:
