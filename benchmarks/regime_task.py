@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -158,18 +159,20 @@ def write_world(out: Path, seed: int = 0, size: WorldSize = WorldSize()) -> dict
     """corpus_{teacher,student}.txt, train.jsonl, test.jsonl (rows carry `set` and `answer`), world.json."""
     w = make_world(seed, size)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for key in ("corpus_teacher", "corpus_student"):
-        (out / f"{key}.txt").write_text("\n".join(w[key]) + "\n")
-        paths[key] = str(out / f"{key}.txt")
-    for key in ("train", "test"):
-        with open(out / f"{key}.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in w[key])
-        paths[key] = str(out / f"{key}.jsonl")
-    (out / "world.json").write_text(
-        json.dumps({"seed": seed, "size": asdict(size), **{k: w[k] for k in ("sets", "held")}}, indent=1)
+    files = {f"{k}.txt": "\n".join(w[k]) + "\n" for k in ("corpus_teacher", "corpus_student")}
+    files |= {f"{k}.jsonl": "".join(json.dumps(r) + "\n" for r in w[k]) for k in ("train", "test")}
+    files["world.json"] = json.dumps(
+        {"seed": seed, "size": asdict(size), "sets": w["sets"], "held": w["held"]}, indent=1
     )
-    return paths
+    for name, text in files.items():
+        # Another run may be reading these files: rewrite only what differs, and by rename (a reader never
+        # sees a half-written file).
+        if not (out / name).exists() or (out / name).read_text() != text:
+            (out / f".{name}.tmp").write_text(text)
+            os.replace(out / f".{name}.tmp", out / name)
+    return {k: str(out / f"{k}.txt") for k in ("corpus_teacher", "corpus_student")} | {
+        k: str(out / f"{k}.jsonl") for k in ("train", "test")
+    }
 
 
 def build(out: str | Path, seed: int = 0, size: WorldSize = WorldSize()) -> dict:
