@@ -451,15 +451,16 @@ def regime(a: argparse.Namespace, rt) -> None:
     kl = None
 
     def result(model: Path, out: Path) -> dict:
+        """Per-set scores (from the answers on disk, so a new measure needs no re-decoding) and KL (stored)."""
         nonlocal kl
+        if not (out / "eval" / "summary.json").exists():
+            run_eval(EvalConfig(models=(str(model),), out=str(out / "eval"), **ev))
+        rows = [json.loads(l) for f in (out / "eval").glob("*.jsonl") for l in f.read_text().splitlines()]
         done = out / "regime.json"
         if not done.exists():
-            if not (out / "eval" / "summary.json").exists():
-                run_eval(EvalConfig(models=(str(model),), out=str(out / "eval"), **ev))
-            rows = [json.loads(l) for f in (out / "eval").glob("*.jsonl") for l in f.read_text().splitlines()]
             kl = kl or rt.HeldOutKL(paths, floor=None if a.floor == "none" else float(a.floor))
-            done.write_text(json.dumps({"sets": rt.score_sets(paths["test"], rows), "kl": kl(model)}))
-        return json.loads(done.read_text())
+            done.write_text(json.dumps({"kl": kl(model)}))
+        return {"sets": rt.score_sets(paths["test"], rows), "kl": json.loads(done.read_text())["kl"]}
 
     runs = {n: [] for n in a.variants}
     # Seed-major: a run cut short has every variant at the first seeds.
@@ -502,17 +503,23 @@ def regime(a: argparse.Namespace, rt) -> None:
     print(
         f"\nworld {a.world}, floor {a.floor}, {steps} steps, seeds {seeds}: mean ± sample std over the seeds finished"
     )
-    for metric, title in (("rougeL", "ROUGE-L"), ("fact", "fact (% answers with the asked value; words: exact)")):
+    for metric, title in (
+        ("rougeL", "ROUGE-L"),
+        ("fact", "fact (% answers with the asked value; words: exact)"),
+        ("name", "name (% answers naming the creature asked about)"),
+        ("name_fact", "name and fact (% answers naming it and giving its value)"),
+    ):
         if metric not in ref["teacher_ft"]["sets"][sets[0]]:
             continue
+        sets_m = [s for s in sets if metric in ref["teacher_ft"]["sets"][s]]
         print(
-            f"\n{title} per test set (n: " + ", ".join(f"{s} {ref['teacher_ft']['sets'][s]['n']}" for s in sets) + ")"
+            f"\n{title} per test set (n: " + ", ".join(f"{s} {ref['teacher_ft']['sets'][s]['n']}" for s in sets_m) + ")"
         )
-        print(f"{'row':<16}{'seeds':>6}" + "".join(f"{s:>14}" for s in sets))
+        print(f"{'row':<16}{'seeds':>6}" + "".join(f"{s:>14}" for s in sets_m))
         for name, r in ref.items():
-            print(f"{name:<16}{'':>6}" + "".join(cell([r["sets"][s][metric]]) for s in sets))
+            print(f"{name:<16}{'':>6}" + "".join(cell([r["sets"][s][metric]]) for s in sets_m))
         for name, rs in runs.items():
-            print(f"{name:<16}{len(rs):>6}" + "".join(cell([r["sets"][s][metric] for r in rs]) for s in sets))
+            print(f"{name:<16}{len(rs):>6}" + "".join(cell([r["sets"][s][metric] for r in rs]) for s in sets_m))
 
     def mean_kl(rs: list[dict], s: str, key: str) -> float:
         return _mean_std([r["kl"][s][key] for r in rs])[0]

@@ -226,7 +226,8 @@ def set_of(row: dict) -> str:
 
 
 def score_sets(test_path: str | Path, eval_rows: list[dict]) -> dict:
-    """Per set: mean ROUGE-L and "fact" (share of answers containing the asked value; words: exact answers)."""
+    """Per set: mean ROUGE-L, "fact" (share of answers containing the asked value; words: exact answers), and for
+    the creature sets "name" (share naming the creature asked about) and "name_fact" (naming it and the value)."""
     test = [json.loads(l) for l in Path(test_path).read_text().splitlines()]
     out = {}
     for s in dict.fromkeys(set_of(t) for t in test):
@@ -239,6 +240,12 @@ def score_sets(test_path: str | Path, eval_rows: list[dict]) -> dict:
                 (r["output"].strip() == t["answer"]) if s == "words" else (t["answer"] in r["output"]) for t, r in rows
             ]
             out[s]["fact"] = 100.0 * sum(hit) / len(rows)
+        if s != "words" and all("answer" in t for t, _ in rows):
+            # Added after the run (a diagnostic, not part of the predictions): does the answer name the creature
+            # asked about, and name it with the right value?
+            named = [re.search(rf"\b{about(t['prompt'])[0]}\b", r["output"]) is not None for t, r in rows]
+            out[s]["name"] = 100.0 * sum(named) / len(rows)
+            out[s]["name_fact"] = 100.0 * sum(n and h for n, h in zip(named, hit)) / len(rows)
     return out
 
 
