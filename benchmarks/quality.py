@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality [--steps 800] [--seeds 0 1 2] [--workdir runs/quality] [--variants sft lam0.5_kd ...]
     python -m benchmarks.quality online [--task bpe] [--supports topk64 union16] [--variants ...]   # cache vs online
+    python -m benchmarks.quality regime [--smoke] [--world demo] [--floor -8] [--report-only]   # per test set
 
 Beside the pure objectives it runs the paper's recipe lam*SFT + (1-lam)*D (`deltakd
 train --loss D --lam LAM`) with D = KD and D = P1 (alpha 1 and 1.5), at lam 0.5 and
@@ -362,8 +363,210 @@ def main_online(argv=None):
     )
 
 
+# ------------------------------------------------------------------ the regime world: whose knowledge transfers
+REGIME_VARIANTS = ("sft", "kd_fkl", "p1_a1.0", "p1_a1.5", "lam0.5_kd", "lam0.5_p1_a1.0")
+
+
+def build_floor_cache(paths: dict, out: Path, floor: str) -> Path:
+    """The default build (union of top-16s + 16 tail samples, alphas 0.5 1 1.5) with the floor `floor`."""
+    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
+
+    build_cache(
+        CacheBuildConfig(
+            teacher_ft=paths["teacher_ft"],
+            teacher_base=paths["teacher_base"],
+            student_base=paths["student_base"],
+            data=paths["train"],
+            out=str(out),
+            floor=floor,
+            max_length=128,
+            batch_size=32,
+            shard_tokens=32768,
+        )
+    )
+    return out
+
+
+def _train_all(todo: dict, workers: int) -> None:
+    from deltakd.demo.pipeline import train_students
+
+    if workers > 1:
+        train_students(todo, train)  # two at a time in worker processes, each logging to <run>/train.log
+    else:
+        for cfg in todo.values():
+            train(cfg)
+
+
+def main_regime(argv=None):
+    """ROUGE-L and held-out KL per test set (A, S, C, words) on the regime world; see benchmarks/regime_task.py."""
+    from benchmarks import regime_task as rt
+
+    ap = argparse.ArgumentParser(prog="quality.py regime", description=main_regime.__doc__)
+    ap.add_argument(
+        "--workdir", default=None, help="default runs/quality-regime (--world demo: runs/quality-floor-demo)"
+    )
+    ap.add_argument("--world", default="regime", choices=("regime", "demo"), help="demo: the demo task, one test set")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--smoke: 0)")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(REGIME_VARIANTS),
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help=f"default: {' '.join(REGIME_VARIANTS)}",
+    )
+    ap.add_argument("--floor", default="-12", help="the cache's floor inside Δ (a number or 'none'); P1 trains with it")
+    ap.add_argument("--workers", type=int, default=2, help="students trained at once in worker processes")
+    ap.add_argument("--smoke", action="store_true", help="tiny world, 3 steps, one seed: the same path in minutes")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the tables from the runs already finished in --workdir (a cut-short benchmark)",
+    )
+    a = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    # One thread in this process (the workers set their own): on a CPU shared with other jobs, two threads per
+    # process spin and ran slower than one.
+    torch.set_num_threads(1)
+    try:
+        regime(a, rt)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def regime(a: argparse.Namespace, rt) -> None:
+    seeds = a.seeds or ([0] if a.smoke else [0, 1, 2])
+    steps = 3 if a.smoke else a.steps
+    work = Path(a.workdir or ("runs/quality-regime" if a.world == "regime" else "runs/quality-floor-demo"))
+    t0 = time.perf_counter()
+    if a.world == "regime":
+        paths = rt.build(work / "world", size=rt.SMOKE if a.smoke else rt.WorldSize())
+    else:
+        paths = assets(DemoConfig(workdir=str(work)), work)
+    tag = "" if a.floor == "-12" else f"-floor{a.floor}"
+    cache = build_floor_cache(paths, work / f"cache{tag}", a.floor)
+    test_n = len(Path(paths["test"]).read_text().splitlines())
+    ev = dict(data=paths["test"], max_new_tokens=40, batch_size=50, max_examples=test_n)
+    kl = None
+
+    def result(model: Path, out: Path) -> dict:
+        """Per-set scores (from the answers on disk, so a new measure needs no re-decoding) and KL (stored)."""
+        nonlocal kl
+        if not (out / "eval" / "summary.json").exists():
+            run_eval(EvalConfig(models=(str(model),), out=str(out / "eval"), **ev))
+        rows = [json.loads(l) for f in (out / "eval").glob("*.jsonl") for l in f.read_text().splitlines()]
+        done = out / "regime.json"
+        if not done.exists():
+            kl = kl or rt.HeldOutKL(paths, floor=None if a.floor == "none" else float(a.floor))
+            done.write_text(json.dumps({"kl": kl(model)}))
+        return {"sets": rt.score_sets(paths["test"], rows), "kl": json.loads(done.read_text())["kl"]}
+
+    runs = {n: [] for n in a.variants}
+    # Seed-major: a run cut short has every variant at the first seeds.
+    for seed in seeds:
+        cfgs = {
+            name: TrainConfig(
+                cache=str(cache),
+                student=paths["student_base"],
+                out=str(work / f"runs{tag}" / f"{name}-s{seed}"),
+                max_steps=steps,
+                batch_tokens=2048,
+                lr=2e-3,
+                warmup_steps=min(20, steps // 5),
+                log_every=100,
+                save_every=10_000,
+                eval_percent=5.0,
+                seed=seed,
+                **VARIANTS[name],
+            )
+            for name in a.variants
+        }
+        todo = {n: c for n, c in cfgs.items() if not (Path(c.out) / "final" / "config.json").exists()}
+        if todo and not a.report_only:
+            t = time.perf_counter()
+            _train_all(todo, 1 if a.smoke else a.workers)
+            print(
+                f"[{time.perf_counter() - t0:6.0f}s] seed {seed}: trained {len(todo)} in {time.perf_counter() - t:.0f}s"
+            )
+        for name, c in cfgs.items():
+            if (Path(c.out) / "final" / "config.json").exists():
+                runs[name].append(result(Path(c.out) / "final", Path(c.out)))
+    ref = {k: result(Path(paths[k]), work / f"ref{tag}" / k) for k in ("teacher_ft", "student_base")}
+    sets = list(ref["teacher_ft"]["sets"])
+
+    def cell(v: list[float], w: int = 14) -> str:
+        mu, sd = _mean_std(v)
+        return f"{mu:{w - 6}.1f} ±{sd:4.1f}" if v else f"{'-':>{w}}"
+
+    per_seed = {n: {s: [r["sets"][s]["rougeL"] for r in rs] for s in sets} for n, rs in runs.items()}
+    print(
+        f"\nworld {a.world}, floor {a.floor}, {steps} steps, seeds {seeds}: mean ± sample std over the seeds finished"
+    )
+    for metric, title in (
+        ("rougeL", "ROUGE-L"),
+        ("fact", "fact (% answers with the asked value; words: exact)"),
+        ("name", "name (% answers naming the creature asked about)"),
+        ("name_fact", "name and fact (% answers naming it and giving its value)"),
+    ):
+        if metric not in ref["teacher_ft"]["sets"][sets[0]]:
+            continue
+        sets_m = [s for s in sets if metric in ref["teacher_ft"]["sets"][s]]
+        print(
+            f"\n{title} per test set (n: " + ", ".join(f"{s} {ref['teacher_ft']['sets'][s]['n']}" for s in sets_m) + ")"
+        )
+        print(f"{'row':<16}{'seeds':>6}" + "".join(f"{s:>14}" for s in sets_m))
+        for name, r in ref.items():
+            print(f"{name:<16}{'':>6}" + "".join(cell([r["sets"][s][metric]]) for s in sets_m))
+        for name, rs in runs.items():
+            print(f"{name:<16}{len(rs):>6}" + "".join(cell([r["sets"][s][metric] for r in rs]) for s in sets_m))
+
+    def mean_kl(rs: list[dict], s: str, key: str) -> float:
+        return _mean_std([r["kl"][s][key] for r in rs])[0]
+
+    print(f"\nheld-out full-vocabulary KL per answer token, to πT | to π* (α 1, floor {a.floor}), mean over seeds")
+    print(f"{'row':<16}" + "".join(f"{s:>16}" for s in sets))
+    for name, rs in [(k, [v]) for k, v in ref.items()] + list(runs.items()):
+        if rs:
+            print(
+                f"{name:<16}"
+                + "".join(f"{mean_kl(rs, s, 'kl_t'):8.3f} |{mean_kl(rs, s, 'kl_star'):6.3f}" for s in sets)
+            )
+    verdicts = rt.judge(per_seed) if a.world == "regime" else []
+    if verdicts:
+        print("\npredictions (d = mean of X − Y over seeds; spread = std X + std Y; 'at least' fails if d < −spread)")
+    for v in verdicts:
+        if v["held"] is None:
+            print(f"  {v['set']:<6}{v['x']} {v['claim']} {v['y']}: not run")
+            continue
+        print(
+            f"  {v['set']:<6}{v['x']} {v['claim']} {v['y']}: d {v['d']:+.1f}, spread {v['spread']:.1f} "
+            f"-> {'held' if v['held'] else 'FAILED'}" + (" (a win for X)" if v["d"] > v["spread"] else "")
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality_regime",
+                "world": a.world,
+                "smoke": a.smoke,
+                "floor": a.floor,
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+                "steps": steps,
+                "seeds": seeds,
+                "reference": ref,
+                "variants": {n: {"per_seed": rs, "rougeL": per_seed[n]} for n, rs in runs.items()},
+                "predictions": verdicts,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
     import sys
 
-    # `quality.py online ...`: cache vs online full-vocabulary reference; otherwise the demo-task sweep.
-    main_online(sys.argv[2:]) if sys.argv[1:2] == ["online"] else main()
+    # `quality.py online|regime ...`; otherwise the demo-task sweep.
+    {"online": main_online, "regime": main_regime}.get(sys.argv[1] if sys.argv[1:] else "", lambda _: main())(
+        sys.argv[2:]
+    )
