@@ -163,6 +163,30 @@ def teacher_shift(ft_log: torch.Tensor, base_log: torch.Tensor, floor: float | N
     return ft_log.clamp_min(floor) - base_log.clamp_min(floor)
 
 
+def target_shift(
+    s0_log: torch.Tensor,
+    ft_log: torch.Tensor,
+    base_log: torch.Tensor,
+    alpha: float,
+    floor: float | None = None,
+    tail_star: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The shift α·Δ that the target π* applies to πS0, per outcome: (N, m) -> (N, m).
+
+    On the ids it is α·teacher_shift(lT, lB, floor). With the tail bucket and the cache's
+    exact `tail_star` (N,) it is, in the bucket, tail_star − lS0_tail: the log of the
+    πS0-weighted mean of exp(α·Δ) over the tail, so that every outcome, the bucket
+    included, satisfies log π* = lS0 + shift − log Z. The product formula
+    α·(max(T_T, f) − max(T_B, f)) (used without `tail_star`) applies Δ to summed masses
+    and is not that.
+    """
+    shift = alpha * teacher_shift(ft_log, base_log, floor)
+    if tail_star is None:
+        return shift
+    tail = log_ratio(upcast(tail_star), upcast(s0_log)[:, -1])  # 0 where both tails are empty
+    return torch.cat([shift[:, :-1], tail[:, None]], dim=-1)
+
+
 def delta_target(
     s0_log: torch.Tensor,
     ft_log: torch.Tensor,
@@ -177,7 +201,7 @@ def delta_target(
     α = 0 gives πS0; with πS0 = πB, α = 1 and no floor it gives πT exactly. The tail
     column (last, with the tail bucket) is lS0_tail + α·Δ_tail, the product formula
     T_S0·(T_T/T_B)^α, unless the cache gives `tail_star` (N,): the exact unnormalised
-    log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it. `cells` = (sampled, log_c)
+    log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it (target_shift). `cells` = (sampled, log_c)
     respreads the tail over the sampled ids (tail_cells).
     """
     logits = upcast(s0_log) + alpha * teacher_shift(ft_log, base_log, floor)
@@ -222,9 +246,13 @@ def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", 
 
 def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None, cells=None):
     """P3 shift-matching: Σ_y w(y)·(e(y) − ē)², e = Δθ − α·Δ, Δθ = lθ − lS0, w = π* (no gradient),
-    ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant."""
+    ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant.
+
+    The tail bucket's α·Δ is target_shift's: with `tail_star` the one implied by the exact
+    π* tail, so the weight and the shift of the bucket describe the same target and P3 is
+    0, with a zero gradient, at πθ = π*, as on the full vocabulary."""
     w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star, cells).detach().exp()
-    e = log_ratio(upcast(student_log), upcast(s0_log)) - alpha * teacher_shift(ft_log, base_log, floor)
+    e = log_ratio(upcast(student_log), upcast(s0_log)) - target_shift(s0_log, ft_log, base_log, alpha, floor, tail_star)
     zero = torch.zeros((), dtype=e.dtype)
     e = torch.where(w > 0, e, zero)
     centred = e - (w * e).sum(-1, keepdim=True)

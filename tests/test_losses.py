@@ -422,3 +422,23 @@ def test_tail_samples_make_the_expected_gradient_the_full_vocabulary_one(term):
     # Measured: KD 3.5° against 45° for the bucket alone; P1 12° against 45°: the draws follow
     # πT, and this π* (∝ πS0·πT/πB of unrelated random distributions) is far peakier than πT.
     assert a_b > 30 and a_s < (6 if term == "kd" else 15), (a_s, a_b)
+
+
+@pytest.mark.parametrize("col,alpha", [(0, 0.5), (1, 1.0)])
+def test_p3_vanishes_at_the_delta_target_with_exact_tails(col, alpha):
+    """At πθ = π* the full-vocabulary P3 is 0 with a zero gradient; so must the cached one be. Its tail
+    bucket is weighted by the exact π* tail (tail_star), and its shift must be the one that tail implies
+    (tail_star − tail_S0), not α·(max(T_T, f) − max(T_B, f)) of the tail masses, which here is far off."""
+    lT, lB, lS0 = dists(11, n=13, v=80)
+    tg = union_targets(lT, lB, lS0, 3)
+    shift = lT.clamp_min(-12.0) - lB.clamp_min(-12.0)
+    z = torch.log_softmax(lS0 + alpha * shift, -1).requires_grad_(True)
+    spec = LossSpec(weights={"p3": 1.0}, alpha=alpha, floor=-12.0, star_col=col)
+    v = terms_from_logits(z, tg, spec)[0]
+    (g,) = torch.autograd.grad(v, z)
+    assert abs(float(v)) < 1e-10 and float(g.norm()) < 1e-10, (float(v), float(g.norm()))
+    # The same student moved off π*: the cached P3 is positive there, so the test above can fail.
+    z2 = (
+        z.detach() + 0.3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0), dtype=z.dtype)
+    ).requires_grad_(True)
+    assert float(terms_from_logits(z2, tg, spec)[0]) > 1e-3
