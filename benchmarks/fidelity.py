@@ -25,7 +25,7 @@ student's logits, and bytes per supervised token on disk (zstd; teacher + studen
 arrays, without the per-token arrays a real cache shares).
 
 The distributions are saved in --workdir and reused by later runs with the same
---rows and --examples (delete `dists-*.pt` to recompute).
+--examples and at most as many --rows (delete `dists-*.pt` to recompute).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ SUPPORTS = {
     "union16bf": ("union k=16 bf16", "union", 16, "bfloat16", 0),
     "union16s16": ("union k=16 + 16 samples", "union", 16, "float16", 16),
     "union16s32": ("union k=16 + 32 samples", "union", 16, "float16", 32),
-    "vocab": ("whole vocabulary", "topk", 1 << 30, "float32", 0),
+    "vocab": ("whole vocabulary (float64, not written)", "topk", 0, "float64", 0),
 }
 DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
 ALPHAS = (0.5, 1.0, 1.5)
@@ -115,12 +115,15 @@ def logits_of(model, batches, max_rows: int) -> torch.Tensor:
 
 
 def distributions(wheel: str, work: Path, data: str, n_examples: int, max_rows: int) -> dict:
-    """{"T": logits, pair: {"B": logits, "S0": logits}} (float32, rows x V), saved in `work` for reruns."""
-    key = work / f"dists-{max_rows}-{n_examples}.pt"
+    """{"T": logits, pair: {"B": logits, "S0": logits}} (float32, rows x V), saved in `work` for reruns.
+
+    The rows are the first supervised positions of the data, so a saved run with more rows serves fewer."""
+    key = work / f"dists-{n_examples}.pt"
     if key.exists():
         saved = torch.load(key)
-        if saved.get("pairs") == PAIRS:
-            return saved
+        if saved.get("pairs") == PAIRS and saved["T"].shape[0] >= max_rows:
+            cut = lambda x: x[:max_rows]  # noqa: E731
+            return {"pairs": PAIRS, "T": cut(saved["T"])} | {p: {r: cut(x) for r, x in saved[p].items()} for p in PAIRS}
     from benchmarks.real_pair import prune_layers
 
     tok, model = load_smollm2(wheel, work)
@@ -184,7 +187,7 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
 
 
 def full_targets(lT, lB, lS0):
-    """The whole vocabulary as the support: the float64 reference of every loss."""
+    """The whole vocabulary as a cache support (support "vocab"): the harness check."""
     n, V = lT.shape
     ninf = torch.full((n,), float("-inf"), dtype=torch.float64)
     return {
@@ -195,14 +198,45 @@ def full_targets(lT, lB, lS0):
         "tail_ft": ninf,
         "tail_base": ninf,
         "tail_s0": ninf,
+        "tail_star": torch.full((n, len(ALPHAS)), float("-inf"), dtype=torch.float64),
         "next_tokens": torch.zeros(n, dtype=torch.long),
     }
 
 
-def spec_of(name: str, cached: bool) -> LossSpec:
+def reference(name: str, z, lT, lB, lS0):
+    """(value, gradient w.r.t. z) of the objective on the float64 full vocabulary, written out here from
+    the definitions (DESIGN.md), independently of student/losses.py."""
+    z = z.detach().requires_grad_(True)
+    lq = torch.log_softmax(z, -1)
+    kl = lambda a, b: (a.exp() * (a - b)).sum()  # noqa: E731  (every entry finite: no 0·log 0)
+    kw = TERMS[name]
+    alpha = kw.get("alpha", 1.0)
+    shift = lT.clamp_min(FLOOR) - lB.clamp_min(FLOOR)
+    star = torch.log_softmax(lS0 + alpha * shift, -1)
+    div = kw.get("divergence", "fkl")
+    if "kd" in kw["weights"] and div == "fkl":
+        v = kl(lT, lq)
+    elif "kd" in kw["weights"] and div == "rkl":
+        v = kl(lq, lT)
+    elif "kd" in kw["weights"]:  # JSD(0.5)
+        m = torch.logaddexp(lT, lq) - math.log(2)
+        v = 0.5 * kl(lT, m) + 0.5 * kl(lq, m)
+    elif "p1" in kw["weights"]:
+        v = kl(star, lq)
+    elif "p2" in kw["weights"]:
+        v = kl(lT, torch.log_softmax(lB + lq - lS0, -1))
+    else:
+        e = (lq - lS0) - alpha * shift
+        w = star.exp()
+        v = (w * (e - (w * e).sum(-1, keepdim=True)).square()).sum()
+    (g,) = torch.autograd.grad(v, z)
+    return float(v.detach()), g
+
+
+def spec_of(name: str) -> LossSpec:
     kw = TERMS[name]
     uses_target = any(t in kw["weights"] for t in ("p1", "p3"))
-    col = ALPHAS.index(kw.get("alpha", 1.0)) if uses_target and cached else None
+    col = ALPHAS.index(kw.get("alpha", 1.0)) if uses_target else None
     return LossSpec(**kw, floor=FLOOR if uses_target else None, star_col=col)
 
 
@@ -267,33 +301,43 @@ def outside_mass(tg) -> dict:
 
 
 def measure_pair(lT, lB, lS0, supports, work: Path, names) -> dict:
+    """One objective and one student point at a time: a few (rows x V) float64 tensors live at once."""
     z0 = lS0 + torch.randn(lS0.shape, generator=torch.Generator().manual_seed(0), dtype=lS0.dtype)
-    points = {"z0": {n: z0 for n in names}}
-    stars = {n: optimum(n, lT, lB, lS0) for n in names}
-    for s in PATH:
-        points[f"s{s:g}"] = {n: (1 - s) * z0 + s * stars[n] for n in names}
-    full = full_targets(lT, lB, lS0)
-    refs = {p: {n: loss_and_grad(z[n], full, spec_of(n, False)) for n in names} for p, z in points.items()}
     out = {"regime": regime(lT, lB, lS0), "supports": {}}
+    cached = {}
     for key in supports:
         label, support, k, vd, samples = SUPPORTS[key]
-        tg, bytes_row, mean_len = cached_targets(lT, lB, lS0, support, k, vd, work, samples)
-        row = {"label": label, "bytes_per_token": bytes_row, "mean_ids": mean_len, "outside": outside_mass(tg)}
-        for n in names:
-            spec = spec_of(n, True)
-            cell = {}
-            for p, z in points.items():
-                v, g = loss_and_grad(z[n], tg, spec)
-                full_v, full_g = refs[p][n]
+        if key == "vocab":  # no shard written: the targets as a cache covering the vocabulary holds them
+            tg, bytes_row, mean_len = full_targets(lT, lB, lS0), float("nan"), float(lT.shape[1])
+        else:
+            tg, bytes_row, mean_len = cached_targets(lT, lB, lS0, support, k, vd, work, samples)
+        cached[key] = tg
+        out["supports"][key] = {
+            "label": label,
+            "bytes_per_token": bytes_row,
+            "mean_ids": mean_len,
+            "outside": outside_mass(tg),
+        }
+    for n in names:
+        z_star = optimum(n, lT, lB, lS0)
+        for p, s in (("z0", 0.0), *((f"s{s:g}", s) for s in PATH)):
+            z = z0 if s == 0 else (1 - s) * z0 + s * z_star
+            full_v, full_g = reference(n, z, lT, lB, lS0)
+            if p == "z0":
+                norm0 = full_g.norm()
+            for key, tg in cached.items():
+                v, g = loss_and_grad(z, tg, spec_of(n))
+                cell = out["supports"][key].setdefault(n, {})
                 cell[p] = {"rel_error": abs(v - full_v) / abs(full_v), "angle": angle(g, full_g)}
-            v, g = loss_and_grad(stars[n], tg, spec)
+            del z, full_g
+        for key, tg in cached.items():
+            v, g = loss_and_grad(z_star, tg, spec_of(n))
             # The full objective is 0 at z* with a zero gradient: scale the cached one by the full gradient at z0.
-            cell["optimum"] = {
+            out["supports"][key][n]["optimum"] = {
                 "loss_per_row": v / lT.shape[0],
-                "grad_norm_rel": float(g.norm() / refs["z0"][n][1].norm()),
+                "grad_norm_rel": float(g.norm() / norm0),
             }
-            row[n] = cell
-        out["supports"][key] = row
+        print(f"  {n} done", flush=True)
     return out
 
 
