@@ -18,9 +18,9 @@ in for points along training. At z* itself the full-vocabulary loss and gradient
 there the table gives the cached gradient's norm relative to the full one at z0 (an
 estimator that does not vanish at the optimum keeps pushing a converged student).
 For each support the shard is built by the builder's own code (`lockstep_rows`, seeded),
-written, read back by the reader, and each loss of the trainer's objective
-(`terms_from_logits`) is compared with the same objective on the float64 full
-vocabulary: relative error of the loss value, angle between the gradients w.r.t. the
+written, read back by the reader, and each loss of the trainer's objective (its fused
+chunk, `objective.terms_and_logit_grad`, in float64) is compared with the same objective
+written out on the float64 full vocabulary (`reference`): relative error of the loss value, angle between the gradients w.r.t. the
 student's logits, and bytes per supervised token on disk (zstd; teacher + student
 arrays, without the per-token arrays a real cache shares).
 
@@ -44,7 +44,7 @@ import torch
 from deltakd.cache.format.records import encode_record
 from deltakd.student import losses as L
 from deltakd.student.eval import read_eval_examples
-from deltakd.student.objective import LossSpec, terms_from_logits
+from deltakd.student.objective import LossSpec, terms_and_logit_grad
 
 # Decoder layers of SmolLM2's 30 kept in the stand-in teacher base and student base; πT keeps all 30.
 PAIRS = {
@@ -250,10 +250,9 @@ def optimum(name: str, lT, lB, lS0) -> torch.Tensor:
 
 
 def loss_and_grad(z, tg, spec):
-    z = z.detach().requires_grad_(True)
-    v = terms_from_logits(z, tg, spec)[0]
-    (g,) = torch.autograd.grad(v, z)
-    return float(v.detach()), g
+    """The cached objective's value and gradient w.r.t. the student's logits, by the trainer's fused chunk."""
+    terms, g = terms_and_logit_grad(z, tg, spec)
+    return float(terms[0]), g
 
 
 def angle(g, ref) -> float:

@@ -166,6 +166,17 @@ def _fused_chunk(z: torch.Tensor, tg: dict, spec: LossSpec, weights: torch.Tenso
     return terms.detach(), g
 
 
+def terms_and_logit_grad(logits: torch.Tensor, tg: dict, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums of the active terms (n_active,), d(Σ_t weight_t·term_t)/d logits (c, V)) for one chunk of rows,
+    by the trainer's own fused computation at temperature 1 (what a training step does with these rows),
+    without a model: for measuring the cached objective against a reference (benchmarks/fidelity.py).
+    The logits are not modified."""
+    if spec.temperature != 1.0:
+        raise ValueError("the fused chunk runs at temperature 1")
+    weights = torch.tensor([float(spec.weights[t]) for t in spec.active], dtype=L.upcast(logits).dtype)
+    return _fused_chunk(L.upcast(logits).clone(), tg, spec, weights)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Output projection + loss, chunk by chunk, with the gradient formed in the forward.
 
