@@ -20,9 +20,10 @@ estimator that does not vanish at the optimum keeps pushing a converged student)
 For each support the shard is built by the builder's own code (`lockstep_rows`, seeded),
 written, read back by the reader, and each loss of the trainer's objective (its fused
 chunk, `objective.terms_and_logit_grad`, in float64) is compared with the same objective
-written out on the float64 full vocabulary (`reference`): relative error of the loss value, angle between the gradients w.r.t. the
-student's logits, and bytes per supervised token on disk (zstd; teacher + student
-arrays, without the per-token arrays a real cache shares).
+written out on the float64 full vocabulary (`reference`): relative error of the loss
+value, angle between the gradients w.r.t. the student's logits, and bytes per
+supervised token on disk (zstd; teacher + student arrays, without the per-token arrays
+a real cache shares).
 
 The distributions are saved in --workdir and reused by later runs with the same
 --examples and at most as many --rows (delete `dists-*.pt` to recompute).
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from deltakd.cache.build.forward import lockstep_rows
 from deltakd.cache.format.records import encode_record
 from deltakd.student import losses as L
 from deltakd.student.eval import read_eval_examples
@@ -141,14 +143,6 @@ def distributions(wheel: str, work: Path, data: str, n_examples: int, max_rows: 
 
 def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir: Path, samples: int = 0):
     """Build one shard with the builder's own code, write it, read it back: (targets, bytes on disk per row)."""
-    import numpy as np
-
-    from deltakd.cache.build.builder import Sequence, student_arrays, teacher_arrays
-    from deltakd.cache.build.forward import lockstep_rows
-    from deltakd.cache.format import schema
-    from deltakd.cache.format.reader import ShardData
-
-    n, V = lT.shape
     res = lockstep_rows(
         {"ft": lT.float().clone(), "base": lB.float().clone(), "s0": lS0.float().clone()},
         support,
@@ -159,14 +153,26 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
         min_tail=MIN_TAIL,
         generator=torch.Generator().manual_seed(0),
     )
-    per_seq = [{key: v.numpy() for key, v in res.items() if key != "len"} | {"len": res["len"].numpy()}]
+    return shard_targets(res, lT.shape[1], value_dtype, workdir / f"shard-{support}-{k}-{value_dtype}-{samples}")
+
+
+def shard_targets(res: dict, vocab: int, value_dtype: str, group: Path):
+    """Rows in lockstep_rows' layout, written as one shard group with the builder's own arrays and read
+    back by the reader: (targets as the trainer gets them, in float64; bytes on disk per row; mean ids)."""
+    import numpy as np
+
+    from deltakd.cache.build.builder import Sequence, student_arrays, teacher_arrays
+    from deltakd.cache.format import schema
+    from deltakd.cache.format.reader import ShardData
+
+    n = len(res["len"])
+    per_seq = [{key: v.numpy() for key, v in res.items()}]
     seq = Sequence(0, [0] * (n + 1), [1] * n + [0])
-    arrays = teacher_arrays([seq], per_seq, V, value_dtype) | student_arrays(per_seq, value_dtype)
-    g = workdir / f"shard-{support}-{k}-{value_dtype}-{samples}"
-    shutil.rmtree(g, ignore_errors=True)
-    schema.write_group(g, arrays)
-    disk = sum(p.stat().st_size for p in g.rglob("*") if p.is_file() and p.name != "zarr.json")
-    raw = schema.read_group(g, list(arrays))
+    arrays = teacher_arrays([seq], per_seq, vocab, value_dtype) | student_arrays(per_seq, value_dtype)
+    shutil.rmtree(group, ignore_errors=True)
+    schema.write_group(group, arrays)
+    disk = sum(p.stat().st_size for p in group.rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = schema.read_group(group, list(arrays))
     dec = {}
     for name, a in raw.items():
         kind = {**schema.TEACHER_ARRAYS, **schema.STUDENT_ARRAYS}[name][2]
@@ -179,10 +185,10 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
     token_bytes = sum(
         p.stat().st_size
         for name in ("tokens", "loss_mask", "seq_offsets", "example_ids")
-        for p in (g / name).rglob("*")
+        for p in (group / name).rglob("*")
         if p.is_file() and p.name != "zarr.json"
     )
-    shutil.rmtree(g, ignore_errors=True)
+    shutil.rmtree(group, ignore_errors=True)
     return tg, (disk - token_bytes) / n, float(lengths.float().mean())
 
 
