@@ -77,11 +77,11 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
     if spec.star_col is not None and spec.tail == "bucket" and "tail_star" in tg:
         star = tg["tail_star"][:, spec.star_col]
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
-    cells = tail_cells_of(tg, spec)
-    # The drawn ids estimate sums over the tail weighted by the target (tail_cells): forward
-    # KL and P3's π*-weighted squares are such sums. Reverse KL, JSD and the skew KLs weigh
-    # by the student or a mixture; they read the drawn ids as plain support entries.
-    fwd = cells if spec.divergence == "fkl" else None
+    # Ids drawn from πT's tail carry the tail only where the target is πT and the divergence
+    # is a πT-weighted sum (forward KL: KD, P2; losses.tail_cells). Every other term reads
+    # them as plain entries: their weights follow πT, not π* (P1, P3) nor the student (rkl,
+    # JSD, skew), and would move those gradients away from the full-vocabulary ones.
+    fwd = tail_cells_of(tg, spec) if spec.divergence == "fkl" else None
     out = []
     for t in spec.active:
         if t == "sft":
@@ -90,17 +90,12 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
             out.append(scale * L.kd_loss(student, ft, cells=fwd, **kw)[0])
         elif t == "p1":
             out.append(
-                scale
-                * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, cells=fwd, **kw)[
-                    0
-                ]
+                scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, **kw)[0]
             )
         elif t == "p2":
             out.append(scale * L.delta_p2_loss(student, s0, ft, base, cells=fwd, **kw)[0])
         elif t == "p3":
-            out.append(
-                L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, cells=cells)[0]
-            )
+            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star)[0])
     return torch.stack(out)
 
 
