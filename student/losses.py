@@ -247,7 +247,10 @@ def _forward_with_cells(target, student_log, kind, beta, skew, cells, mask):
 
 def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
     """P2 other diagonal: D(πT ‖ norm(πB·πθ/πS0)): the student's shift applied to the teacher base.
-    `cells`: as in kd_loss (the target is πT)."""
+
+    No floor: P2 holds no ratio of the two teachers (its optimum is πθ ∝ πS0·πT/πB, unfloored).
+    The tail bucket of norm(πB·πθ/πS0) is the product T_B·T_θ/T_S0 (exact only on the full
+    vocabulary). `cells`: as in kd_loss (the target is πT)."""
     q = torch.log_softmax(upcast(base_log) + log_ratio(upcast(student_log), upcast(s0_log)), dim=-1)
     return _forward_with_cells(ft_log, q, kind, beta, skew, cells, mask)
 

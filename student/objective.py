@@ -31,7 +31,7 @@ class LossSpec:
     jsd_beta: float = 0.5
     skew: float = 0.1
     chunk_rows: int = 1024
-    floor: float | None = None  # log-prob floor inside Δ (losses.teacher_shift); part of P1/P2/P3's definition
+    floor: float | None = None  # log-prob floor inside Δ (losses.teacher_shift); part of P1's and P3's definition
     star_col: int | None = None  # column of the cache's tail_star for `alpha` (exact π* tail), if it has one
 
     def __post_init__(self):
