@@ -120,6 +120,11 @@ def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor)
     reweighted row into the estimate of the true one: KL(p ‖ q) ≈ KL(row ‖ q) + it (the
     row alone would compare a cell's mass with one token's probability). Rows without
     samples come back unchanged, with 0. Targets carry no gradient.
+
+    For πT itself only (KD, P2): the draws follow πT's tail, so the weights c·πT stay
+    bounded and the estimate's mean is the full-vocabulary gradient. π* keeps its tail
+    where πS0 does, where πT's draws rarely land: respread over them it keeps a gradient
+    of sampling noise at πθ = π* (P1 and P3 read the drawn ids as plain entries).
     """
     with torch.no_grad():
         t = upcast(target)
@@ -151,7 +156,8 @@ def sft_loss(student_logp_next: torch.Tensor, mask=None):
 
 
 def kd_loss(student_log, teacher_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
-    """Plain KD: D(πT ‖ πθ). Rows: (N, m) on the shared support. `cells`: forward KL only (see tail_cells)."""
+    """Plain KD: D(πT ‖ πθ). Rows: (N, m) on the shared support. `cells` = (sampled, log_c): the tail
+    carried by the ids drawn from πT's tail (tail_cells); forward KL only."""
     return _forward_with_cells(teacher_log, student_log, kind, beta, skew, cells, mask)
 
 
@@ -163,6 +169,30 @@ def teacher_shift(ft_log: torch.Tensor, base_log: torch.Tensor, floor: float | N
     return ft_log.clamp_min(floor) - base_log.clamp_min(floor)
 
 
+def target_shift(
+    s0_log: torch.Tensor,
+    ft_log: torch.Tensor,
+    base_log: torch.Tensor,
+    alpha: float,
+    floor: float | None = None,
+    tail_star: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The shift α·Δ that the target π* applies to πS0, per outcome: (N, m) -> (N, m).
+
+    On the ids it is α·teacher_shift(lT, lB, floor). With the tail bucket and the cache's
+    exact `tail_star` (N,) it is, in the bucket, tail_star − lS0_tail: the log of the
+    πS0-weighted mean of exp(α·Δ) over the tail, so that every outcome, the bucket
+    included, satisfies log π* = lS0 + shift − log Z. The product formula
+    α·(max(T_T, f) − max(T_B, f)) (used without `tail_star`) applies Δ to summed masses
+    and is not that.
+    """
+    shift = alpha * teacher_shift(ft_log, base_log, floor)
+    if tail_star is None:
+        return shift
+    tail = log_ratio(upcast(tail_star), upcast(s0_log)[:, -1])  # 0 where both tails are empty
+    return torch.cat([shift[:, :-1], tail[:, None]], dim=-1)
+
+
 def delta_target(
     s0_log: torch.Tensor,
     ft_log: torch.Tensor,
@@ -170,21 +200,18 @@ def delta_target(
     alpha: float,
     floor: float | None = None,
     tail_star: torch.Tensor | None = None,
-    cells=None,
 ) -> torch.Tensor:
     """log π* = log_softmax(lS0 + α·Δ) on the support: π* ∝ πS0·(πT/πB)^α, Δ = teacher_shift(lT, lB, floor).
 
     α = 0 gives πS0; with πS0 = πB, α = 1 and no floor it gives πT exactly. The tail
     column (last, with the tail bucket) is lS0_tail + α·Δ_tail, the product formula
     T_S0·(T_T/T_B)^α, unless the cache gives `tail_star` (N,): the exact unnormalised
-    log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it. `cells` = (sampled, log_c)
-    respreads the tail over the sampled ids (tail_cells).
+    log Σ_{y∉S} πS0(y)·exp(α·Δ(y)), which then replaces it (target_shift).
     """
     logits = upcast(s0_log) + alpha * teacher_shift(ft_log, base_log, floor)
     if tail_star is not None:
         logits = torch.cat([logits[:, :-1], upcast(tail_star)[:, None]], dim=-1)
-    target = torch.log_softmax(logits, dim=-1)
-    return target if cells is None else tail_cells(target, *cells)[0]
+    return torch.log_softmax(logits, dim=-1)
 
 
 def delta_p1_loss(
@@ -199,11 +226,15 @@ def delta_p1_loss(
     skew=0.1,
     floor=None,
     tail_star=None,
-    cells=None,
 ):
-    """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...). `cells`: forward KL only (see tail_cells)."""
+    """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...).
+
+    Ids the cache drew from πT's tail are plain entries here (exact values; `tail_star` is π*'s
+    exact mass outside all stored ids): their weights follow πT, and π*'s tail lies elsewhere
+    (where πS0 keeps its mass), so respreading π* over them would move the gradient away from
+    the full-vocabulary one."""
     target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star)
-    return _forward_with_cells(target, student_log, kind, beta, skew, cells, mask)
+    return masked_sum(divergence(target, student_log, kind, beta, skew), mask)
 
 
 def _forward_with_cells(target, student_log, kind, beta, skew, cells, mask):
@@ -215,16 +246,25 @@ def _forward_with_cells(target, student_log, kind, beta, skew, cells, mask):
 
 
 def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):
-    """P2 other diagonal: D(πT ‖ norm(πB·πθ/πS0)): the student's shift applied to the teacher base."""
+    """P2 other diagonal: D(πT ‖ norm(πB·πθ/πS0)): the student's shift applied to the teacher base.
+
+    No floor: P2 holds no ratio of the two teachers (its optimum is πθ ∝ πS0·πT/πB, unfloored).
+    The tail bucket of norm(πB·πθ/πS0) is the product T_B·T_θ/T_S0 (exact only on the full
+    vocabulary). `cells`: as in kd_loss (the target is πT)."""
     q = torch.log_softmax(upcast(base_log) + log_ratio(upcast(student_log), upcast(s0_log)), dim=-1)
     return _forward_with_cells(ft_log, q, kind, beta, skew, cells, mask)
 
 
-def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None, cells=None):
+def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None):
     """P3 shift-matching: Σ_y w(y)·(e(y) − ē)², e = Δθ − α·Δ, Δθ = lθ − lS0, w = π* (no gradient),
-    ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant."""
-    w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star, cells).detach().exp()
-    e = log_ratio(upcast(student_log), upcast(s0_log)) - alpha * teacher_shift(ft_log, base_log, floor)
+    ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant.
+
+    The tail bucket's α·Δ is target_shift's: with `tail_star` the one implied by the exact
+    π* tail, so the weight and the shift of the bucket describe the same target and P3 is
+    0, with a zero gradient, at πθ = π*, as on the full vocabulary. Ids drawn from πT's tail
+    are plain entries, as in P1."""
+    w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star).detach().exp()
+    e = log_ratio(upcast(student_log), upcast(s0_log)) - target_shift(s0_log, ft_log, base_log, alpha, floor, tail_star)
     zero = torch.zeros((), dtype=e.dtype)
     e = torch.where(w > 0, e, zero)
     centred = e - (w * e).sum(-1, keepdim=True)

@@ -31,7 +31,7 @@ class LossSpec:
     jsd_beta: float = 0.5
     skew: float = 0.1
     chunk_rows: int = 1024
-    floor: float | None = None  # log-prob floor inside Δ (losses.teacher_shift); part of P1/P2/P3's definition
+    floor: float | None = None  # log-prob floor inside Δ (losses.teacher_shift); part of P1's and P3's definition
     star_col: int | None = None  # column of the cache's tail_star for `alpha` (exact π* tail), if it has one
 
     def __post_init__(self):
@@ -77,11 +77,11 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
     if spec.star_col is not None and spec.tail == "bucket" and "tail_star" in tg:
         star = tg["tail_star"][:, spec.star_col]
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
-    cells = tail_cells_of(tg, spec)
-    # The drawn ids estimate sums over the tail weighted by the target (tail_cells): forward
-    # KL and P3's π*-weighted squares are such sums. Reverse KL, JSD and the skew KLs weigh
-    # by the student or a mixture; they read the drawn ids as plain support entries.
-    fwd = cells if spec.divergence == "fkl" else None
+    # Ids drawn from πT's tail carry the tail only where the target is πT and the divergence
+    # is a πT-weighted sum (forward KL: KD, P2; losses.tail_cells). Every other term reads
+    # them as plain entries: their weights follow πT, not π* (P1, P3) nor the student (rkl,
+    # JSD, skew), and would move those gradients away from the full-vocabulary ones.
+    fwd = tail_cells_of(tg, spec) if spec.divergence == "fkl" else None
     out = []
     for t in spec.active:
         if t == "sft":
@@ -90,17 +90,12 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
             out.append(scale * L.kd_loss(student, ft, cells=fwd, **kw)[0])
         elif t == "p1":
             out.append(
-                scale
-                * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, cells=fwd, **kw)[
-                    0
-                ]
+                scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, **kw)[0]
             )
         elif t == "p2":
             out.append(scale * L.delta_p2_loss(student, s0, ft, base, cells=fwd, **kw)[0])
         elif t == "p3":
-            out.append(
-                L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, cells=cells)[0]
-            )
+            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star)[0])
     return torch.stack(out)
 
 
@@ -164,6 +159,17 @@ def _fused_chunk(z: torch.Tensor, tg: dict, spec: LossSpec, weights: torch.Tenso
     g.scatter_add_(1, ids, torch.where(valid, a - (parts.e_s / Z[:, None]) * A[:, None], zero))
     g.scatter_add_(1, nxt, a_y[:, None])
     return terms.detach(), g
+
+
+def terms_and_logit_grad(logits: torch.Tensor, tg: dict, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums of the active terms (n_active,), d(Σ_t weight_t·term_t)/d logits (c, V)) for one chunk of rows,
+    by the trainer's own fused computation at temperature 1 (what a training step does with these rows),
+    without a model: for measuring the cached objective against a reference (benchmarks/fidelity.py).
+    The logits are not modified."""
+    if spec.temperature != 1.0:
+        raise ValueError("the fused chunk runs at temperature 1")
+    weights = torch.tensor([float(spec.weights[t]) for t in spec.active], dtype=L.upcast(logits).dtype)
+    return _fused_chunk(L.upcast(logits).clone(), tg, spec, weights)
 
 
 class _FusedHeadLoss(torch.autograd.Function):

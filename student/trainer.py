@@ -117,8 +117,9 @@ class TrainConfig:
     floor: str = field(
         default="cache",
         metadata={
-            "help": "log-prob floor f inside the teacher shift of P1/P2/P3, delta = max(lT,f) - max(lB,f): "
-            "a number, 'none', or 'cache' (the floor the cache was built with)"
+            "help": "log-prob floor f inside the teacher shift of P1 and P3, delta = max(lT,f) - max(lB,f): "
+            "a number, 'none', or 'cache' (the floor the cache was built with); P2 holds no teacher shift "
+            "and takes none"
         },
     )
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate (AdamW)"})
