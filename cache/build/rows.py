@@ -306,9 +306,9 @@ MIDPOINT_ULPS = 64
 def _cpu_exponential(shape, generator) -> torch.Tensor:
     neg_u = torch.empty(shape, dtype=torch.float64).uniform_(generator=generator).neg_()
     d = torch.log1p(neg_u)  # log1p(−u) ≤ 0
-    # The 29 bits a float32 drops: within MIDPOINT_ULPS of half (2^28) is that near a midpoint.
-    low = d.view(torch.int64).sub(2**28 - MIDPOINT_ULPS).bitwise_and_(2**29 - 1)
     out = d.float().neg_()  # float(−d) = −float(d): rounding is symmetric
+    # The 29 bits a float32 drops: within MIDPOINT_ULPS of half (2^28) is that near a midpoint.
+    low = d.view(torch.int64).sub_(2**28 - MIDPOINT_ULPS).bitwise_and_(2**29 - 1)  # d is spent
     if low.amin() <= 2 * MIDPOINT_ULPS:  # rare: one reduction decides, then the few are found
         at = tuple((low <= 2 * MIDPOINT_ULPS).nonzero().T)
         out[at] = torch.tensor([-math.log1p(v) for v in neg_u[at].tolist()], dtype=torch.float64).float()
