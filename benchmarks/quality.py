@@ -457,9 +457,9 @@ def regime(a: argparse.Namespace, rt) -> None:
             run_eval(EvalConfig(models=(str(model),), out=str(out / "eval"), **ev))
         rows = [json.loads(l) for f in (out / "eval").glob("*.jsonl") for l in f.read_text().splitlines()]
         done = out / "regime.json"
-        if not done.exists():
+        if not done.exists() or json.loads(done.read_text()).get("floor") != a.floor:  # KL to π* with this floor
             kl = kl or rt.HeldOutKL(paths, floor=None if a.floor == "none" else float(a.floor))
-            done.write_text(json.dumps({"kl": kl(model)}))
+            done.write_text(json.dumps({"kl": kl(model), "floor": a.floor}))
         return {"sets": rt.score_sets(paths["test"], rows), "kl": json.loads(done.read_text())["kl"]}
 
     runs = {n: [] for n in a.variants}
