@@ -384,7 +384,7 @@ def test_a_rank_converts_only_its_rows(cache_dir, monkeypatch):
     monkeypatch.setattr(
         CacheReader,
         "_decode",
-        lambda self, raw: ("tokens" in raw and decoded.append(len(raw["example_ids"]))) or orig(self, raw),
+        lambda self, raw, **kw: ("tokens" in raw and decoded.append(len(raw["example_ids"]))) or orig(self, raw, **kw),
     )
     list(StreamingLoader(reader, batch_tokens=150, with_student=True, seed=5, epochs=1, rank=0, world=2))
     part = sum(decoded)
