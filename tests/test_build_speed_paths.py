@@ -135,6 +135,20 @@ def test_lockstep_rows_equal_the_plain_formulas_to_the_bit(threads, c, V, k, sup
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("c,V,k,support,samples,floor,alphas,student", [CASES[0], CASES[3], CASES[4], CASES[6]])
+def test_the_accelerator_path_equals_the_plain_formulas_too(
+    monkeypatch, c, V, k, support, samples, floor, alphas, student
+):
+    """What runs off a CPU (whole chunks, torch.topk, torch.logsumexp, exponential_, targets formed
+    twice), run here on a CPU: the same bits (the device's own kernels are not exercised)."""
+    monkeypatch.setattr(fast, "cpu_paths", lambda device: False)
+    x = chunk(c, V, 5)
+    args = (support, k, alphas, floor, samples, 0.01)
+    ref = reference_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(1))
+    got = fast.lockstep_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(1))
+    assert_same_bits(ref, got)
+
+
 def test_row_blocks_never_leave_one_row_alone():
     for c in range(1, 40):
         for rows in (2, 3, 5, 16):
