@@ -11,6 +11,7 @@ the CPU shortcuts start, one and two threads.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,20 @@ def test_exponential_exact_draws_exponential_and_leaves_the_generator_there(monk
     assert torch.equal(bits(ref), bits(got))
     assert torch.equal(a.get_state(), b.get_state())
     assert fast._cpu_draws_match()
+
+
+def test_compare_caches_finds_one_changed_value(cache_dir, tmp_path):
+    """The identity check used on whole caches: a copy compares identical; one changed stored value does not."""
+    import shutil
+
+    import zarr
+
+    from benchmarks.compare_caches import compare
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache_dir, copy)
+    assert compare(Path(cache_dir), copy)["problems"] == []
+    arr = zarr.open_array(str(copy / "shards" / "shard-00000" / "logp_ft"), mode="r+")
+    arr[3] = arr[3] - 1
+    problems = compare(Path(cache_dir), copy)["problems"]
+    assert any(p.startswith("shards/shard-00000/logp_ft:") for p in problems), problems
