@@ -11,6 +11,7 @@ the CPU shortcuts start, one and two threads.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,20 @@ def test_lockstep_rows_equal_the_plain_formulas_to_the_bit(threads, c, V, k, sup
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("c,V,k,support,samples,floor,alphas,student", [CASES[0], CASES[3], CASES[4], CASES[6]])
+def test_the_accelerator_path_equals_the_plain_formulas_too(
+    monkeypatch, c, V, k, support, samples, floor, alphas, student
+):
+    """What runs off a CPU (whole chunks, torch.topk, torch.logsumexp, exponential_, targets formed
+    twice), run here on a CPU: the same bits (the device's own kernels are not exercised)."""
+    monkeypatch.setattr(fast, "cpu_paths", lambda device: False)
+    x = chunk(c, V, 5)
+    args = (support, k, alphas, floor, samples, 0.01)
+    ref = reference_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(1))
+    got = fast.lockstep_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(1))
+    assert_same_bits(ref, got)
+
+
 def test_row_blocks_never_leave_one_row_alone():
     for c in range(1, 40):
         for rows in (2, 3, 5, 16):
@@ -170,3 +185,20 @@ def test_exponential_exact_draws_exponential_and_leaves_the_generator_there(monk
     assert torch.equal(bits(ref), bits(got))
     assert torch.equal(a.get_state(), b.get_state())
     assert fast._cpu_draws_match()
+
+
+def test_compare_caches_finds_one_changed_value(cache_dir, tmp_path):
+    """The identity check used on whole caches: a copy compares identical; one changed stored value does not."""
+    import shutil
+
+    import zarr
+
+    from benchmarks.compare_caches import compare
+
+    copy = tmp_path / "copy"
+    shutil.copytree(cache_dir, copy)
+    assert compare(Path(cache_dir), copy)["problems"] == []
+    arr = zarr.open_array(str(copy / "shards" / "shard-00000" / "logp_ft"), mode="r+")
+    arr[3] = arr[3] - 1
+    problems = compare(Path(cache_dir), copy)["problems"]
+    assert any(p.startswith("shards/shard-00000/logp_ft:") for p in problems), problems

@@ -16,7 +16,8 @@ tensors for three models, memory-bound, so it is arranged to make as few as poss
 - topk_exact and exponential_exact give torch.topk's and exponential_'s results to the bit,
   several times faster on a CPU (see each); on a GPU they are torch's own calls.
 
-Nothing here syncs with the host except, on a CPU only, the rare fix-ups of those two.
+Beyond the ragged outputs themselves, nothing here waits for the device: the checks that
+decide a fix-up in topk_exact and exponential_exact run on a CPU only.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ from deltakd.cache.format.support import floored_shift, support_logprobs
 BLOCK_ELEMENTS = 1 << 19
 
 
+def cpu_paths(device: torch.device) -> bool:
+    """Whether the CPU shortcuts apply (row blocks, topk_exact's blocks, exponential_exact's draw).
+    Elsewhere torch's own calls run on whole chunks: what the tests check on a CPU by patching this."""
+    return device.type == "cpu"
+
+
 def block_rows(c: int, V: int, device: torch.device) -> int:
     """Rows per block: the whole chunk on an accelerator (fewer, larger kernels), else about BLOCK_ELEMENTS."""
-    return c if device.type != "cpu" else max(2, BLOCK_ELEMENTS // max(V, 1))
+    return max(2, BLOCK_ELEMENTS // max(V, 1)) if cpu_paths(device) else c
 
 
 def row_blocks(c: int, rows: int):
@@ -86,7 +93,7 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
     R, V = lg["ft"].shape
     kk = min(k, V)
     tops, row_max = [], {}
-    buf = torch.empty_like(lg["ft"]) if lg["ft"].device.type == "cpu" else None
+    buf = torch.empty_like(lg["ft"]) if cpu_paths(lg["ft"].device) else None
     for r, x in lg.items():
         want_top = r == "ft" or support == "union"
         # One pass of block maxima serves the top-k and the logsumexp (its row max): the
@@ -107,6 +114,8 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
         else:
             row_max[r] = mx - lse[:, 0]  # max(x − lse) = max(x) − lse: rounding is monotone
     star = "s0" in lg and len(alphas) > 0
+    # A CPU block keeps its targets for their tails; on a GPU each is a (c, V) tensor, formed again there.
+    keep = buf is not None
     targets = []
     if star:
         shift = floored_shift(lg["ft"], lg["base"], floor)  # (R, V)
@@ -117,8 +126,10 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
                 vals, ids = topk_exact(t, kk)
                 tops.append(ids)
                 m = vals[:, 0]
-            targets.append((t, m))
-        del shift
+            targets.append((a, t if keep else None, m))
+        del t
+        if keep:
+            del shift
     ids, n_top = union_ids(tops, V)  # (R, W) ascending, V past n_top
     out = {}
     if samples > 0:
@@ -135,11 +146,13 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
     out["len"] = lengths
     if star:
         tails = []
-        for t, m in targets:
+        while targets:
+            a, t, m = targets.pop(0)
+            t = torch.mul(shift, a).add_(lg["s0"]) if t is None else t
             _, tl, log_z, _ = support_logprobs(t, ids, valid, row_max=m)
             tails.append(tl + log_z)
         out["tail_star"] = torch.stack(tails, dim=1)
-        del targets, t
+        del t
     out["ids"] = ids[valid]
     for r, x in lg.items():
         vals, tail, _, _ = support_logprobs(x, ids, valid, row_max=row_max.get(r))
@@ -177,7 +190,7 @@ def sample_tail(lt: torch.Tensor, support_ids: torch.Tensor, m: int, min_tail: f
     c, V = lt.shape
     neg = torch.full((), float("-inf"), device=lt.device)
     tail = lt.clone().scatter_(1, support_ids, float("-inf"))  # log πT off the support
-    buf = torch.empty_like(tail) if lt.device.type == "cpu" else None
+    buf = torch.empty_like(tail) if cpu_paths(lt.device) else None
     mx = tail.amax(1) if buf is not None else None
     rows = logsumexp_rows(tail, mx, buf)[:, 0] >= math.log(max(min_tail, 1e-30))
     del buf
@@ -225,7 +238,7 @@ def block_maxima(x: torch.Tensor, k: int, tie_at: int | None = None) -> BlockMax
     n = min(max(k, (k if tie_at is None else tie_at) + 1), V)  # values needed: the first k and one past tie_at
     b = int(math.sqrt(V / (n + 1)))  # ids per block: about as many candidates as blocks
     nb = V // b if b else 0
-    if x.device.type != "cpu" or R == 0 or b < 2 or nb < 4 * n:
+    if not cpu_paths(x.device) or R == 0 or b < 2 or nb < 4 * n:
         return None
     return BlockMax(x, b, nb)
 
@@ -294,7 +307,7 @@ def exponential_exact(shape, generator: torch.Generator | None, device) -> torch
     exponential_ once per process; where it does not hold, exponential_ itself runs.
     """
     device = torch.device(device)
-    if device.type != "cpu" or not _cpu_draws_match():
+    if not cpu_paths(device) or not _cpu_draws_match():
         return torch.empty(shape, device=device).exponential_(generator=generator)
     return _cpu_exponential(shape, generator)
 
