@@ -161,8 +161,21 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
 
 
 def union_ids(tops: list[torch.Tensor], V: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (R, W) ascending and distinct, then V; count (R,)) of the union of the rows of `tops`."""
-    s = torch.cat(tops, dim=1).sort(dim=1).values  # (R, n·k)
+    """(ids (R, W) ascending and distinct, then V; count (R,)) of the union of the rows of `tops`, W = Σ widths.
+
+    Sorted and de-duplicated; on a CPU, where the W ids are many for the vocabulary (a small
+    vocabulary, a large k), marked in a (R, V) mask and read back in order, which is cheaper.
+    """
+    s = torch.cat(tops, dim=1)  # (R, W)
+    R, W = s.shape
+    if cpu_paths(s.device) and V <= 32 * W:
+        mask = torch.zeros((R, V), dtype=torch.bool).scatter_(1, s, True)
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major: ids ascending within a row
+        n = torch.bincount(rows, minlength=R)
+        out = torch.full((R, W), V, dtype=s.dtype)
+        out[rows, torch.arange(len(rows)) - (n.cumsum(0) - n)[rows]] = cols
+        return out, n
+    s = s.sort(dim=1).values
     dup = torch.zeros_like(s, dtype=torch.bool)
     dup[:, 1:] = s[:, 1:] == s[:, :-1]
     return s.masked_fill_(dup, V).sort(dim=1).values, (~dup).sum(1)
