@@ -38,6 +38,15 @@ state, activations and loss temporaries):
   liger_online  teacher_ft in memory, Liger's LigerFusedLinearJSDLoss (beta 0, compiled=False)
 
     OMP_NUM_THREADS=1 python -m benchmarks.train_step --only peers --steps 6   # just the peer rows (~14 min)
+
+LoRA (needs peft: pip install -e ".[lora]"), Delta-KD P1 from the same cache and batches, each case alone in
+its own process: the synthetic student (128 x 2) and a wider one made here (512 x 8, same tokenizer), each
+trained in full and as a rank-16 all-linear LoRA adapter (student/lora.py). Step time, tokens/s, peak RSS,
+RSS growth over the steps, parameters that train, and the memory training holds counted from its tensors
+(weights, gradients, AdamW state, what autograd saves for the backward of the largest micro-batch: what an
+accelerator holds; CPU RSS also carries the allocator's caching):
+
+    python -m benchmarks.train_step --only lora
 """
 
 from __future__ import annotations
@@ -427,6 +436,142 @@ def peer_rows(work: Path, steps: int, batch_tokens: int) -> dict:
     }
 
 
+LORA_CASES = ("full_128x2", "lora_128x2", "full_512x8", "lora_512x8")
+
+
+def lora_student(work: Path, paths: dict) -> str:
+    """A wider student with the synthetic tokenizer (its own random weights)."""
+    from transformers import AutoTokenizer
+
+    from deltakd.demo.tiny import save_checkpoint, tiny_llama
+
+    out = work / "student_512x8"
+    if not (out / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(paths["student_base"])
+        save_checkpoint(tiny_llama(len(tok), hidden=512, layers=8, heads=8, seed=7, tokenizer=tok), tok, out)
+    return str(out)
+
+
+def lora_trainer(work: Path, case: str, steps: int, batch_tokens: int):
+    from deltakd.student.trainer import TrainConfig, Trainer
+
+    paths, cache = setup(work)
+    kind, size = case.split("_")
+    student = paths["student_base"] if size == "128x2" else lora_student(work, paths)
+    lora = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.0} if kind == "lora" else {}
+    cfg = dict(loss="p1", max_steps=steps, batch_tokens=batch_tokens, eval_percent=0)
+    return Trainer(TrainConfig(cache=str(cache), student=student, out=str(work / f"lora-{case}"), **cfg, **lora))
+
+
+def run_lora_timing(size: str, work: Path, steps: int, batch_tokens: int) -> dict:
+    """Step times of the full student and its LoRA twin in one process, steps interleaved batch by batch, so that
+    the load of other jobs falls on both alike (median of the warm steps)."""
+    torch.manual_seed(0)
+    trainers = {k: lora_trainer(work, f"{k}_{size}", steps, batch_tokens) for k in ("full", "lora")}
+    times = {k: [] for k in trainers}
+    data = batches(setup(work)[1], steps, batch_tokens)
+    for b in data:
+        for k, tr in trainers.items():
+            t0 = time.perf_counter()
+            tr.train_step([b])
+            times[k].append(time.perf_counter() - t0)
+    tokens = sum(int(b.attention_mask.sum()) for b in data)
+    return {
+        k: {"step_s": statistics.median(t[2:] if len(t) > 4 else t), "tokens_per_s": tokens / sum(t)}
+        for k, t in times.items()
+    }
+
+
+def run_lora_case(case: str, work: Path, steps: int, batch_tokens: int) -> dict:
+    """One LoRA-benchmark case alone in this process (its memory): deltakd's train_step on the same batches."""
+    torch.manual_seed(0)
+    if case.startswith("time_"):
+        return run_lora_timing(case.removeprefix("time_"), work, steps, batch_tokens)
+    paths, cache = setup(work)
+    tr = lora_trainer(work, case, steps, batch_tokens)
+    data = batches(cache, steps, batch_tokens)
+    base = rss_mb()
+    times = []
+    for b in data:
+        t0 = time.perf_counter()
+        tr.train_step([b])
+        times.append(time.perf_counter() - t0)
+    warm = times[2:] if len(times) > 4 else times
+    peak, growth = rss_mb(), rss_mb() - base
+    return {
+        "case": case,
+        "step_s_alone": statistics.median(warm),
+        "peak_rss_mb": peak,
+        "rss_growth_mb": growth,
+        "trainable_params": sum(p.numel() for p in tr.params),
+        "params": sum(p.numel() for p in tr.model.parameters()),
+        **training_memory_mb(tr, max(data, key=lambda b: b.input_ids.numel())),
+    }
+
+
+def training_memory_mb(tr, batch) -> dict:
+    """What training holds, counted from the tensors (an accelerator's memory, where RSS is the CPU allocator's):
+    weights, gradients, optimizer state, and what autograd saves for the backward of the largest micro-batch."""
+    mb = lambda ts: sum(t.numel() * t.element_size() for t in ts) / 2**20  # noqa: E731
+    params = list(tr.model.parameters())
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:  # a saved weight is the weight itself, counted once above
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        tr.forward_loss(batch)
+    out = {
+        "weights_mb": mb(params),
+        "grads_mb": mb(p.grad for p in params if p.grad is not None),
+        "optimizer_mb": mb(v for st in tr.opt.state.values() for v in st.values() if torch.is_tensor(v)),
+        "saved_for_backward_mb": sum(saved.values()) / 2**20,
+    }
+    return out | {"training_memory_mb": sum(out.values())}
+
+
+def lora_rows(work: Path, steps: int, batch_tokens: int) -> dict:
+    def case_json(case: str, n_steps: int) -> dict:
+        cmd = [sys.executable, "-m", "benchmarks.train_step", "--workdir", str(work), "--steps", str(n_steps)]
+        cmd += ["--batch-tokens", str(batch_tokens), "--case", f"lora:{case}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            raise SystemExit(f"case {case} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    # Memory: each case alone in a process; its peak is reached by the second step (AdamW state exists from the
+    # first), so four steps suffice. Step time: interleaved with its twin in one process.
+    rows = {case: case_json(case, min(steps, 4)) for case in LORA_CASES}
+    for size in ("128x2", "512x8"):
+        for kind, timing in case_json(f"time_{size}", steps).items():
+            rows[f"{kind}_{size}"] |= timing
+    print(
+        f"\n{'P1, same batches':<14}{'step s':>9}{'tokens/s':>11}{'peak RSS MB':>13}{'growth MB':>11}{'trained':>12}"
+        f"{'weights':>9}{'grads':>7}{'Adam':>7}{'saved':>7}{'total MB':>10}"
+    )
+    for r in rows.values():
+        print(
+            f"{r['case']:<14}{r['step_s']:9.3f}{r['tokens_per_s']:11.0f}{r['peak_rss_mb']:13.0f}"
+            f"{r['rss_growth_mb']:11.0f}{r['trainable_params']:12,}{r['weights_mb']:9.0f}{r['grads_mb']:7.0f}"
+            f"{r['optimizer_mb']:7.0f}{r['saved_for_backward_mb']:7.0f}{r['training_memory_mb']:10.0f}"
+        )
+    ratios = {}
+    for size in ("128x2", "512x8"):
+        full, lo = rows[f"full_{size}"], rows[f"lora_{size}"]
+        ratios[f"lora/full {size} step"] = lo["step_s"] / full["step_s"]
+        ratios[f"lora/full {size} peak RSS"] = lo["peak_rss_mb"] / full["peak_rss_mb"]
+        ratios[f"lora/full {size} RSS growth"] = lo["rss_growth_mb"] / max(full["rss_growth_mb"], 1e-9)
+        ratios[f"lora/full {size} trained params"] = lo["trainable_params"] / full["trainable_params"]
+        ratios[f"lora/full {size} training memory"] = lo["training_memory_mb"] / full["training_memory_mb"]
+    for k, v in ratios.items():
+        print(f"{k:<34}{v:8.3f}")
+    return {"cases": rows, "ratios": ratios}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="runs/bench-train")
@@ -434,10 +579,11 @@ def main():
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument(
         "--only",
-        choices=["all", "parallel", "loader", "peers"],
+        choices=["all", "parallel", "loader", "peers", "lora"],
         default="all",
         help="parallel: only the 2-rank DDP/FSDP rows and the loader per rank; loader: only the loader "
-        'per rank; peers: only the TRL/Liger comparison (needs pip install -e ".[peers]")',
+        'per rank; peers: only the TRL/Liger comparison (needs pip install -e ".[peers]"); lora: only LoRA vs full '
+        'students (needs pip install -e ".[lora]")',
     )
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -457,10 +603,19 @@ def main():
         )
         print(json.dumps(res))
         return
+    if a.case and a.case.startswith("lora:"):
+        print(json.dumps(run_lora_case(a.case.removeprefix("lora:"), work, a.steps, a.batch_tokens)))
+        return
     if a.case:
         print(json.dumps(run_case(a.case, work, a.steps, a.batch_tokens)))
         return
     setup(work)
+    if a.only == "lora":
+        out = lora_rows(work, a.steps, a.batch_tokens)
+        meta = {"benchmark": "train_step", "part": "lora", "machine": platform.machine(), "torch": torch.__version__}
+        meta |= {"threads": torch.get_num_threads(), "vocab": 32000, "batch_tokens": a.batch_tokens, "steps": a.steps}
+        print(json.dumps(meta | out))
+        return
     if a.only == "loader":
         loader_rows = loader_per_rank(work, a.batch_tokens)
         print_loader(loader_rows)

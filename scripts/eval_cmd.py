@@ -6,6 +6,8 @@ deltakd eval ... --data hf:org/name --data-split test [--prompt-field instructio
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="generate answers and score ROUGE-L against references")
@@ -40,7 +42,8 @@ def _eval(ns) -> int:
     from deltakd.student.eval import EvalConfig, format_table, run_eval
 
     for m in ns.model:  # a mistyped folder fails now, not after a model hub lookup
-        local_checkpoint(m, "--model")
+        if not (Path(m) / "adapter_config.json").is_file():  # a LoRA export is read with its base (student/eval.py)
+            local_checkpoint(m, "--model")
     cfg = EvalConfig(
         models=tuple(ns.model),
         data=ns.data,

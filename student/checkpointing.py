@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from deltakd.runtime import dist
-from deltakd.student import parallel
+from deltakd.student import lora, parallel
 from deltakd.student.model_card import card_info, write_card
 
 # Fields that may change between a run and its resume without changing the result.
@@ -120,7 +120,10 @@ def save_training_state(tr) -> None:
     elif final.exists():
         return
     else:
-        save_model(tr.model, str(part / "model.safetensors"))  # handles a tied embedding (one tensor, two names)
+        if lora.is_lora(tr.model):  # the adapter only: the frozen base is --student
+            lora.save_trainable(tr.model, part / lora.TRAINABLE_FILE)
+        else:
+            save_model(tr.model, str(part / "model.safetensors"))  # handles a tied embedding (one tensor, two names)
         torch.save(tr.opt.state_dict(), part / "optimizer.pt")
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -153,6 +156,9 @@ def load_training_state(path: Path, tr) -> tuple[int, dict]:
         raise ValueError(f"{path} holds a sharded (FSDP) checkpoint; resume it with --parallel fsdp")
     elif parallel.is_fsdp(tr.module):
         raise ValueError(f"{path} holds an unsharded checkpoint; resume it with --parallel ddp")
+    elif lora.is_lora(tr.model) and (path / lora.TRAINABLE_FILE).exists():
+        lora.load_trainable(tr.model, path / lora.TRAINABLE_FILE, tr.device)
+        tr.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=tr.device, weights_only=False))
     else:
         load_model(tr.model, str(path / "model.safetensors"), device=str(tr.device))
         tr.opt.load_state_dict(torch.load(path / "optimizer.pt", map_location=tr.device, weights_only=False))
@@ -176,27 +182,35 @@ def save_final(tr) -> Path | None:
         state = parallel.gathered_model_state(tr.module)  # collective: full tensors on rank 0 only
         if tr.rank != 0:
             return None
-        model = _plain_copy(tr.model, state)
+        model = _plain_copy(tr.model, state, tr.peft_model)
     elif tr.rank != 0:
         return None
     else:
-        model = tr.model
+        model = tr.peft_model or tr.model
     shutil.rmtree(part, ignore_errors=True)
-    model.save_pretrained(str(part), safe_serialization=True)
-    tr.tok.save_pretrained(str(part))
-    shutil.copy(tr.out / "train_config.json", part / "train_config.json")
-    write_card(part, card_info(tr))
+    adapter = tr.peft_model is not None
+    if adapter:  # the adapter; with --merge also part/merged, the merged student
+        lora.export(model, part, tr.cfg.merge)
+    else:
+        model.save_pretrained(str(part), safe_serialization=True)
+    for folder in [part] + ([part / "merged"] if adapter and tr.cfg.merge else []):
+        tr.tok.save_pretrained(str(folder))
+        shutil.copy(tr.out / "train_config.json", folder / "train_config.json")
+        write_card(folder, card_info(tr, adapter=adapter and folder == part))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(part, out)
     return out
 
 
-def _plain_copy(model, state: dict):
-    """An unsharded CPU model of the same class holding `state` (built on the meta device: no extra copy)."""
+def _plain_copy(model, state: dict, peft_model=None):
+    """An unsharded CPU model of the same class holding `state` (built on the meta device: no extra copy);
+    with `peft_model`, a peft model with the same adapter."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+        # The adapter is injected into `plain` in place: the gathered state's names are plain's own.
+        wrapped = lora.plain_like(peft_model, plain) if peft_model is not None else None
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     if unexpected or missing:
         raise RuntimeError(
@@ -208,4 +222,4 @@ def _plain_copy(model, state: dict):
         # export is tied like the student it came from.
         plain.tie_weights()
         assert plain.get_output_embeddings().weight is plain.get_input_embeddings().weight
-    return plain
+    return wrapped or plain

@@ -12,6 +12,7 @@ JSONL (prompt/response or messages) and the dataset sources of `deltakd.cache.fo
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import time
@@ -138,7 +139,13 @@ def evaluate_model(path: str, examples, cfg: EvalConfig, out_dir: Path) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if (Path(path) / "adapter_config.json").is_file() and importlib.util.find_spec("peft") is None:
+        raise ValueError(
+            f"--model {path} is a LoRA adapter: loading it needs peft (pip install 'deltakd[lora]'), or evaluate "
+            "the merged student (train with --merge: final/merged)"
+        )
     tok = AutoTokenizer.from_pretrained(path)
+    # A LoRA adapter folder loads as its base (adapter_config.json) with the adapter, through transformers + peft.
     model = AutoModelForCausalLM.from_pretrained(path).to(dist.resolve_device(cfg.device)).eval()
     records = [r for r, _ in examples]
     seeds = cfg.seeds if cfg.sample else (0,)

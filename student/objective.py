@@ -185,8 +185,9 @@ class _FusedHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, weights, vocab, spec, keys, *tg_values):
         n, rows = hidden.shape[0], spec.chunk_rows
         grad_h = torch.zeros_like(hidden)
-        grad_w = torch.zeros_like(weight)
-        grad_b = torch.zeros_like(bias) if bias is not None else None
+        # A frozen head (LoRA students) gets no gradient: no (V, H) buffer, one matmul per chunk fewer.
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         sums = hidden.new_zeros(len(spec.active), dtype=L.upcast(hidden).dtype)
         w_v = weight[:vocab]  # (V, H): output rows beyond the tokenizer get no gradient
         b_v = bias[:vocab] if bias is not None else None
@@ -204,7 +205,8 @@ class _FusedHeadLoss(torch.autograd.Function):
             sums += terms.detach()
             g = g.to(weight.dtype)
             grad_h[s : s + rows] = g @ w_v
-            grad_w[:vocab] += g.T @ h
+            if grad_w is not None:
+                grad_w[:vocab] += g.T @ h
             if grad_b is not None:
                 grad_b[:vocab] += g.sum(0)
             del logits, g  # free the chunk's (c, V) tensors before the next one
@@ -218,7 +220,8 @@ class _FusedHeadLoss(torch.autograd.Function):
         grad_h, grad_w, *rest = ctx.saved_tensors
         grad_b = grad_total * rest[0] if ctx.has_bias else None
         # No gradients for: weights, vocab, spec, keys, and each target tensor.
-        return (grad_total * grad_h, grad_total * grad_w, grad_b) + (None,) * (4 + ctx.n_targets)
+        grad_w = grad_total * grad_w if grad_w is not None else None
+        return (grad_total * grad_h, grad_w, grad_b) + (None,) * (4 + ctx.n_targets)
 
 
 def chunked_loss(hidden: torch.Tensor, head: torch.nn.Module, targets: dict, spec: LossSpec, vocab: int):

@@ -26,7 +26,7 @@ from deltakd.cache.format.schema import CacheFormatError
 from deltakd.runtime import dist
 from deltakd.runtime.config import check_fields
 from deltakd.runtime.stop import Stopped, signal_name, stop_requested
-from deltakd.student import parallel, tracking
+from deltakd.student import lora, parallel, tracking
 from deltakd.student.checkpointing import find_resume, load_training_state, save_final, save_training_state
 from deltakd.student.data import StreamingLoader
 from deltakd.student.objective import TERMS, LossSpec, student_base_targets
@@ -67,6 +67,9 @@ TRAIN_RULES = {
     "save_every": (">=1",),
     "seed": (">=0",),
     "chunk_rows": (">=1",),
+    "lora_r": (">=0",),
+    "lora_alpha": (">0",),
+    "lora_dropout": (">=0", "<1"),
 }
 
 
@@ -152,6 +155,22 @@ class TrainConfig:
     student_base_online: str | None = field(
         default=None, metadata={"help": "compute lS0 from this frozen checkpoint instead of the cache"}
     )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank: train low-rank adapters through peft (extra [lora]); 0: the full student"},
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (the update is alpha/r * B A)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_targets: str = field(
+        default="all-linear",
+        metadata={
+            "help": "modules to adapt, comma-separated (q_proj,v_proj,...), or all-linear (every linear layer "
+            "but the output head)"
+        },
+    )
+    merge: bool = field(
+        default=False, metadata={"help": "with --lora-r: also export final/merged/, the merged student"}
+    )
     report_to: str = field(
         default="none",
         metadata={
@@ -181,6 +200,10 @@ class TrainConfig:
             raise ValueError("--batch-tokens and --grad-accum must be positive")
         self.loss_spec()  # validates the loss settings
         tracking.parse_report_to(self.report_to)
+        if self.lora_r:
+            lora.targets_of(self.lora_targets)
+        elif self.merge:
+            raise ValueError("--merge merges a LoRA adapter into the student: give --lora-r too")
         if self.floor != "cache":
             from deltakd.cache.format.schema import parse_floor
 
@@ -335,6 +358,8 @@ class Trainer:
 
         self.cfg, self.spec = cfg, cfg.loss_spec()
         tracking.require(tracking.parse_report_to(cfg.report_to))  # every rank refuses before any work
+        if cfg.lora_r:
+            lora.require()
         self.trackers = tracking.NoTrackers()
         self.rank, self.world = dist.init(cfg.device)
         self.device = dist.resolve_device(cfg.device)
@@ -350,6 +375,13 @@ class Trainer:
                 getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
             )
             enable()
+        # LoRA: adapters injected into self.model in place; self.peft_model saves them (student/lora.py).
+        self.peft_model, self.lora_summary = None, None
+        if cfg.lora_r:
+            base = str(Path(cfg.student).resolve()) if Path(cfg.student).is_dir() else cfg.student
+            self.peft_model, self.lora_summary = lora.apply(self.model, cfg, base)
+            if cfg.grad_checkpointing:  # the frozen embedding's output must carry grad into checkpointed layers
+                self.model.enable_input_require_grads()
         self.model.train()
         self.s0_model = None
         self.cache_s0 = self.spec.needs_student_base and not cfg.student_base_online
@@ -366,8 +398,8 @@ class Trainer:
             bf16=cfg.bf16 and fsdp,
         )
         # Created after wrapping: FSDP2 replaces the parameters with sharded DTensors.
-        self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.params = [p for p in self.module.parameters() if p.requires_grad]  # LoRA: the adapter's only
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         loader_kw = dict(
             batch_tokens=cfg.batch_tokens,
             seed=cfg.seed,
@@ -602,6 +634,7 @@ class Trainer:
             "k": self.reader.k,
             "vocab": self.vocab,
             "student_base_arrays": "cache" if self.cache_s0 else ("online" if self.s0_model else "not needed"),
+            "trainable_parameters": sum(p.numel() for p in self.params),
             "total_steps": self.total_steps,
         }
         return rec
