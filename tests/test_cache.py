@@ -91,7 +91,7 @@ def test_cached_values_equal_float64_full_vocabulary(tiny, tmp_path, support, mo
     min_tail = 0.2
     build(tiny, tmp_path / "c", dtype=dtype, support=support, mode=mode, tail_samples=samples, sample_min_tail=min_tail)
     r = CacheReader(tmp_path / "c")
-    V, k, tol, floor = tiny["vocab"], r.k, TOL[dtype], -12.0
+    V, k, tol, floor = tiny["vocab"], r.k, TOL[dtype], schema.parse_floor(CacheBuildConfig.floor)
     alphas = (0.5, 1.0, 1.5)
     assert r.vocab_size == V and r.has_student and len(r) == 24 and r.support == support
     assert r.alphas == (alphas if mode == "lockstep" else ()) and r.floor == floor

@@ -85,8 +85,13 @@ class CacheBuildConfig:
         },
     )
     floor: str = field(
-        default="-12",
-        metadata={"help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none'"},
+        # -16: P1 as good as no floor on small clean vocabularies, and 5% of pi* on noise tokens of SmolLM2's
+        # distributions instead of 37% without one (benchmarks/README.md, "The floor's cost").
+        default="-16",
+        metadata={
+            "help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none' "
+            "(-12 or -8 where the teacher pair's tails are noisy; none only on a small clean vocabulary)"
+        },
     )
     tail_samples: int = field(
         default=16,
