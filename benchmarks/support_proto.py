@@ -92,6 +92,8 @@ DESIGNS = {
     "u8M24": Design("union k=8 + 24 from mix", k=8, samples=24, proposal="mix", estimator=FKL),
     # per-position k by mass held
     "m90k32": Design("mass .9, k 4-32", k=32, mass=0.9),
+    "m90k8_32": Design("mass .9, k 8-32", k=32, mass=0.9, k_min=8),
+    "m90k12_32": Design("mass .9, k 12-32", k=32, mass=0.9, k_min=12),
     "m90k32M16": Design("mass .9, k 4-32 + 16 from mix", k=32, mass=0.9, samples=16, proposal="mix", estimator=FKL),
     "u16s0": Design("union k=16, tails shaped by πS0", tail_shape="s0"),
     "m90k32s0": Design("mass .9, k 4-32, tails shaped by πS0", k=32, mass=0.9, tail_shape="s0"),
