@@ -110,8 +110,20 @@ class TrainConfig:
     w_kd: float | None = field(default=None, metadata={"help": "weight of KD D(pT||p_theta)"})
     w_p1: float | None = field(default=None, metadata={"help": "weight of Delta-KD P1 D(pi*||p_theta)"})
     w_p2: float | None = field(default=None, metadata={"help": "weight of Delta-KD P2 D(pT||norm(pB p_theta/pS0))"})
-    w_p3: float | None = field(default=None, metadata={"help": "weight of Delta-KD P3 shift matching"})
-    divergence: str = field(default="fkl", metadata={"help": "fkl, rkl, jsd, skew_fkl, skew_rkl"})
+    w_p3: float | None = field(
+        default=None,
+        metadata={
+            "help": "weight of Delta-KD P3 shift matching (from a cache: 7-11 degrees off its full-vocabulary "
+            "gradient where the student base is broad, docs/objectives.md)"
+        },
+    )
+    divergence: str = field(
+        default="fkl",
+        metadata={
+            "help": "fkl, rkl, jsd, skew_fkl, skew_rkl. rkl reads the student's own tail, which no cache holds: "
+            "16 degrees off where the student base is broad; train it on-policy"
+        },
+    )
     alpha: float = field(default=1.0, metadata={"help": "Delta-KD shift scale alpha"})
     temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
     tail: str = field(default="bucket", metadata={"help": "bucket (tail mass as one outcome) or renorm"})
