@@ -39,6 +39,10 @@ SYL = (
 TEACHER = dict(hidden=128, layers=4, heads=4)
 STUDENT = dict(hidden=48, layers=2, heads=4)
 VOCAB = 8192
+# The broad variant's student base (`quality.py online --task bpe-broad`): pretrained for 1/8 of
+# the steps, fixed before any student was trained on it, so that its next-token entropy on the
+# instructions is several nats, like SmolLM2's broad stand-in student (3.7 nats).
+BROAD_STUDENT_STEPS = 100
 
 
 def _word(rng: random.Random, lo: int, hi: int) -> str:
@@ -152,8 +156,18 @@ def write_data(
     return paths
 
 
-def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300, batch: int = 16) -> dict:
-    """Build (or reuse) the task; returns the paths of its checkpoints and data files."""
+def build(
+    out: str | Path,
+    seed: int = 0,
+    steps: int = 800,
+    sft_steps: int = 300,
+    batch: int = 16,
+    student_steps: int | None = None,
+) -> dict:
+    """Build (or reuse) the task; returns the paths of its checkpoints and data files.
+
+    `student_steps` (default `steps`) pretrains the student base for fewer steps: a broad
+    base, as small pretrained bases are on instruction data (BROAD_STUDENT_STEPS)."""
     import torch
 
     from deltakd.cache.format.records import encode_record, read_records
@@ -189,13 +203,14 @@ def build(out: str | Path, seed: int = 0, steps: int = 800, sft_steps: int = 300
     lm_train(teacher, sft, sft_steps, 1e-3, batch, seed + 1, "teacher sft")
     save_checkpoint(teacher, tok, out / "teacher_ft")
     student = tiny_llama(len(tok), seed=seed + 2, max_positions=256, tokenizer=tok, **STUDENT)
-    lm_train(student, pre, steps, 3e-3, batch, seed + 2, "student base")
+    lm_train(student, pre, steps if student_steps is None else student_steps, 3e-3, batch, seed + 2, "student base")
     save_checkpoint(student, tok, out / "student_base")
     (out / "TASK.json").write_text(
         json.dumps(
             {
                 "seed": seed,
                 "steps": steps,
+                "student_steps": steps if student_steps is None else student_steps,
                 "sft_steps": sft_steps,
                 "batch": batch,
                 "teacher": TEACHER,
@@ -217,6 +232,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=800, help="pretraining steps of each base model")
     ap.add_argument("--sft-steps", type=int, default=300, help="SFT steps of the teacher")
+    ap.add_argument(
+        "--student-steps",
+        type=int,
+        default=None,
+        help=f"pretraining steps of the student base (broad: {BROAD_STUDENT_STEPS})",
+    )
     ap.add_argument("--data-only", action="store_true", help="write the data and train the tokenizer only (sizing)")
     a = ap.parse_args(argv)
     if a.data_only:
@@ -242,7 +263,7 @@ def main(argv=None):
             )
         )
         return
-    print(json.dumps(build(a.out, a.seed, a.steps, a.sft_steps), indent=1))
+    print(json.dumps(build(a.out, a.seed, a.steps, a.sft_steps, student_steps=a.student_steps), indent=1))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ PAIRS = {
     "peaked": dict(base=list(range(0, 24)), student=list(range(0, 12))),
     "broad": dict(base=[*range(0, 12), *range(18, 30)], student=[*range(0, 8), *range(14, 30)]),
 }
-# (label, support, k per distribution, value dtype, tail samples). "topk k=64" is format version 1's layout;
-# "union k=16 + 16 samples" is `deltakd cache build`'s default.
+# (label, support, k per distribution, value dtype, tail samples[, top mass, min k]). "topk k=64" is format
+# version 1's layout; "union k=16 + 16 samples" is `deltakd cache build`'s default; "mass" rows are
+# `--top-k 32 --top-mass 0.9 --min-k 12`, with and without samples.
 SUPPORTS = {
     "topk64": ("topk k=64", "topk", 64, "float16", 0),
     "union8": ("union k=8", "union", 8, "float16", 0),
@@ -63,6 +64,8 @@ SUPPORTS = {
     "union16bf": ("union k=16 bf16", "union", 16, "bfloat16", 0),
     "union16s16": ("union k=16 + 16 samples", "union", 16, "float16", 16),
     "union16s32": ("union k=16 + 32 samples", "union", 16, "float16", 32),
+    "mass90": ("union by mass .9, k 12-32", "union", 32, "float16", 0, 0.9, 12),
+    "mass90s16": ("union by mass .9, k 12-32 + 16 samples", "union", 32, "float16", 16, 0.9, 12),
     "vocab": ("whole vocabulary (float64, not written)", "topk", 0, "float64", 0),
 }
 DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
@@ -142,7 +145,9 @@ def distributions(wheel: str, work: Path, data: str, n_examples: int, max_rows: 
     return out
 
 
-def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir: Path, samples: int = 0):
+def cached_targets(
+    lT, lB, lS0, support: str, k: int, value_dtype: str, workdir: Path, samples: int = 0, mass=0.0, min_k=1
+):
     """Build one shard with the builder's own code, write it, read it back: (targets, bytes on disk per row)."""
     res = lockstep_rows(
         {"ft": lT.float().clone(), "base": lB.float().clone(), "s0": lS0.float().clone()},
@@ -153,8 +158,12 @@ def cached_targets(lT, lB, lS0, support: str, k: int, value_dtype: str, workdir:
         samples=samples,
         min_tail=MIN_TAIL,
         generator=torch.Generator().manual_seed(0),
+        mass=mass,
+        min_k=min_k,
     )
-    return shard_targets(res, lT.shape[1], value_dtype, workdir / f"shard-{support}-{k}-{value_dtype}-{samples}")
+    return shard_targets(
+        res, lT.shape[1], value_dtype, workdir / f"shard-{support}-{k}-{value_dtype}-{samples}-{mass}-{min_k}"
+    )
 
 
 def shard_targets(res: dict, vocab: int, value_dtype: str, group: Path):
@@ -312,11 +321,11 @@ def measure_pair(lT, lB, lS0, supports, work: Path, names) -> dict:
     out = {"regime": regime(lT, lB, lS0), "supports": {}}
     cached = {}
     for key in supports:
-        label, support, k, vd, samples = SUPPORTS[key]
+        label, support, k, vd, samples, *by_mass = SUPPORTS[key]
         if key == "vocab":  # no shard written: the targets as a cache covering the vocabulary holds them
             tg, bytes_row, mean_len = full_targets(lT, lB, lS0), float("nan"), float(lT.shape[1])
         else:
-            tg, bytes_row, mean_len = cached_targets(lT, lB, lS0, support, k, vd, work, samples)
+            tg, bytes_row, mean_len = cached_targets(lT, lB, lS0, support, k, vd, work, samples, *by_mass)
         cached[key] = tg
         out["supports"][key] = {
             "label": label,

@@ -156,7 +156,38 @@ def task_paths(task: str, work: Path) -> dict:
         return assets(DemoConfig(workdir=str(work)), work)
     from benchmarks import bpe_task
 
+    if task == "bpe-broad":  # the same task, its student base pretrained for 1/8 of the steps
+        return bpe_task.build(work.parent / "bpe_task_broad", student_steps=bpe_task.BROAD_STUDENT_STEPS)
     return bpe_task.build(work.parent / "bpe_task" if task == "bpe" else Path(task))
+
+
+@torch.no_grad()
+def base_regime(paths: dict, n_records: int = 200, max_length: int = 128) -> dict:
+    """Mean next-token entropy (nats) of πT, πB and πS0 on the answer positions of the first training
+    records, and how often πB's and πS0's top token is πT's: whether the bases are peaked or broad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltakd.cache.format.records import encode_record, read_records
+
+    tok = AutoTokenizer.from_pretrained(paths["teacher_ft"])
+    roles = {"T": "teacher_ft", "B": "teacher_base", "S0": "student_base"}
+    models = {r: AutoModelForCausalLM.from_pretrained(paths[k]).eval() for r, k in roles.items()}
+    ent = {r: [] for r in roles}
+    agree = {r: [] for r in ("B", "S0")}
+    for i, rec in enumerate(read_records(paths["train"])):
+        if i >= n_records:
+            break
+        ids, plen, _ = encode_record(tok, rec, max_length)
+        pos = torch.arange(max(plen - 1, 0), len(ids) - 1)  # position t predicts answer token t + 1
+        lp = {r: torch.log_softmax(m(torch.tensor([ids])).logits[0, pos].double(), -1) for r, m in models.items()}
+        for r, x in lp.items():
+            ent[r].append(-(x.exp() * x).sum(-1))
+        for r in agree:
+            agree[r].append((lp[r].argmax(-1) == lp["T"].argmax(-1)).double())
+    return {
+        "entropy": {r: float(torch.cat(v).mean()) for r, v in ent.items()},
+        "top1_agrees_with_T": {r: float(torch.cat(v).mean()) for r, v in agree.items()},
+    }
 
 
 def build_support_cache(paths: dict, out: Path, support: str) -> Path:
@@ -218,7 +249,12 @@ def main_online(argv=None):
     from deltakd.cache.format.summary import summarize
 
     ap = argparse.ArgumentParser(prog="quality.py online", description=main_online.__doc__)
-    ap.add_argument("--task", default="bpe", help="bpe (benchmarks/bpe_task.py, V = 8192), demo, or a bpe_task folder")
+    ap.add_argument(
+        "--task",
+        default="bpe",
+        help="bpe (benchmarks/bpe_task.py, V = 8192), bpe-broad (the same with a broad student base), demo, "
+        "or a bpe_task folder",
+    )
     ap.add_argument("--workdir", default="runs/quality-online")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-tokens", type=int, default=1024)
@@ -244,6 +280,12 @@ def main_online(argv=None):
     work = Path(a.workdir)
     t0 = time.perf_counter()
     paths = task_paths(a.task, work)
+    bases = base_regime(paths)
+    e, t = bases["entropy"], bases["top1_agrees_with_T"]
+    print(
+        f"bases on the training answers: entropy (nats) πT {e['T']:.2f}, πB {e['B']:.2f}, πS0 {e['S0']:.2f}; "
+        f"top-1 equal to πT's: πB {t['B']:.2f}, πS0 {t['S0']:.2f}"
+    )
     caches = {s: build_support_cache(paths, work / f"cache-{s}", s) for s in a.supports}
     inspect = {s: summarize(c) for s, c in caches.items()}
     for s, i in inspect.items():
@@ -351,6 +393,7 @@ def main_online(argv=None):
                 "test_examples": a.test_examples,
                 "teacher_ft": base[0]["rougeL"],
                 "student_base": base[1]["rougeL"],
+                "bases": bases,
                 "cache_inspect": {
                     s: {
                         "support_length_mean": i["support_length_mean"],

@@ -21,20 +21,38 @@ from deltakd.cache.format.support import floored_shift, pad_ragged, support_logp
 
 
 @torch.no_grad()
-def reference_rows(logits, support, k, alphas, floor, samples=0, min_tail=0.0, generator=None):
+def reference_rows(logits, support, k, alphas, floor, samples=0, min_tail=0.0, generator=None, mass=0.0, min_k=1):
     """lockstep_rows as the plain formulas over whole (c, V) tensors (see rows.lockstep_rows)."""
     lp = {r: x.sub_(x.logsumexp(1, keepdim=True)) for r, x in logits.items()}
     c, V = lp["ft"].shape
     kk = min(k, V)
     mask = torch.zeros((c, V), dtype=torch.bool)
+
+    def add_top(x, norm):
+        """Mark x's top-k ids; with `mass`, those of the fewest (at least min_k, ties kept) whose
+        probability exp(value − norm) reaches it, one row at a time."""
+        v, i = x.topk(kk, dim=1)
+        if mass <= 0:
+            mask.scatter_(1, i, True)
+            return
+        v = v - norm
+        for row in range(c):
+            cum, n = v[row].exp().cumsum(0), 0  # float32 running sums, in order
+            while n < kk and float(cum[n]) < mass:
+                n += 1
+            n = min(max(n + 1, min(min_k, kk)), kk)
+            mask[row, i[row][v[row] >= v[row, n - 1]]] = True
+            mask[row, i[row, 0]] = True  # the top id, even where the values are not numbers (+inf targets)
+
     for r in ("ft",) if support == "topk" else tuple(lp):
-        mask.scatter_(1, lp[r].topk(kk, dim=1).indices, True)
+        add_top(lp[r], 0.0)
     star = "s0" in lp and len(alphas) > 0
     if star:
         shift = floored_shift(lp["ft"], lp["base"], floor)
         if support == "union":
             for a in alphas:
-                mask.scatter_(1, (lp["s0"] + a * shift).topk(kk, dim=1).indices, True)
+                t = lp["s0"] + a * shift
+                add_top(t, t.logsumexp(1, keepdim=True))
     out = {}
     if samples > 0:
         drawn, out["sample_tau"] = reference_sample_tail(lp["ft"], mask, samples, min_tail, generator)
@@ -117,6 +135,14 @@ CASES = [
     (7, 50, 16, "union", 16, -12.0, (0.5, 1.0, 1.5), True),
     (5, 40, 64, "union", 16, -12.0, (1.0,), True),  # k and samples beyond the vocabulary
 ]
+# With --top-mass: c, V, k, support, samples, floor, alphas, with student base, mass, min_k
+MASS_CASES = [
+    (37, 40000, 32, "union", 16, -16.0, (0.5, 1.0, 1.5), True, 0.9, 12),
+    (65, 9000, 16, "union", 5, None, (1.0,), True, 0.5, 1),
+    (33, 5000, 16, "topk", 16, -12.0, (0.5, 1.0, 1.5), True, 0.9, 4),
+    (300, 662, 32, "union", 16, -16.0, (0.5, 1.0, 1.5), True, 0.95, 8),
+    (1, 40000, 16, "union", 0, -16.0, (1.0,), True, 0.9, 2),
+]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -134,6 +160,46 @@ def test_lockstep_rows_equal_the_plain_formulas_to_the_bit(threads, c, V, k, sup
             assert_same_bits(ref, got)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("c,V,k,support,samples,floor,alphas,student,mass,min_k", MASS_CASES)
+def test_rows_by_mass_equal_the_plain_formulas_to_the_bit(
+    monkeypatch, threads, c, V, k, support, samples, floor, alphas, student, mass, min_k
+):
+    """--top-mass: the same bits as the plain formulas, on the CPU path and (one thread) the accelerator path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for accelerator in (False, True) if threads == 1 else (False,):
+            if accelerator:
+                monkeypatch.setattr(fast, "cpu_paths", lambda device: False)
+            x = chunk(c, V, 3)
+            args = (support, k, alphas, floor, samples, 0.01)
+            kw = dict(mass=mass, min_k=min_k)
+            ref = reference_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(2), **kw)
+            got = fast.lockstep_rows(
+                {r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(2), **kw
+            )
+            assert_same_bits(ref, got)
+            full = fast.lockstep_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(2))
+            if support == "union" and c > 1:  # the mass changes the support: the check can fail
+                assert not torch.equal(got["len"], full["len"])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_by_mass_keeps_the_fewest_ids_holding_the_mass():
+    logp = torch.tensor(
+        [[0.5, 0.3, 0.1, 0.05, 0.05], [0.2, 0.2, 0.2, 0.2, 0.2], [0.97, 0.01, 0.01, 0.005, 0.005]]
+    ).log()
+    ids = torch.tensor([[9, 8, 7, 6, 5]]).expand(3, 5)
+    kept = fast.by_mass(logp, ids, 0.85, 2)
+    # row 0: 0.5 + 0.3 + 0.1 reaches 0.85 with 3 ids; row 1: 5 equal values, 0.85 needs all five
+    # (ties kept); row 2: one id holds 0.97, but min_k is 2, and the third ties with the second;
+    # the cut ids repeat the first.
+    assert kept.tolist() == [[9, 8, 7, 9, 9], [9, 8, 7, 6, 5], [9, 8, 7, 9, 9]]
+    assert torch.equal(fast.by_mass(logp, ids, 0.0, 2), ids)
 
 
 @pytest.mark.parametrize("c,V,k,support,samples,floor,alphas,student", [CASES[0], CASES[3], CASES[4], CASES[6]])

@@ -75,27 +75,45 @@ def reference_sources(lT, lB, lS, support, alphas, floor):
     return [lT, lB, lS] + [torch.log_softmax(lS + a * shift, -1) for a in alphas]
 
 
+def top_by_mass(x, k, mass, min_k):
+    """How many of x's top-k ids (float64 log-probs) hold `mass`, at least min_k."""
+    cum = x.topk(k).values.exp().cumsum(0)
+    return min(max(int((cum < mass).sum()) + 1, min_k), k)
+
+
 @pytest.mark.parametrize(
-    "support,mode,dtype,samples",
+    "support,mode,dtype,samples,mass",
     [
         # The default build (union, lockstep, tail samples) runs in the quick tier; the other layouts in the full suite.
-        pytest.param("topk", "sequential", "float32", 0, marks=pytest.mark.integration),
-        pytest.param("topk", "sequential", "float16", 0, marks=pytest.mark.integration),
-        pytest.param("topk", "lockstep", "bfloat16", 0, marks=pytest.mark.integration),
-        pytest.param("union", "lockstep", "float32", 0, marks=pytest.mark.integration),
-        pytest.param("union", "lockstep", "float16", 0, marks=pytest.mark.integration),
-        ("union", "lockstep", "float32", 5),
+        pytest.param("topk", "sequential", "float32", 0, 0.0, marks=pytest.mark.integration),
+        pytest.param("topk", "sequential", "float16", 0, 0.0, marks=pytest.mark.integration),
+        pytest.param("topk", "lockstep", "bfloat16", 0, 0.0, marks=pytest.mark.integration),
+        pytest.param("union", "lockstep", "float32", 0, 0.0, marks=pytest.mark.integration),
+        pytest.param("union", "lockstep", "float16", 0, 0.0, marks=pytest.mark.integration),
+        ("union", "lockstep", "float32", 5, 0.0),
+        ("union", "lockstep", "float32", 5, 0.05),  # --top-mass 0.05 --min-k 3: the tiny models are broad
     ],
 )
-def test_cached_values_equal_float64_full_vocabulary(tiny, tmp_path, support, mode, dtype, samples):
-    min_tail = 0.2
-    build(tiny, tmp_path / "c", dtype=dtype, support=support, mode=mode, tail_samples=samples, sample_min_tail=min_tail)
+def test_cached_values_equal_float64_full_vocabulary(tiny, tmp_path, support, mode, dtype, samples, mass):
+    min_tail, min_k = 0.2, 3
+    kw = dict(top_mass=mass, min_k=min_k) if mass else {}
+    build(
+        tiny,
+        tmp_path / "c",
+        dtype=dtype,
+        support=support,
+        mode=mode,
+        tail_samples=samples,
+        sample_min_tail=min_tail,
+        **kw,
+    )
     r = CacheReader(tmp_path / "c")
     V, k, tol, floor = tiny["vocab"], r.k, TOL[dtype], schema.parse_floor(CacheBuildConfig.floor)
     alphas = (0.5, 1.0, 1.5)
     assert r.vocab_size == V and r.has_student and len(r) == 24 and r.support == support
     assert r.alphas == (alphas if mode == "lockstep" else ()) and r.floor == floor
     n_checked = widths = n_sampled_rows = 0
+    cut_rows = 0
     for seq in r.iter_sequences():
         lT = full_logprobs64(tiny["teacher_ft"], seq.tokens, V)
         lB = full_logprobs64(tiny["teacher_base"], seq.tokens, V)
@@ -123,11 +141,15 @@ def test_cached_values_equal_float64_full_vocabulary(tiny, tmp_path, support, mo
                     assert (not torch.isfinite(seq.sample_tau[row])) == (int(det_rest.sum()) <= samples)
                 elif tail_mass <= min_tail * (1 - 1e-4):
                     assert n_s == 0 and torch.isneginf(seq.sample_tau[row])
-            # The support is exactly the union of each source's top-k (ties within 1e-5 either way).
+            # The support is exactly the union of each source's top-k (ties within 1e-5 either way);
+            # by mass, of each source's top n, n from the mass (within a float32 running sum's error).
             sources = reference_sources(lT[t], lB[t], lS[t], support, alphas, floor)
-            kth = [x.topk(k).values[-1] for x in sources]
-            for x, kx in zip(sources, kth):
-                assert int((x[ids] >= kx - 1e-5).sum()) >= k
+            lo = [top_by_mass(x, k, mass * (1 - 1e-4), min_k) if mass else k for x in sources]
+            hi = [top_by_mass(x, k, mass * (1 + 1e-4), min_k) if mass else k for x in sources]
+            for x, n in zip(sources, lo):
+                assert int((x[ids] >= x.topk(n).values[-1] - 1e-5).sum()) >= n
+            kth = [x.topk(n).values[-1] for x, n in zip(sources, hi)]
+            cut_rows += any(n < k for n in hi)
             assert all(any(x[y] >= kx - 1e-5 for x, kx in zip(sources, kth)) for y in ids.tolist())
             ids = all_ids  # every value below is stored on the drawn ids too, and the tails exclude them
             rest = torch.ones(V, dtype=torch.bool)
@@ -151,7 +173,11 @@ def test_cached_values_equal_float64_full_vocabulary(tiny, tmp_path, support, mo
         # Alignment: position t predicts token t+1, which belongs to the response.
         assert not seq.loss_mask[-1]
     assert n_checked == r.manifest["totals"]["n_supervised"]
-    assert widths == k if support == "topk" else widths > k
+    if mass:  # the mass cut some source short of k ids in some rows, and the support follows it (above)
+        assert r.manifest["top_mass"] == mass and r.manifest["min_k"] == min_k
+        assert cut_rows > 0
+    else:
+        assert widths == k if support == "topk" else widths > k
     if samples:
         assert r.manifest["tail_samples"] == samples and n_sampled_rows > 0
     assert validate(tmp_path / "c") == []

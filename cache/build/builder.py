@@ -78,6 +78,15 @@ class CacheBuildConfig:
         default=16,
         metadata={"help": "ids taken from each distribution per supervised position (topk: 64 is the usual choice)"},
     )
+    top_mass: float = field(
+        default=0.0,
+        metadata={
+            "help": "in (0, 1): each distribution gives only the fewest of its --top-k ids whose probability "
+            "reaches this mass, at least --min-k (more ids where it is flat, fewer where it is peaked; "
+            "--top-k 32 --top-mass 0.9 --min-k 12 suits broad bases); 0: always --top-k"
+        },
+    )
+    min_k: int = field(default=12, metadata={"help": "fewest ids per distribution with --top-mass"})
     alphas: str = field(
         default="0.5,1,1.5",
         metadata={
@@ -165,6 +174,12 @@ class CacheBuildConfig:
                 "tail need all checkpoints at the same position at once; use --support topk for a "
                 "one-model-at-a-time build"
             )
+        if not 0 <= self.top_mass < 1:
+            raise ValueError(f"--top-mass {self.top_mass}: give a probability mass in (0, 1), or 0 for a fixed --top-k")
+        if self.top_mass and not 1 <= self.min_k <= self.top_k:
+            raise ValueError(f"--min-k {self.min_k}: give 1 to --top-k ({self.top_k})")
+        if self.top_mass and self.mode != "lockstep":
+            raise ValueError("--top-mass needs --mode lockstep; pass --top-mass 0 with --mode sequential")
         if not 0 <= self.tail_samples <= 255:
             raise ValueError(f"--tail-samples {self.tail_samples}: give 0 (none) to 255")
         if not 0 <= self.sample_min_tail < 1:
@@ -237,6 +252,8 @@ def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan) -> dict:
     }
     if cfg.tail_samples:  # only then: the identity of a build without samples stays what it was
         ident["tail_samples"], ident["sample_min_tail"] = cfg.tail_samples, cfg.sample_min_tail
+    if cfg.top_mass:  # likewise
+        ident["top_mass"], ident["min_k"] = cfg.top_mass, cfg.min_k
     if cfg.student_base:
         ident["student_base"] = checkpoint_identity(cfg.student_base)
     return ident
@@ -328,6 +345,8 @@ def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, i
                     cfg.tail_samples,
                     cfg.sample_min_tail,
                     gen,
+                    cfg.top_mass,
+                    cfg.min_k,
                 )
             )
             continue
@@ -689,6 +708,7 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
         "covers_vocabulary": schema.covers_vocabulary(ident["support"], ident["k"], vocab),
         "tail_samples": ident.get("tail_samples", 0),
         "sample_min_tail": ident.get("sample_min_tail"),
+        **({"top_mass": ident["top_mass"], "min_k": ident["min_k"]} if "top_mass" in ident else {}),
         "checkpoints": ident["checkpoints"],
         "tokenizer": ident["tokenizer"],
         "data": ident["data"],

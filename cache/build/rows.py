@@ -62,12 +62,18 @@ def lockstep_rows(
     samples: int = 0,
     min_tail: float = 0.0,
     generator: torch.Generator | None = None,
+    mass: float = 0.0,
+    min_k: int = 1,
 ) -> dict[str, torch.Tensor]:
     """One chunk of rows from every model at once: the support and all values on it.
 
     logits: role ("ft", "base", optional "s0") -> (c, V) float32, consumed in place.
     The support of a row is the top-k of πT ("topk"), or the union of the top-k of πT,
-    πB, πS0 and π*_α for each α ("union"); ids ascend within a row. With `samples` = m,
+    πB, πS0 and π*_α for each α ("union"); ids ascend within a row. With `mass` in (0, 1)
+    each distribution gives only the fewest of its top-k ids whose probability reaches
+    `mass` (at least `min_k`; ids tied with the last one kept are kept too, so the set
+    does not depend on the order of ties): more ids where it is flat, fewer where it is
+    peaked (by_mass). With `samples` = m,
     rows whose πT mass outside that support is at least `min_tail` also get m ids drawn
     from πT's tail by priority sampling (see sample_tail), appended after the top-k ids
     (ascending among themselves); `sample_len` counts them and `sample_tau` is the
@@ -80,7 +86,9 @@ def lockstep_rows(
     x0 = logits["ft"]
     c, V = x0.shape
     parts = [
-        _block({r: z[sl] for r, z in logits.items()}, support, k, alphas, floor, samples, min_tail, generator)
+        _block(
+            {r: z[sl] for r, z in logits.items()}, support, k, alphas, floor, samples, min_tail, generator, mass, min_k
+        )
         for sl in row_blocks(c, block_rows(c, V, x0.device))
     ]
     if len(parts) == 1:
@@ -88,7 +96,7 @@ def lockstep_rows(
     return {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
 
 
-def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[str, torch.Tensor]:
+def _block(lg, support, k, alphas, floor, samples, min_tail, generator, mass, min_k) -> dict[str, torch.Tensor]:
     """lockstep_rows on one block of rows (views into the chunk's logits, consumed in place)."""
     R, V = lg["ft"].shape
     kk = min(k, V)
@@ -109,7 +117,7 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
         x.sub_(lse)  # log_softmax in place: the logits are not needed again
         if want_top:
             vals, ids = topk_exact(x, kk, block_max=bm)
-            tops.append(ids)
+            tops.append(by_mass(vals, ids, mass, min_k))
             row_max[r] = vals[:, 0]
         else:
             row_max[r] = mx - lse[:, 0]  # max(x − lse) = max(x) − lse: rounding is monotone
@@ -124,8 +132,10 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
             m = None
             if support == "union":
                 vals, ids = topk_exact(t, kk)
-                tops.append(ids)
                 m = vals[:, 0]
+                if mass > 0:  # π*'s own probabilities: one more pass over the block for its normaliser
+                    vals = vals - logsumexp_rows(t, m, buf if keep else None)
+                tops.append(by_mass(vals, ids, mass, min_k))
             targets.append((a, t if keep else None, m))
         del t
         if keep:
@@ -158,6 +168,22 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator) -> dict[
         vals, tail, _, _ = support_logprobs(x, ids, valid, row_max=row_max.get(r))
         out[r], out[f"tail_{r}"] = vals[valid], tail
     return out
+
+
+def by_mass(logp: torch.Tensor, ids: torch.Tensor, mass: float, min_k: int) -> torch.Tensor:
+    """`ids` (R, k), the top ids of one distribution with their log-probs `logp` in descending order,
+    cut to the fewest whose probability reaches `mass` (at least `min_k`, and every id tied with the
+    last one kept; the top id always); the ids cut are replaced by the row's first id, which the
+    union drops as a repeat.
+    With `mass` 0, `ids` unchanged."""
+    if mass <= 0:
+        return ids
+    kk = ids.shape[1]
+    short = (logp.exp().cumsum(1) < mass).sum(1)  # ids before the one that reaches the mass
+    n = (short + 1).clamp(min(min_k, kk), kk)
+    last = logp.gather(1, (n - 1)[:, None])  # the value of the last id kept
+    keep = logp >= last  # descending: a prefix, extended over ties with the last id kept
+    return torch.where(keep, ids, ids[:, :1])
 
 
 def union_ids(tops: list[torch.Tensor], V: int) -> tuple[torch.Tensor, torch.Tensor]:
