@@ -92,3 +92,23 @@ def same_batches(mine, ref):
         assert a.targets.keys() == b.targets.keys()
         assert all(torch.equal(a.targets[k], b.targets[k]) for k in a.targets)
         assert a.state["index"] == b.state["index"]  # the global position, whatever the rank
+
+
+def short_run(tiny, cache_dir, out, **kw):
+    """A 4-step KD + SFT run on the tiny world that saves at step 2 and evaluates a little: `kw` overrides."""
+    from deltakd.student.trainer import TrainConfig
+
+    base = dict(
+        cache=cache_dir,
+        student=tiny["student_base"],
+        out=str(out),
+        loss="kd",
+        lam=0.5,
+        max_steps=4,
+        batch_tokens=256,
+        log_every=1,
+        save_every=2,
+        eval_batches=2,
+        warmup_steps=1,
+    )
+    return TrainConfig(**{**base, **kw})

@@ -14,33 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import short_run
 
 from deltakd.student.data import StreamingLoader
-from deltakd.student.trainer import TrainConfig, Trainer, train
+from deltakd.student.trainer import Trainer, train
 
 peft = pytest.importorskip("peft", reason="pip install 'deltakd[lora]'")
 
 
 def lora_cfg(tiny, cache_dir, out, **kw):
-    base = dict(
-        cache=cache_dir,
-        student=tiny["student_base"],
-        out=str(out),
-        loss="kd",
-        lam=0.5,
-        lora_r=4,
-        lora_alpha=8.0,
-        lora_dropout=0.1,
-        max_steps=4,
-        batch_tokens=256,
-        log_every=1,
-        save_every=2,
-        eval_percent=10.0,
-        eval_batches=2,
-        warmup_steps=1,
-        lr=1e-2,
-    )
-    return TrainConfig(**{**base, **kw})
+    lora = dict(lora_r=4, lora_alpha=8.0, lora_dropout=0.1, eval_percent=10.0, lr=1e-2)
+    return short_run(tiny, cache_dir, out, **{**lora, **kw})
 
 
 def metrics(out) -> list[dict]:

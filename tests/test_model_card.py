@@ -9,28 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_data
+from conftest import short_run, write_data
 
 from deltakd.student.eval import EvalConfig, run_eval
 from deltakd.student.model_card import hub_id_of
-from deltakd.student.trainer import TrainConfig, train
+from deltakd.student.trainer import train
 
-
-def run_cfg(tiny, cache_dir, out, **kw):
-    base = dict(
-        cache=cache_dir,
-        student=tiny["student_base"],
-        out=str(out),
-        loss="kd",
-        lam=0.5,
-        max_steps=4,
-        batch_tokens=256,
-        log_every=1,
-        save_every=2,
-        eval_batches=2,
-        warmup_steps=1,
-    )
-    return TrainConfig(**{**base, **kw})
+run_cfg = short_run
 
 
 def header_and_body(card: Path) -> tuple[dict, str]:

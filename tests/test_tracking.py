@@ -13,27 +13,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import short_run
 
 from deltakd.student import tracking
-from deltakd.student.trainer import TrainConfig, train
+from deltakd.student.trainer import train
 
 
 def run_cfg(tiny, cache_dir, out, **kw):
-    base = dict(
-        cache=cache_dir,
-        student=tiny["student_base"],
-        out=str(out),
-        loss="kd",
-        lam=0.5,
-        max_steps=4,
-        batch_tokens=256,
-        log_every=1,
-        save_every=2,
-        eval_every=2,
-        eval_batches=2,
-        warmup_steps=1,
-    )
-    return TrainConfig(**{**base, **kw})
+    return short_run(tiny, cache_dir, out, **{"eval_every": 2, **kw})
 
 
 def metrics(out) -> list[dict]:
