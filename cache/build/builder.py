@@ -99,7 +99,8 @@ class CacheBuildConfig:
         default="-16",
         metadata={
             "help": "log-prob floor f inside the teacher shift, delta = max(lT,f) - max(lB,f), or 'none' "
-            "(-12 or -8 where the teacher pair's tails are noisy; none only on a small clean vocabulary)"
+            "(-12 for P1 at alpha 1.5, or where the teacher pair's tails are noisy; none only on a small "
+            "clean vocabulary)"
         },
     )
     tail_samples: int = field(
