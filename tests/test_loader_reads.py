@@ -101,6 +101,29 @@ def test_range_reads_decode_only_the_chunks_that_hold_rows(tmp_path):
         zarr.storage.LocalStore.get = orig
 
 
+@pytest.mark.parametrize(
+    "fault,raised",
+    [(ConnectionResetError("peer reset"), ConnectionResetError), (OSError("bad chunk"), CacheFormatError)],
+)
+def test_a_range_read_tells_a_network_fault_from_a_damaged_cache(tmp_path, monkeypatch, fault, raised):
+    """A store that stops answering mid-read goes up as itself (with what was being read), so the run
+    says so in one line; anything else is a damaged array, named."""
+    a = np.arange(100, dtype=np.int64)
+    g = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3)
+    g.create_array("x", shape=a.shape, dtype=a.dtype, chunks=(50,))[...] = a
+
+    async def get(self, key, *args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "get", get)
+    with pytest.raises(raised) as info:
+        read_ranges(tmp_path / "g", "x", np.array([10], np.int64), np.array([20], np.int64))
+    if raised is CacheFormatError:
+        assert "x: cannot read rows" in str(info.value)
+    else:
+        assert info.value.deltakd_doing.startswith("reading ") and info.value.deltakd_doing.endswith("/x")
+
+
 @pytest.mark.parametrize(("group", "array", "value"), [("student", "logp_s0", np.nan), ("shards", "logp_ft", np.inf)])
 def test_a_non_finite_stored_entry_stops_the_loader(tmp_path, group, array, value):
     cache = tmp_path / "c"

@@ -23,6 +23,7 @@ import torch
 
 from deltakd.cache.format import integrity, schema, store
 from deltakd.cache.format.schema import CacheFormatError
+from deltakd.runtime import remote
 
 ENTRY_ARRAYS = ("support_ids", "logp_ft", "logp_base", "logp_s0", "delta")  # delta: version 1 only
 ROW_ARRAYS = ("tail_ft", "tail_base", "tail_s0", "tail_star")
@@ -428,4 +429,7 @@ def read_ranges(group_dir: Path, name: str, starts: np.ndarray, ends: np.ndarray
             parts.append(take_ranges(block, starts[i:j] - lo, ends[i:j] - lo))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
     except Exception as e:
+        if remote.network_failure(e) is not None:  # a store that did not answer is not a damaged cache
+            remote.doing_note(e, "reading", f"{group_dir}/{name}")
+            raise
         raise CacheFormatError(f"{group_dir}/{name}: cannot read rows ({type(e).__name__}: {e})") from e

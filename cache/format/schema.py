@@ -293,28 +293,6 @@ def _unless_network(e: BaseException) -> None:
         raise e
 
 
-def read_rows(group_dir, name: str, rows: np.ndarray) -> np.ndarray:
-    """Rows `rows` (ascending int64) of one array; zarr decodes only the chunks that hold them."""
-    import zarr
-
-    try:
-        arr = zarr.open_group(store.zarr_store(group_dir, read_only=True), mode="r", zarr_format=3)[name]
-        if len(rows) == 0:
-            return np.zeros((0,) + arr.shape[1:], dtype=arr.dtype)
-        # One contiguous read per run of chunks holding rows, then a numpy gather: zarr's
-        # own integer-array selection is much slower per row. Runs are split where whole
-        # chunks hold none of the rows, so those are never decoded (a data-parallel rank
-        # reads its ~1/world block of a shard, and now and then a few rows elsewhere).
-        c = rows // arr.chunks[0]
-        parts = np.split(rows, np.nonzero(np.diff(c) > 1)[0] + 1)
-        return np.concatenate([arr[int(p[0]) : int(p[-1]) + 1][p - p[0]] for p in parts])
-    except Exception as e:
-        if remote.network_failure(e) is not None:
-            remote.doing_note(e, "reading", f"{group_dir}/{name}")
-            raise
-        raise CacheFormatError(f"{group_dir}/{name}: cannot read rows ({type(e).__name__}: {e})") from e
-
-
 def write_json_atomic(path, obj) -> None:
     """Commit points (shard.json, build.json, manifest.json); in an object store only under a held lease."""
     if store.is_remote(path):
