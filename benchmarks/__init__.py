@@ -7,3 +7,8 @@
 Measured tables, with command, date, commit and machine, are in benchmarks/README.md.
 Shared tasks: `synth_vocab` (V = 32000, random weights) and `bpe_task` (V = 8192, trained).
 """
+
+from pathlib import Path
+
+# Self-Instruct's user-oriented instructions in ../shared/data: the prompts the SmolLM2 benchmarks score.
+SELF_INSTRUCT = Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"

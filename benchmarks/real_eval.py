@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import SELF_INSTRUCT
 from deltakd.student.eval import EvalConfig, format_table, run_eval
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,9 +50,7 @@ def main():
     ap.add_argument("--smollm2-wheel", required=True)
     ap.add_argument(
         "--data",
-        default=str(
-            Path(__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"
-        ),
+        default=str(SELF_INSTRUCT),
     )
     ap.add_argument("--workdir", default="runs/real-eval")
     ap.add_argument("--max-examples", type=int, default=100)

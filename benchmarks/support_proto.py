@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import SELF_INSTRUCT
 from benchmarks import fidelity as F
 from deltakd.cache.format.support import floored_shift, pad_ragged, support_logprobs
 from deltakd.student import losses as L
@@ -425,9 +426,7 @@ def main():
     ap.add_argument("--smollm2-wheel", required=True)
     ap.add_argument(
         "--data",
-        default=str(
-            Path(F.__file__).resolve().parents[2] / "shared/data/eval/self_inst_user_oriented_instructions.jsonl"
-        ),
+        default=str(SELF_INSTRUCT),
     )
     ap.add_argument("--workdir", default="runs/fidelity")
     ap.add_argument("--examples", type=int, default=60)
