@@ -102,7 +102,9 @@ def test_batches_are_the_pinned_ones(case):
 
 def test_digest_sees_one_changed_value():
     """The digest is not blind: one flipped bit of one target changes it."""
-    b = next(iter(StreamingLoader(CacheReader(DATA / "cache_v2"), batch_tokens=160, with_student=True, epochs=1)))
+    loader = StreamingLoader(CacheReader(DATA / "cache_v2"), batch_tokens=160, with_student=True, epochs=1)
+    b = next(iter(loader))
+    loader.close()  # its prefetch thread would go on reading the cache under later tests
     h1, h2 = hashlib.sha256(), hashlib.sha256()
     batch_digest(h1, b)
     b.targets["logp_s0"].view(torch.int32)[0, 0] ^= 1
