@@ -17,6 +17,10 @@ to each objective's own optimum z*, at s = 0.5 and 0.9 (z = (1-s)·z0 + s·z*), 
 in for points along training. At z* itself the full-vocabulary loss and gradient are 0:
 there the table gives the cached gradient's norm relative to the full one at z0 (an
 estimator that does not vanish at the optimum keeps pushing a converged student).
+With --train-steps N the pair's student base itself is also trained, one run per objective, on the
+objective's float64 full-vocabulary gradient (Adam, all measured positions each step), and the angles
+are measured at steps 0, N/4 and N: real points along training, where the whole distribution moves
+as a model's does (step 0 is πS0 itself, without the noise of z0).
 For each support the shard is built by the builder's own code (`lockstep_rows`, seeded),
 written, read back by the reader, and each loss of the trainer's objective (its fused
 chunk, `objective.terms_and_logit_grad`, in float64) is compared with the same objective
@@ -71,7 +75,7 @@ SUPPORTS = {
 }
 DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
 ALPHAS = (0.5, 1.0, 1.5)
-FLOOR: float | None = -12.0  # the build's default; --floor sets another (None: no floor)
+FLOOR: float | None = -16.0  # `cache build`'s default; --floor sets another (None: no floor)
 MIN_TAIL = 0.01  # --sample-min-tail default
 TERMS = {
     "kd_fkl": dict(weights={"kd": 1.0}),
@@ -119,6 +123,54 @@ def logits_of(model, batches, max_rows: int) -> torch.Tensor:
     """Float32 logits (rows, V) at the supervised positions."""
     rows = [model(ids, use_cache=False).logits[0, pos].float() for ids, pos in batches]
     return torch.cat(rows)[:max_rows]
+
+
+def train_points(steps: int) -> list[int]:
+    return sorted({0, steps // 4, steps})
+
+
+def response_hidden(model, batches, max_rows: int) -> torch.Tensor:
+    """Student logits (rows, V) at the supervised positions, with the autograd graph: the head is applied
+    to those rows only, so that the graph holds no (sequence, V) logits."""
+    hidden = [model.model(ids, use_cache=False).last_hidden_state[0, pos] for ids, pos in batches]
+    return model.lm_head(torch.cat(hidden)[:max_rows]).float()
+
+
+def along_training(model, batches, pair: str, lT, lB, lS0, cached: dict, names, steps: int, lr: float) -> dict:
+    """Angles at steps 0, steps/4 and steps of real training, each objective its own run.
+
+    The student is the pair's student base itself (the layer-dropped copy that gave lS0), trained
+    with Adam on the float64 full-vocabulary objective (`reference`'s gradient w.r.t. the logits,
+    back-propagated through the model), one batch of every measured position per step. At step 0 the
+    student is exactly πS0 (no noise); later its whole distribution has moved as a model's does,
+    tail included, which the straight path from z0 cannot show.
+    """
+    from benchmarks.real_pair import prune_layers
+
+    out = {}
+    for n in names:
+        torch.manual_seed(0)
+        student = prune_layers(model, PAIRS[pair]["student"])
+        opt = torch.optim.Adam(student.parameters(), lr=lr)
+        rows, at = {}, train_points(steps)
+        for step in range(steps + 1):
+            z = response_hidden(student, batches, lT.shape[0])
+            v, g = reference(n, z.detach().double(), lT, lB, lS0)
+            if step in at:
+                row = rows.setdefault(step, {"full_loss": v})
+                for key, tg in cached.items():
+                    cv, cg = loss_and_grad(z.detach().double(), tg, spec_of(n))
+                    row[key] = {"rel_error": abs(cv - v) / abs(v), "angle": angle(cg, g)}
+            if step == steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            z.backward(g.float())
+            opt.step()
+            del z, g
+        out[n] = rows
+        print(f"  {n} trained {steps} steps: full loss {rows[0]['full_loss']:.4g} -> {v:.4g}", flush=True)
+        del student, opt
+    return out
 
 
 def distributions(wheel: str, work: Path, data: str, n_examples: int, max_rows: int) -> dict:
@@ -316,8 +368,9 @@ def outside_mass(tg) -> dict:
     return {"T": m(tg["tail_ft"]), "B": m(tg["tail_base"]), "S0": m(tg["tail_s0"]), "star_a1": m(star[:, -1])}
 
 
-def measure_pair(lT, lB, lS0, supports, work: Path, names) -> dict:
-    """One objective and one student point at a time: a few (rows x V) float64 tensors live at once."""
+def measure_pair(lT, lB, lS0, supports, work: Path, names) -> tuple[dict, dict]:
+    """(results, cached targets per support). One objective and one student point at a time: a few
+    (rows x V) float64 tensors live at once."""
     z0 = lS0 + torch.randn(lS0.shape, generator=torch.Generator().manual_seed(0), dtype=lS0.dtype)
     out = {"regime": regime(lT, lB, lS0), "supports": {}}
     cached = {}
@@ -354,7 +407,7 @@ def measure_pair(lT, lB, lS0, supports, work: Path, names) -> dict:
                 "grad_norm_rel": float(g.norm() / norm0),
             }
         print(f"  {n} done", flush=True)
-    return out
+    return out, cached
 
 
 def print_pair(pair: str, res: dict, names) -> None:
@@ -399,6 +452,23 @@ def print_pair(pair: str, res: dict, names) -> None:
         print(f"| {row['label']} | {row['bytes_per_token']:.0f} | {row['mean_ids']:.1f} | {cells} |")
 
 
+def print_training(res: dict, names) -> None:
+    sup, train = res["supports"], res["training"]
+    steps = sorted({int(s) for n in names for s in train[n]})
+    print(
+        "\nalong real training (the student base trained on each objective's full-vocabulary gradient; "
+        "step 0 is πS0 itself): gradient angle (°) at steps " + " / ".join(map(str, steps))
+    )
+    print(
+        "full-vocabulary loss at those steps: "
+        + "; ".join(f"{n} " + " / ".join(f"{train[n][s]['full_loss']:.3g}" for s in steps) for n in names)
+    )
+    print("\n| support | B/tok | ids | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
+    for key, row in sup.items():
+        cells = " | ".join(" / ".join(f"{train[n][s][key]['angle']:.1f}" for s in steps) for n in names)
+        print(f"| {row['label']} | {row['bytes_per_token']:.0f} | {row['mean_ids']:.1f} | {cells} |")
+
+
 def _span(layers) -> str:
     """[0, 1, 2, 5, 6] -> "0-2,5-6"."""
     runs, start = [], layers[0]
@@ -430,6 +500,14 @@ def main():
     ap.add_argument(
         "--floor", default=str(FLOOR), help="log-prob floor in P1/P3 on both sides, as `cache build --floor`, or 'none'"
     )
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="also train the pair's student base for this many steps on each objective (full vocabulary, Adam) "
+        "and measure the angles at steps 0, N/4 and N (about 3 s a step per objective here; 0: off)",
+    )
+    ap.add_argument("--train-lr", type=float, default=1e-4, help="Adam learning rate of --train-steps")
     a = ap.parse_args()
     FLOOR = parse_floor(a.floor)
     pairs, supports, names = a.pairs.split(","), a.supports.split(","), a.terms.split(",")
@@ -443,11 +521,20 @@ def main():
     d = distributions(a.smollm2_wheel, work, a.data, a.examples, a.rows)
     lT = torch.log_softmax(d["T"].double(), -1)
     print(f"{lT.shape[0]} positions, vocabulary {lT.shape[1]}; floor {FLOOR} in P1/P3 (both sides; None: no floor)")
+    if a.train_steps:
+        tok, model = load_smollm2(a.smollm2_wheel, work)
+        batches = examples(tok, a.data, a.examples, a.rows)
     results = {}
     for pair in pairs:
         lB, lS0 = (torch.log_softmax(d[pair][r].double(), -1) for r in ("B", "S0"))
-        results[pair] = measure_pair(lT, lB, lS0, supports, work, names)
+        results[pair], cached = measure_pair(lT, lB, lS0, supports, work, names)
         print_pair(pair, results[pair], names)
+        if a.train_steps:
+            results[pair]["training"] = along_training(
+                model, batches, pair, lT, lB, lS0, cached, names, a.train_steps, a.train_lr
+            )
+            print_training(results[pair], names)
+        del cached
     print(
         json.dumps(
             {
@@ -458,6 +545,8 @@ def main():
                 "machine": platform.machine(),
                 "torch": torch.__version__,
                 "floor": FLOOR,
+                "train_steps": a.train_steps,
+                "train_lr": a.train_lr,
                 "alphas": ALPHAS,
                 "pairs": {p: PAIRS[p] for p in pairs},
                 "seconds": round(time.time() - t0, 1),

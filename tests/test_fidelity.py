@@ -37,7 +37,7 @@ def test_measured_cache_vanishes_where_every_objective_does(tmp_path):
     with the reference everywhere."""
     lT, lB, lS0 = synthetic(2)
     names = ["kd_fkl", "p1_a1", "p3_a0.5", "p3_a1.5"]
-    res = F.measure_pair(lT, lB, lS0, ["union16s16", "vocab"], tmp_path, names)
+    res, _ = F.measure_pair(lT, lB, lS0, ["union16s16", "vocab"], tmp_path, names)
     vocab, cached = res["supports"]["vocab"], res["supports"]["union16s16"]
     for n in names:
         for p in ("z0", "s0.5", "s0.9"):
@@ -45,6 +45,30 @@ def test_measured_cache_vanishes_where_every_objective_does(tmp_path):
         if n != "kd_fkl":  # KD respreads πT over the drawn ids: noise at its optimum, by design
             assert cached[n]["optimum"]["grad_norm_rel"] < 0.01, (n, cached[n]["optimum"])  # float16 values: ~1e-3
     assert math.isfinite(cached["kd_fkl"]["z0"]["angle"]) and cached["bytes_per_token"] > 0
+
+
+def test_along_training_follows_a_real_student_and_agrees_on_the_whole_vocabulary(monkeypatch):
+    """--train-steps: a model trained on each full-vocabulary objective; with the whole vocabulary as the cache the
+    angle stays 0 at every measured step, and the objective falls (the student does move)."""
+    from deltakd.demo.tiny import tiny_llama
+
+    V, n = 200, 12
+    model = tiny_llama(V, hidden=32, layers=3, seed=0)
+    monkeypatch.setitem(F.PAIRS, "tiny", dict(base=[0, 1], student=[0, 2]))
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, V, (1, 9), generator=g), torch.arange(2, 8)) for _ in range(2)]
+    lT, lB, _ = synthetic(n=n, v=V)
+    from benchmarks.real_pair import prune_layers
+
+    with torch.no_grad():
+        lS0 = torch.log_softmax(F.response_hidden(prune_layers(model, [0, 2]), batches, n).double(), -1)
+    names = ["kd_fkl", "p3_a1"]
+    res = F.along_training(model, batches, "tiny", lT, lB, lS0, {"vocab": F.full_targets(lT, lB, lS0)}, names, 4, 1e-2)
+    for name in names:
+        assert sorted(res[name]) == F.train_points(4) == [0, 1, 4]
+        for step, row in res[name].items():
+            assert row["vocab"]["angle"] < 1e-3 and row["vocab"]["rel_error"] < 1e-6, (name, step, row)
+        assert res[name][4]["full_loss"] < 0.9 * res[name][0]["full_loss"], (name, res[name])
 
 
 WHEEL = os.environ.get("DELTAKD_SMOLLM2_WHEEL", "")
