@@ -451,3 +451,26 @@ def test_tied_embeddings_checkpoint_and_resume(tiny, cache_dir, tmp_path):
     assert emb.data_ptr() == head.data_ptr()
     assert not torch.equal(emb, tied.get_input_embeddings().weight)  # the trained weights came back
     save_training_state(tr)  # and saving again works
+
+
+def test_mass_outside_is_what_the_stored_ids_leave(cache_dir):
+    r = CacheReader(cache_dir)
+    name = r.shard_names[1]
+    t = r.read_shard(name).rows(torch.arange(int(r.read_shard(name).sup_offsets[-1])))
+    held = torch.where(t["valid"], t["logp_s0"].double().exp(), torch.zeros((), dtype=torch.float64)).sum(1)
+    outside = torch.from_numpy(r.mass_outside("s0", shard=1)).double()
+    assert outside.shape == held.shape and float(outside.min()) > 0.05  # the tiny random student base is broad
+    assert torch.allclose(held + outside, torch.ones_like(held), atol=5e-3)  # float16 storage
+
+
+def test_broad_base_notice_names_the_objectives_that_read_the_tail(cache_dir, monkeypatch):
+    from deltakd.student import trainer as T
+    from deltakd.student.objective import LossSpec
+
+    r = CacheReader(cache_dir)
+    p3 = T.broad_base_notice(LossSpec(weights={"sft": 0.5, "p3": 0.5}), r)
+    rkl = T.broad_base_notice(LossSpec(weights={"kd": 1.0}, divergence="rkl"), r)
+    assert "P3" in p3 and str(r.root) in p3 and "rkl divergence" in rkl
+    assert T.broad_base_notice(LossSpec(weights={"p1": 1.0}), r) is None  # forward KL: faithful
+    monkeypatch.setattr(T, "BROAD_OUTSIDE", 1.01)  # no base is that broad: no notice
+    assert T.broad_base_notice(LossSpec(weights={"p3": 1.0}), r) is None

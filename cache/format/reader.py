@@ -224,6 +224,14 @@ class CacheReader:
     def __len__(self) -> int:
         return int(self.manifest["totals"]["n_seqs"])
 
+    def mass_outside(self, key: str, shard: int = 0) -> np.ndarray:
+        """Each supervised row's mass outside the stored ids (its tail bucket) in one shard, float32:
+        key "ft", "base" (teacher arrays) or "s0" (student arrays)."""
+        name = self.shard_names[shard]
+        group = self.root / (schema.STUDENT_DIR if key == "s0" else schema.TEACHER_DIR) / name
+        tail = schema.read_group(group, [f"tail_{key}"])[f"tail_{key}"]
+        return schema.decode_values(tail, self.manifest["value_dtype"]).float().exp().numpy()
+
     def read_shard(self, name: str, student: bool | None = None, arrays: list[str] | None = None) -> ShardData:
         """Decode a whole shard; arrays are read in parallel threads (zarr's codecs release the GIL).
 
