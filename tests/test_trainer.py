@@ -191,6 +191,7 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny, cache_dir, tm
         env=env,
     )
     assert one.returncode == 0, one.stderr[-2000:]
+    assert "the student base keeps a median" in one.stdout and "P3" in one.stdout  # the tiny base is broad
     two = subprocess.run(
         [
             sys.executable,
