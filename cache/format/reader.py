@@ -301,11 +301,24 @@ class CacheReader:
             ]
         if self.verify:
             integrity.check_files(self.root, self.manifest, name, [n for d, n, _ in jobs if d == tdir], student)
-        try:
-            with ThreadPoolExecutor(self.threads) as ex:
-                raw = dict(zip([n for _, n, _ in jobs], ex.map(lambda j: read_ranges(j[0], j[1], *j[2]), jobs)))
-        except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
-            raise CacheFormatError(f"{e}; {integrity.hint(self.root)}") from e
+        entry_values = {
+            n for n, spec in schema.arrays_of(self.version, False, self.manifest).items() if spec[0] == "entry"
+        }
+        entry_values |= {n for n, spec in schema.arrays_of(self.version, True).items() if spec[0] == "entry"}
+
+        def read(job) -> np.ndarray:
+            try:
+                a = read_ranges(*job[:2], *job[2])
+            except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
+                raise CacheFormatError(f"{e}; {integrity.hint(self.root)}") from e
+            if self.verify and self.version >= 2 and job[1] in entry_values:
+                # Checked here, in the reading thread and while the other arrays decode, not after all of them.
+                integrity.check_raw(self.root, self.manifest, name, {job[1]: a}, rows=False)
+                integrity.check_stored(self.root, name, {job[1]: a}, self.manifest)
+            return a
+
+        with ThreadPoolExecutor(self.threads) as ex:
+            raw = dict(zip([n for _, n, _ in jobs], ex.map(read, jobs)))
         if self.verify:
             integrity.check_raw(self.root, self.manifest, name, raw, rows=False)
         raw["seq_offsets"] = np.concatenate([[0], np.cumsum(off[rows + 1] - off[rows])]).astype(np.int64)
@@ -313,9 +326,8 @@ class CacheReader:
         raw["example_ids"] = index.arrays["example_ids"].numpy()[rows]
         # Version 2's entry arrays stay as stored: a batch converts only its own entries (ShardData.rows).
         data = self._decode(raw, keep_entries=self.version >= 2)
-        if self.verify:
+        if self.verify:  # the stored entry arrays were checked as they were read
             integrity.check_values(self.root, name, data.arrays, self.version)
-            integrity.check_stored(self.root, name, data.stored, self.manifest)
         return data
 
     def _decode(self, raw: dict[str, np.ndarray], keep_entries: bool = False) -> ShardData:
