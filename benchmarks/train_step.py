@@ -23,7 +23,8 @@ Data parallel on CPU (gloo, 2 ranks under torchrun, same global batches):
                 checks off (what verifying every read costs; zarr's crc32c stays on)
 
     python -m benchmarks.train_step --only parallel   # just the data-parallel rows (~1 min)
-    python -m benchmarks.train_step --only loader     # just the loader per rank
+    python -m benchmarks.train_step --only loader     # just the loader per rank, and its bound
+                                                      # (loader_bound: decode and collate alone)
 
 Peers (optional: pip install -e ".[peers]"; benchmarks/peers.py says exactly what each one calls), plain KD
 (forward KL) on the same batches. Step times: all five in one process, steps interleaved batch by batch
@@ -339,6 +340,72 @@ def print_parallel(par: dict, loader_rows: list[dict]) -> dict:
     }
 
 
+def loader_bound(work: Path, batch_tokens: int, repeats: int = 3) -> dict:
+    """What one rank's loader cannot beat on this machine: the two unavoidable parts of its work, each alone.
+
+    decode   zstd-decompressing every chunk of the arrays a batch reads (numcodecs, which zarr's zstd codec
+             calls; the chunk files already read into memory, crc32c not checked), in 1 thread and in one
+             thread per core (it releases the GIL);
+    collate  building every batch of one epoch (student/data.py collate: ragged -> padded, float16 ->
+             float32) from a shard already decoded, in 1 thread.
+    Each token needs both, so with perfect parallelism over c cores a loader delivers at most
+    c / (1/decode + 1/collate) tokens/s (best of `repeats`; one shard, as the loader rows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numcodecs
+
+    from deltakd.cache.format import schema
+    from deltakd.cache.format.reader import CacheReader
+    from deltakd.student.data import StreamingLoader, collate
+
+    _, cache = setup(work)
+    reader = CacheReader(cache)
+    name = reader.shard_names[0]
+    loader = StreamingLoader(reader, batch_tokens=batch_tokens, with_student=True, seed=0)
+    plan, mine, shard, at = loader._read((0, 0, name, 0), 0, 0)
+    tokens = int(shard.arrays["seq_offsets"][-1])
+    groups = (reader.root / schema.TEACHER_DIR / name, reader.root / schema.STUDENT_DIR / name)
+    blobs = [
+        f.read_bytes()[:-4]  # the crc32c codec's 4 trailing bytes
+        for g in groups
+        for arr in sorted(p for p in g.iterdir() if p.is_dir())
+        for f in sorted((arr / "c").rglob("*"))
+        if f.is_file()
+    ]
+    zstd, cores = numcodecs.Zstd(), os.cpu_count() or 1
+
+    def best(fn) -> float:
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+
+    one = best(lambda: [zstd.decode(b) for b in blobs])
+    with ThreadPoolExecutor(cores) as ex:
+        many = best(lambda: list(ex.map(zstd.decode, blobs)))
+    coll = best(lambda: [collate(shard, at[plan[b]], 0, True) for b in mine])
+    decode_tps, collate_tps = tokens / one, tokens / coll
+    return {
+        "tokens": tokens,
+        "cores": cores,
+        "decode_1_thread_tokens_per_s": decode_tps,
+        "decode_all_cores_tokens_per_s": tokens / many,
+        "collate_1_thread_tokens_per_s": collate_tps,
+        "bound_tokens_per_s": cores / (1 / decode_tps + 1 / collate_tps),
+    }
+
+
+def print_bound(b: dict) -> None:
+    print(
+        f"\nwhat one rank cannot beat here ({b['cores']} cores): zstd decode {b['decode_1_thread_tokens_per_s']:.0f} "
+        f"tok/s in 1 thread, {b['decode_all_cores_tokens_per_s']:.0f} in {b['cores']}; collate "
+        f"{b['collate_1_thread_tokens_per_s']:.0f} tok/s in 1 thread; both, perfectly parallel: "
+        f"{b['bound_tokens_per_s']:.0f} tok/s"
+    )
+
+
 def print_loader(loader_rows: list[dict]) -> None:
     print(
         f"\n{'loader ranks x accum':<22}{'rank-0 tokens':>14}{'3 epochs s':>11}{'tok/s per rank':>16}"
@@ -619,6 +686,8 @@ def main():
     if a.only == "loader":
         loader_rows = loader_per_rank(work, a.batch_tokens)
         print_loader(loader_rows)
+        bound = loader_bound(work, a.batch_tokens)
+        print_bound(bound)
         print(
             json.dumps(
                 {
@@ -630,6 +699,7 @@ def main():
                     "vocab": 32000,
                     "batch_tokens": a.batch_tokens,
                     "loader_per_rank": loader_rows,
+                    "loader_bound": bound,
                 }
             )
         )
