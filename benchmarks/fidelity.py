@@ -18,9 +18,10 @@ in for points along training. At z* itself the full-vocabulary loss and gradient
 there the table gives the cached gradient's norm relative to the full one at z0 (an
 estimator that does not vanish at the optimum keeps pushing a converged student).
 With --train-steps N the pair's student base itself is also trained, one run per objective, on the
-objective's float64 full-vocabulary gradient (Adam, all measured positions each step), and the angles
-are measured at steps 0, N/4 and N: real points along training, where the whole distribution moves
-as a model's does (step 0 is πS0 itself, without the noise of z0).
+objective's float64 full-vocabulary gradient (Adam) on the next --examples examples of the data, and
+the angles are measured on the held-out measured positions at steps 0, N/4 and N: real points along
+training, where the whole distribution moves as a model's does (step 0 is πS0 itself, without the
+noise of z0); w.r.t. the logits and for the parameters' gradient, what the optimizer sees.
 For each support the shard is built by the builder's own code (`lockstep_rows`, seeded),
 written, read back by the reader, and each loss of the trainer's objective (its fused
 chunk, `objective.terms_and_logit_grad`, in float64) is compared with the same objective
@@ -105,10 +106,11 @@ def load_smollm2(wheel: str, cache_dir: Path):
     return tok, model
 
 
-def examples(tok, data: str, n_examples: int, max_rows: int):
-    """(token ids (1, L), supervised positions) per example, until max_rows positions."""
+def examples(tok, data: str, n_examples: int, max_rows: int, skip: int = 0):
+    """(token ids (1, L), supervised positions) per example, until max_rows positions; `skip`: start at
+    that example."""
     out, n = [], 0
-    for rec, _ in read_eval_examples(data)[:n_examples]:
+    for rec, _ in read_eval_examples(data)[skip : skip + n_examples]:
         ids, plen, _ = encode_record(tok, rec, 256)
         pos = torch.arange(max(plen - 1, 0), len(ids) - 1)  # position t predicts response token t+1
         out.append((torch.tensor([ids]), pos))
@@ -133,42 +135,66 @@ def response_hidden(model, batches, max_rows: int) -> torch.Tensor:
     """Student logits (rows, V) at the supervised positions, with the autograd graph: the head is applied
     to those rows only, so that the graph holds no (sequence, V) logits."""
     hidden = [model.model(ids, use_cache=False).last_hidden_state[0, pos] for ids, pos in batches]
-    return model.lm_head(torch.cat(hidden)[:max_rows]).float()
+    return model.lm_head(torch.cat(hidden)[:max_rows]).float()  # max_rows None: all
 
 
-def along_training(model, batches, pair: str, lT, lB, lS0, cached: dict, names, steps: int, lr: float) -> dict:
+def param_grad(z: torch.Tensor, params, g: torch.Tensor) -> torch.Tensor:
+    """The parameters' gradient, flattened, that a gradient g w.r.t. the logits z back-propagates to."""
+    grads = torch.autograd.grad(z, params, grad_outputs=g.to(z.dtype), retain_graph=True)
+    return torch.cat([x.reshape(-1) for x in grads]).double()
+
+
+def along_training(model, batches, train_batches, pair: str, lT, lB, lS0, cached: dict, names, steps: int, lr: float):
     """Angles at steps 0, steps/4 and steps of real training, each objective its own run.
 
     The student is the pair's student base itself (the layer-dropped copy that gave lS0), trained
     with Adam on the float64 full-vocabulary objective (`reference`'s gradient w.r.t. the logits,
-    back-propagated through the model), one batch of every measured position per step. At step 0 the
-    student is exactly πS0 (no noise); later its whole distribution has moved as a model's does,
-    tail included, which the straight path from z0 cannot show.
+    back-propagated through the model) on `train_batches`: other examples than the measured ones,
+    whose targets come from the same three models, all their positions each step. The measured
+    positions are held out, as a fresh batch is in training: the student is never fitted to them. At
+    step 0 the student is exactly πS0 (no noise); later its whole distribution has moved as a model's
+    does, tail included, which the straight path from z0 cannot show. Besides the angle w.r.t. the
+    logits, the angle of the parameters' gradient on the measured positions (what the optimizer sees).
     """
     from benchmarks.real_pair import prune_layers
 
+    with torch.no_grad():
+        lT_tr = torch.log_softmax(response_hidden(model, train_batches, None).double(), -1)
+        lB_tr, lS0_tr = (
+            torch.log_softmax(response_hidden(prune_layers(model, PAIRS[pair][r]), train_batches, None).double(), -1)
+            for r in ("base", "student")
+        )
     out = {}
     for n in names:
         torch.manual_seed(0)
         student = prune_layers(model, PAIRS[pair]["student"])
-        opt = torch.optim.Adam(student.parameters(), lr=lr)
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=lr)
         rows, at = {}, train_points(steps)
         for step in range(steps + 1):
-            z = response_hidden(student, batches, lT.shape[0])
-            v, g = reference(n, z.detach().double(), lT, lB, lS0)
             if step in at:
+                z = response_hidden(student, batches, lT.shape[0])
+                v, g = reference(n, z.detach().double(), lT, lB, lS0)
                 row = rows.setdefault(step, {"full_loss": v})
+                full_p = param_grad(z, params, g)
                 for key, tg in cached.items():
                     cv, cg = loss_and_grad(z.detach().double(), tg, spec_of(n))
-                    row[key] = {"rel_error": abs(cv - v) / abs(v), "angle": angle(cg, g)}
+                    row[key] = {
+                        "rel_error": abs(cv - v) / abs(v),
+                        "angle": angle(cg, g),
+                        "param_angle": angle(param_grad(z, params, cg), full_p),
+                    }
+                del z, g, full_p
             if step == steps:
                 break
+            z = response_hidden(student, train_batches, None)
+            _, g = reference(n, z.detach().double(), lT_tr, lB_tr, lS0_tr)
             opt.zero_grad(set_to_none=True)
             z.backward(g.float())
             opt.step()
             del z, g
         out[n] = rows
-        print(f"  {n} trained {steps} steps: full loss {rows[0]['full_loss']:.4g} -> {v:.4g}", flush=True)
+        print(f"  {n} trained {steps} steps: held-out full loss {rows[0]['full_loss']:.4g} -> {v:.4g}", flush=True)
         del student, opt
     return out
 
@@ -463,10 +489,12 @@ def print_training(res: dict, names) -> None:
         "full-vocabulary loss at those steps: "
         + "; ".join(f"{n} " + " / ".join(f"{train[n][s]['full_loss']:.3g}" for s in steps) for n in names)
     )
-    print("\n| support | B/tok | ids | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
-    for key, row in sup.items():
-        cells = " | ".join(" / ".join(f"{train[n][s][key]['angle']:.1f}" for s in steps) for n in names)
-        print(f"| {row['label']} | {row['bytes_per_token']:.0f} | {row['mean_ids']:.1f} | {cells} |")
+    for what, label in (("angle", "w.r.t. the logits"), ("param_angle", "of the parameters' gradient")):
+        print(f"\n{label}\n")
+        print("| support | B/tok | ids | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
+        for key, row in sup.items():
+            cells = " | ".join(" / ".join(f"{train[n][s][key][what]:.1f}" for s in steps) for n in names)
+            print(f"| {row['label']} | {row['bytes_per_token']:.0f} | {row['mean_ids']:.1f} | {cells} |")
 
 
 def _span(layers) -> str:
@@ -524,6 +552,7 @@ def main():
     if a.train_steps:
         tok, model = load_smollm2(a.smollm2_wheel, work)
         batches = examples(tok, a.data, a.examples, a.rows)
+        train_batches = examples(tok, a.data, a.examples, a.rows, skip=a.examples)  # never measured
     results = {}
     for pair in pairs:
         lB, lS0 = (torch.log_softmax(d[pair][r].double(), -1) for r in ("B", "S0"))
@@ -531,7 +560,7 @@ def main():
         print_pair(pair, results[pair], names)
         if a.train_steps:
             results[pair]["training"] = along_training(
-                model, batches, pair, lT, lB, lS0, cached, names, a.train_steps, a.train_lr
+                model, batches, train_batches, pair, lT, lB, lS0, cached, names, a.train_steps, a.train_lr
             )
             print_training(results[pair], names)
         del cached

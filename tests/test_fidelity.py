@@ -48,27 +48,32 @@ def test_measured_cache_vanishes_where_every_objective_does(tmp_path):
 
 
 def test_along_training_follows_a_real_student_and_agrees_on_the_whole_vocabulary(monkeypatch):
-    """--train-steps: a model trained on each full-vocabulary objective; with the whole vocabulary as the cache the
-    angle stays 0 at every measured step, and the objective falls (the student does move)."""
+    """--train-steps: a model trained on other examples with each full-vocabulary objective; with the whole
+    vocabulary as the cache both angles stay 0 at every measured step, and the held-out objective falls (the
+    student does move)."""
+    from benchmarks.real_pair import prune_layers
     from deltakd.demo.tiny import tiny_llama
 
-    V, n = 200, 12
+    V = 200
     model = tiny_llama(V, hidden=32, layers=3, seed=0)
     monkeypatch.setitem(F.PAIRS, "tiny", dict(base=[0, 1], student=[0, 2]))
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, V, (1, 9), generator=g), torch.arange(2, 8)) for _ in range(2)]
-    lT, lB, _ = synthetic(n=n, v=V)
-    from benchmarks.real_pair import prune_layers
-
+    batch = lambda: [(torch.randint(0, V, (1, 9), generator=g), torch.arange(2, 8)) for _ in range(2)]  # noqa: E731
+    measured, train = batch(), batch()
     with torch.no_grad():
-        lS0 = torch.log_softmax(F.response_hidden(prune_layers(model, [0, 2]), batches, n).double(), -1)
+        lT, lB, lS0 = (
+            torch.log_softmax(F.response_hidden(m, measured, None).double(), -1)
+            for m in (model, prune_layers(model, [0, 1]), prune_layers(model, [0, 2]))
+        )
     names = ["kd_fkl", "p3_a1"]
-    res = F.along_training(model, batches, "tiny", lT, lB, lS0, {"vocab": F.full_targets(lT, lB, lS0)}, names, 4, 1e-2)
+    cached = {"vocab": F.full_targets(lT, lB, lS0)}
+    res = F.along_training(model, measured, train, "tiny", lT, lB, lS0, cached, names, 4, 1e-3)
     for name in names:
         assert sorted(res[name]) == F.train_points(4) == [0, 1, 4]
         for step, row in res[name].items():
             assert row["vocab"]["angle"] < 1e-3 and row["vocab"]["rel_error"] < 1e-6, (name, step, row)
-        assert res[name][4]["full_loss"] < 0.9 * res[name][0]["full_loss"], (name, res[name])
+            assert row["vocab"]["param_angle"] < 1e-2, (name, step, row)
+        assert res[name][4]["full_loss"] < res[name][0]["full_loss"], (name, res[name])
 
 
 WHEEL = os.environ.get("DELTAKD_SMOLLM2_WHEEL", "")
