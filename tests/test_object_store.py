@@ -429,3 +429,30 @@ def test_every_rank_reports_an_unreachable_store(tiny, tmp_path, s3):
     lines = [l for l in res.stderr.splitlines() if l.startswith("deltakd: error: train: the object store did not")]
     assert res.returncode != 0 and len(lines) == 2, res.stderr[-3000:]
     assert "never awaited" not in res.stderr
+
+
+def test_a_dropped_requests_leftover_task_is_not_printed_and_other_errors_are(caplog):
+    """aiohttp's body-writing task of a dropped request ends with the network fault nobody retrieves; the
+    request's retry loop has met it, so asyncio's "never retrieved" record of it is dropped. Any other
+    unhandled exception, or the same fault reported otherwise, still reaches the log."""
+    import asyncio
+    import logging
+
+    import aiohttp
+
+    from deltakd.runtime import remote
+
+    remote.quiet_dropped_requests()
+    remote.quiet_dropped_requests()  # once is enough, twice adds nothing
+    assert logging.getLogger("asyncio").filters.count(remote._DROPPED) == 1
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            drop = aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+            loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": drop})
+            assert not caplog.records
+            loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": ValueError()})
+            loop.call_exception_handler({"message": "Exception in callback", "exception": drop})
+            assert len(caplog.records) == 2
+    finally:
+        loop.close()

@@ -23,6 +23,7 @@ are reported the same way. Runs no model; imports no other room.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from contextlib import contextmanager
@@ -106,6 +107,28 @@ def configure(fs) -> None:
         return
     _register_s3fs_errors()
     fs.retries = s3fs_attempts(retry_seconds())
+    quiet_dropped_requests()
+
+
+class _DroppedRequests(logging.Filter):
+    """When a connection drops mid-request, aiohttp leaves the request's body-writing task behind with the
+    network fault as its exception, and nobody retrieves it: asyncio's handler (on whichever loop ran it,
+    fsspec's or zarr's) would log "Task exception was never retrieved" with a traceback, although the
+    request's own retry loop has already met that fault (retried it, or raised it as the one-line error the
+    CLI prints). Those records, and only those, are dropped from the "asyncio" logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and "never retrieved" in record.getMessage() and network_failure(exc))
+
+
+_DROPPED = _DroppedRequests()
+
+
+def quiet_dropped_requests() -> None:
+    logger = logging.getLogger("asyncio")
+    if _DROPPED not in logger.filters:
+        logger.addFilter(_DROPPED)
 
 
 _registered = [False]
