@@ -248,21 +248,26 @@ def decoded_share(reader, fn) -> float:
 
 
 def loader_per_rank(
-    work: Path, batch_tokens: int, ranks=((1, 1), (2, 1), (4, 1), (2, 2), (1, 1, False)), repeats: int = 3
+    work: Path,
+    batch_tokens: int,
+    ranks=((1, 1), (2, 1), (4, 1), (2, 2), (1, 1, False), (1, 1, True, True)),
+    repeats: int = 3,
 ) -> list[dict]:
     """Rank 0 of N (accumulating `accum`) streams three epochs; best of `repeats`.
 
-    The last row reads with the reader's checks off (listed chunks, dtypes, counts, finiteness;
-    zarr checks each chunk's crc32c either way): what the checks cost."""
+    One row reads with the reader's checks off (listed chunks, dtypes, counts, finiteness;
+    zarr checks each chunk's crc32c either way): what the checks cost. The last carries the 16-bit
+    log-probs as stored (half_targets, the trainer's choice on a GPU, where Batch.to widens them)."""
     from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
     _, cache = setup(work)
     rows = []
-    for n, accum, *verified in ranks:
-        verified = verified[0] if verified else True
+    for n, accum, *opts in ranks:
+        verified, half = (*opts, *(True, False)[len(opts) :])  # defaults: checks on, float32 targets
         reader = CacheReader(cache, verify=verified)
         kw = dict(batch_tokens=batch_tokens, with_student=True, seed=0, rank=0, world=n, accum=accum)
+        kw["half_targets"] = half
         best = cpu = None
         for _ in range(repeats):
             # CPU seconds of the process (all loader threads): the loader's work, much less
@@ -278,6 +283,7 @@ def loader_per_rank(
                 "ranks": n,
                 "accum": accum,
                 "verified": verified,
+                "half_targets": half,
                 "rank0_tokens": tokens,
                 "epoch_s": best,
                 "cpu_s": cpu,
@@ -413,6 +419,7 @@ def print_loader(loader_rows: list[dict]) -> None:
     )
     for r in loader_rows:
         label = f"{r['ranks']} x {r['accum']}" + ("" if r["verified"] else ", checks off")
+        label += ", 16-bit" if r.get("half_targets") else ""
         print(
             f"{label:<22}{r['rank0_tokens']:>14}{r['epoch_s']:11.3f}"
             f"{r['tokens_per_s_per_rank']:16.0f}{r['epoch_s_vs_1_rank']:11.2f}{r['cpu_s_vs_1_rank']:12.2f}"

@@ -447,6 +447,7 @@ class Trainer:
             with_student=self.cache_s0,
             pad_id=self.tok.pad_token_id or 0,
             pin_memory=self.device.type == "cuda",
+            half_targets=self.device.type == "cuda",  # widened on the device (Batch.to), where it costs nothing
         )
         # The plan depends on world × grad_accum (data.py): every rank decodes only its ~1/world of a shard.
         self.train_loader_kw = dict(

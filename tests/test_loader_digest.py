@@ -100,6 +100,20 @@ def test_batches_are_the_pinned_ones(case):
     assert digest(case) == tuple(PINNED[case])
 
 
+@pytest.mark.parametrize("case", ["one_rank", "rank1_of_3_accum2", "resumed"])
+def test_half_targets_widened_on_the_device_are_the_pinned_batches(case):
+    """half_targets (what the trainer uses on a GPU): the 16-bit log-probs travel as stored and Batch.to widens
+    them; after .to() every batch is the pinned one."""
+    cache, kw = CASES[case]
+    h, n, half = hashlib.sha256(), 0, 0
+    for b in StreamingLoader(CacheReader(DATA / cache), half_targets=True, **kw):
+        half += sum(t.dtype == torch.float16 for t in b.targets.values())
+        batch_digest(h, b.to("cpu"))
+        n += 1
+    assert half >= 3 * n  # logp_ft, logp_base, logp_s0 (where student arrays are read) travel in 16 bits
+    assert (n, h.hexdigest()) == tuple(PINNED[case])
+
+
 def test_digest_sees_one_changed_value():
     """The digest is not blind: one flipped bit of one target changes it."""
     loader = StreamingLoader(CacheReader(DATA / "cache_v2"), batch_tokens=160, with_student=True, epochs=1)

@@ -39,7 +39,8 @@ def _reference_rows(lengths, ids, values, sample_len, rows):
 
 @pytest.mark.parametrize("value_dtype", ["float16", "bfloat16", "float32"])
 @pytest.mark.parametrize("kept_as_stored", [True, False])
-def test_rows_pad_like_a_per_row_reference(value_dtype, kept_as_stored):
+@pytest.mark.parametrize("widen", [True, False])
+def test_rows_pad_like_a_per_row_reference(value_dtype, kept_as_stored, widen):
     g = np.random.default_rng(0)
     S = 40
     lengths = g.integers(1, 12, S)
@@ -61,11 +62,14 @@ def test_rows_pad_like_a_per_row_reference(value_dtype, kept_as_stored):
         arrays |= {"support_ids": torch.from_numpy(ids.astype(np.int64)), "logp_ft": decoded}
     shard = ShardData(arrays, np.array([0, S]), torch.from_numpy(np.r_[0, np.cumsum(lengths)]), stored, value_dtype)
     for rows in ([3], [5, 6, 7, 20, 21, 2, 39, 0], list(range(S)), []):
-        got = shard.rows(np.array(rows, dtype=np.int64))
+        got = shard.rows(np.array(rows, dtype=np.int64), widen)
         ref_ids, ref_val, ref_valid, ref_sampled = _reference_rows(lengths, ids, decoded.numpy(), sample_len, rows)
-        assert got["support_ids"].dtype == torch.int64 and got["logp_ft"].dtype == torch.float32
+        # widen=False carries 16-bit stored values as they are (the device widens them): the same values.
+        half = not widen and kept_as_stored and value_dtype != "float32"
+        want = {"float16": torch.float16, "bfloat16": torch.bfloat16}[value_dtype] if half else torch.float32
+        assert got["support_ids"].dtype == torch.int64 and got["logp_ft"].dtype == want
         assert np.array_equal(got["support_ids"].numpy(), ref_ids)
-        assert np.array_equal(got["logp_ft"].numpy(), ref_val)
+        assert np.array_equal(got["logp_ft"].float().numpy(), ref_val)
         assert np.array_equal(got["valid"].numpy(), ref_valid)
         assert np.array_equal(got["sampled"].numpy(), ref_sampled)
         assert torch.equal(got["tail_ft"], arrays["tail_ft"][rows])
