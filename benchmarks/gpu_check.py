@@ -144,11 +144,15 @@ def online(root: Path, device: str, steps: int, batch_tokens: int) -> dict:
     return {"step_s": statistics.median(warm), "tokens_per_s": tokens / sum(times), "peak_mem_mb": peak}
 
 
-def loader(root: Path, batch_tokens: int, seconds: float = 10.0) -> dict:
+def loader(root: Path, batch_tokens: int, device: str, seconds: float = 10.0) -> dict:
+    """One rank's loader as the trainer sets it up on `device` (16-bit targets on a GPU, see student/data.py)."""
     from deltakd.cache.format.reader import CacheReader
     from deltakd.student.data import StreamingLoader
 
-    ld = StreamingLoader(CacheReader(root / "cache"), batch_tokens=batch_tokens, with_student=True, seed=0)
+    half = device.startswith("cuda")
+    ld = StreamingLoader(
+        CacheReader(root / "cache"), batch_tokens=batch_tokens, with_student=True, seed=0, half_targets=half
+    )
     tokens, t0 = 0, time.perf_counter()
     for b in ld:
         tokens += b.n_tokens
@@ -240,7 +244,7 @@ def main():
     elif a.step == "online":
         out = online(root, a.device, a.steps, a.batch_tokens)
     elif a.step == "loader":
-        out = loader(root, a.batch_tokens)
+        out = loader(root, a.batch_tokens, a.device)
     else:
         report(root)
         return

@@ -55,6 +55,6 @@ done
 t "online Delta-KD P1, teachers in memory"
 timeout "$TO" "$PY" -m benchmarks.gpu_check online --root "$W" --device "$DEV" --steps 10 --batch-tokens "$BT"
 t "loader"
-"$PY" -m benchmarks.gpu_check loader --root "$W" --batch-tokens "$BT"
+"$PY" -m benchmarks.gpu_check loader --root "$W" --batch-tokens "$BT" --device "$DEV"
 t "report"
 "$PY" -m benchmarks.gpu_check report --root "$W"
