@@ -121,21 +121,21 @@ def examples(tok, data: str, n_examples: int, max_rows: int, skip: int = 0):
 
 
 @torch.no_grad()
-def logits_of(model, batches, max_rows: int) -> torch.Tensor:
-    """Float32 logits (rows, V) at the supervised positions."""
-    rows = [model(ids, use_cache=False).logits[0, pos].float() for ids, pos in batches]
-    return torch.cat(rows)[:max_rows]
+def logits_of(model, batches, max_rows: int | None) -> torch.Tensor:
+    """Float32 logits (rows, V) at the supervised positions (max_rows None: all)."""
+    return response_hidden(model, batches, max_rows)
 
 
 def train_points(steps: int) -> list[int]:
     return sorted({0, steps // 4, steps})
 
 
-def response_hidden(model, batches, max_rows: int) -> torch.Tensor:
-    """Student logits (rows, V) at the supervised positions, with the autograd graph: the head is applied
-    to those rows only, so that the graph holds no (sequence, V) logits."""
+def response_hidden(model, batches, max_rows: int | None) -> torch.Tensor:
+    """Logits (rows, V) at the supervised positions (max_rows None: all), with the autograd graph when
+    grad is on: the head is applied to those rows only, so that neither the graph nor the result holds
+    (sequence, V) logits."""
     hidden = [model.model(ids, use_cache=False).last_hidden_state[0, pos] for ids, pos in batches]
-    return model.lm_head(torch.cat(hidden)[:max_rows]).float()  # max_rows None: all
+    return model.lm_head(torch.cat(hidden)[:max_rows]).float()
 
 
 def param_grad(z: torch.Tensor, params, g: torch.Tensor) -> torch.Tensor:
@@ -158,12 +158,10 @@ def along_training(model, batches, train_batches, pair: str, lT, lB, lS0, cached
     """
     from benchmarks.real_pair import prune_layers
 
-    with torch.no_grad():
-        lT_tr = torch.log_softmax(response_hidden(model, train_batches, None).double(), -1)
-        lB_tr, lS0_tr = (
-            torch.log_softmax(response_hidden(prune_layers(model, PAIRS[pair][r]), train_batches, None).double(), -1)
-            for r in ("base", "student")
-        )
+    lT_tr, lB_tr, lS0_tr = (
+        torch.log_softmax(logits_of(m, train_batches, None).double(), -1)
+        for m in (model, *(prune_layers(model, PAIRS[pair][r]) for r in ("base", "student")))
+    )
     out = {}
     for n in names:
         torch.manual_seed(0)
