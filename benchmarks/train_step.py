@@ -266,8 +266,7 @@ def loader_per_rank(
     for n, accum, *opts in ranks:
         verified, half = (*opts, *(True, False)[len(opts) :])  # defaults: checks on, float32 targets
         reader = CacheReader(cache, verify=verified)
-        kw = dict(batch_tokens=batch_tokens, with_student=True, seed=0, rank=0, world=n, accum=accum)
-        kw["half_targets"] = half
+        kw = dict(batch_tokens=batch_tokens, with_student=True, seed=0, rank=0, world=n, accum=accum, half_targets=half)
         best = cpu = None
         for _ in range(repeats):
             # CPU seconds of the process (all loader threads): the loader's work, much less

@@ -313,18 +313,17 @@ class CacheReader:
             ]
         if self.verify:
             integrity.check_files(self.root, self.manifest, name, [n for d, n, _ in jobs if d == tdir], student)
-        entry_values = {
-            n for n, spec in schema.arrays_of(self.version, False, self.manifest).items() if spec[0] == "entry"
-        }
-        entry_values |= {n for n, spec in schema.arrays_of(self.version, True).items() if spec[0] == "entry"}
+        # Version 2's entry arrays stay as stored (ShardData.rows converts a batch's own entries); they are
+        # checked in the thread that read them, while the other arrays decode, not after all of them.
+        tables = (schema.arrays_of(self.version, False, self.manifest), schema.arrays_of(self.version, True))
+        kept = {n for t in tables for n, spec in t.items() if spec[0] == "entry"} if self.version >= 2 else set()
 
         def read(job) -> np.ndarray:
             try:
                 a = read_ranges(*job[:2], *job[2])
             except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
                 raise CacheFormatError(f"{e}; {integrity.hint(self.root)}") from e
-            if self.verify and self.version >= 2 and job[1] in entry_values:
-                # Checked here, in the reading thread and while the other arrays decode, not after all of them.
+            if self.verify and job[1] in kept:
                 integrity.check_raw(self.root, self.manifest, name, {job[1]: a}, rows=False)
                 integrity.check_stored(self.root, name, {job[1]: a}, self.manifest)
             return a
@@ -332,13 +331,14 @@ class CacheReader:
         with ThreadPoolExecutor(self.threads) as ex:
             raw = dict(zip([n for _, n, _ in jobs], ex.map(read, jobs)))
         if self.verify:
-            integrity.check_raw(self.root, self.manifest, name, raw, rows=False)
+            integrity.check_raw(
+                self.root, self.manifest, name, {n: a for n, a in raw.items() if n not in kept}, rows=False
+            )
         raw["seq_offsets"] = np.concatenate([[0], np.cumsum(off[rows + 1] - off[rows])]).astype(np.int64)
         raw["loss_mask"] = take_ranges(index.arrays["loss_mask"].numpy(), *ranges["token"]).astype(np.uint8)
         raw["example_ids"] = index.arrays["example_ids"].numpy()[rows]
-        # Version 2's entry arrays stay as stored: a batch converts only its own entries (ShardData.rows).
         data = self._decode(raw, keep_entries=self.version >= 2)
-        if self.verify:  # the stored entry arrays were checked as they were read
+        if self.verify:  # the kept entry arrays were checked as they were read
             integrity.check_values(self.root, name, data.arrays, self.version)
         return data
 
