@@ -178,6 +178,25 @@ def test_training_never_reads_corrupt_data_silently(tiny, cache_copy, tmp_path, 
     assert code == 1 and shard in err
 
 
+def test_the_broad_base_figure_reads_the_student_tails_with_the_same_checks(cache_copy):
+    """CacheReader.mass_outside (the trainer's broad-base note) names a damaged tail_s0, as a batch read does."""
+    import zarr
+
+    from deltakd.cache.format.reader import CacheFormatError, CacheReader
+
+    g = zarr.open_group(zarr.storage.LocalStore(str(cache_copy / schema.STUDENT_DIR / "shard-00001")), mode="r+")
+    g["tail_s0"][2] = np.nan
+    assert len(CacheReader(cache_copy).mass_outside("s0", shard=0)) > 0  # an undamaged shard reads
+    with pytest.raises(CacheFormatError, match=r"shard-00001.*tail_s0.*NaN"):
+        CacheReader(cache_copy).mass_outside("s0", shard=1)
+    p = _first_chunk(cache_copy, schema.STUDENT_DIR, "shard-00002", "tail_s0")
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0x40
+    p.write_bytes(bytes(b))
+    with pytest.raises(CacheFormatError, match="checksum"):
+        CacheReader(cache_copy).mass_outside("s0", shard=2)
+
+
 def test_validate_checks_totals_dtypes_and_unlisted_shards(cache_copy):
     m = json.loads((cache_copy / schema.MANIFEST).read_text())
     m["totals"]["n_tokens"] += 1

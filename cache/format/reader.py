@@ -239,10 +239,25 @@ class CacheReader:
     def mass_outside(self, key: str, shard: int = 0) -> np.ndarray:
         """Each supervised row's mass outside the stored ids (its tail bucket) in one shard, float32:
         key "ft", "base" (teacher arrays) or "s0" (student arrays)."""
-        name = self.shard_names[shard]
-        group = self.root / (schema.STUDENT_DIR if key == "s0" else schema.TEACHER_DIR) / name
-        tail = schema.read_group(group, [f"tail_{key}"])[f"tail_{key}"]
-        return schema.decode_values(tail, self.manifest["value_dtype"]).float().exp().numpy()
+        name, array, student = self.shard_names[shard], f"tail_{key}", key == "s0"
+        if student and not self.has_student:
+            raise CacheFormatError(
+                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`"
+            )
+        group = self.root / (schema.STUDENT_DIR if student else schema.TEACHER_DIR) / name
+        # The same checks as any other read: listed files, dtype and row count, then finite values.
+        if self.verify:
+            integrity.check_files(self.root, self.manifest, name, [] if student else [array], student)
+        try:
+            raw = schema.read_group(group, [array])
+        except CacheFormatError as e:  # a chunk failing its crc32c, or not decodable
+            raise CacheFormatError(f"{e}; {integrity.hint(self.root)}") from e
+        if self.verify:
+            integrity.check_raw(self.root, self.manifest, name, raw)
+        tail = schema.decode_values(raw[array], self.manifest["value_dtype"])
+        if self.verify:
+            integrity.check_values(self.root, name, {array: tail}, self.version)
+        return tail.float().exp().numpy()
 
     def read_shard(self, name: str, student: bool | None = None, arrays: list[str] | None = None) -> ShardData:
         """Decode a whole shard; arrays are read in parallel threads (zarr's codecs release the GIL).
