@@ -176,7 +176,9 @@ def along_training(model, batches, train_batches, pair: str, lT, lB, lS0, cached
                 row = rows.setdefault(step, {"full_loss": v})
                 full_p = param_grad(z, params, g)
                 for key, tg in cached.items():
-                    cv, cg = loss_and_grad(z.detach().double(), tg, spec_of(n))
+                    zd = z.detach().double()
+                    # A callable measures its own way (support_proto's estimators): (value, gradient).
+                    cv, cg = tg(zd, n) if callable(tg) else loss_and_grad(zd, tg, spec_of(n))
                     row[key] = {
                         "rel_error": abs(cv - v) / abs(v),
                         "angle": angle(cg, g),

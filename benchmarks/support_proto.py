@@ -15,7 +15,7 @@ with this file's estimators standing in for the trainer's terms. A design (`Desi
              P2's optimum πS0·πT/πB; `departure` adds the ids where a πS0-shaped tail
              misses each distribution most
   samples    m ids drawn outside the support by priority sampling from a proposal ρ:
-             "T" (πT's tail: the format's tail samples) or "mix", the defensive mixture
+             "T" (πT's tail: the format's tail samples), "star1" (π*'s at α 1) or "mix", the defensive mixture
              ρ = Σ_X w_X·π_X/T_X over X ∈ {πT, πS0, π*_α} restricted to the tail (T_X: X's
              tail mass); each drawn id y stands for c(y) = max(ρ(y), τ)/ρ(y) tail ids. ρ is
              recomputed at training time from the stored values and tails (per row only
@@ -36,6 +36,7 @@ angle of the mean gradient is printed too: what is left of it is the estimator's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -91,6 +92,10 @@ DESIGNS = {
     "u16M16": Design("union k=16 + 16 from mix", samples=16, proposal="mix", estimator=FKL),
     "u16M16all": Design("union k=16 + 16 from mix, rkl/JSD too", samples=16, proposal="mix", estimator=ALL),
     "u8M24": Design("union k=8 + 24 from mix", k=8, samples=24, proposal="mix", estimator=FKL),
+    # draws from P1's and P3's own target at α 1 (no defensive components): plain Monte Carlo for them
+    "u16S16": Design("union k=16 + 16 from π*(α 1)", samples=16, proposal="star1", estimator=FKL),
+    "u16S16all": Design("union k=16 + 16 from π*(α 1), rkl/JSD too", samples=16, proposal="star1", estimator=ALL),
+    "u12S24all": Design("union k=12 + 24 from π*(α 1), rkl/JSD too", k=12, samples=24, proposal="star1", estimator=ALL),
     # per-position k by mass held
     "m90k32": Design("mass .9, k 4-32", k=32, mass=0.9),
     "m90k8_32": Design("mass .9, k 8-32", k=32, mass=0.9, k_min=8),
@@ -122,6 +127,15 @@ def top_ids(lp: torch.Tensor, d: Design) -> torch.Tensor:
 
 
 @torch.no_grad()
+def proposal_weights(d: Design) -> dict:
+    """The components of d's proposal ρ and their weights: πT's tail, π*'s at α 1, or the mixture."""
+    if d.proposal == "T":
+        return {"ft": 1.0}
+    if d.proposal == "star1":
+        return {f"star{F.ALPHAS.index(1.0)}": 1.0}
+    return dict(MIX)
+
+
 def build_rows(lT, lB, lS0, d: Design, seed: int = 0) -> dict:
     """Rows in lockstep_rows' layout (float32 like the builder) for design d."""
     lp = {"ft": lT.float(), "base": lB.float(), "s0": lS0.float()}
@@ -148,12 +162,12 @@ def build_rows(lT, lB, lS0, d: Design, seed: int = 0) -> dict:
     out = {}
     if d.samples:
         ninf = torch.full((), NINF)
-        comps = {"ft": lp["ft"]} if d.proposal == "T" else {"ft": lp["ft"], "s0": lp["s0"], **star}
-        weights = {"ft": 1.0} if d.proposal == "T" else dict(MIX)
+        comps = {"ft": lp["ft"], "s0": lp["s0"], **star}
+        weights = proposal_weights(d)
         log_rho = torch.full((c, V), NINF)
         tails = []
-        for r, x in comps.items():
-            t = torch.where(mask, ninf, x)
+        for r in weights:
+            t = torch.where(mask, ninf, comps[r])
             mass = t.logsumexp(1, keepdim=True)
             tails.append(mass[:, 0])
             log_rho = torch.logaddexp(log_rho, t - mass + math.log(weights[r]))
@@ -193,7 +207,7 @@ def log_weights(tg: dict, d: Design) -> tuple[torch.Tensor, torch.Tensor]:
     shift = floored_shift(lt, lb, F.FLOOR)
     for i, a in enumerate(F.ALPHAS):
         comps[f"star{i}"] = (ls + a * shift, tg["tail_star"][:, i])
-    weights = {"ft": 1.0} if d.proposal == "T" else dict(MIX)
+    weights = proposal_weights(d)
     log_rho = torch.full_like(lt, NINF)
     for r, w in weights.items():
         x, tail = comps[r]
@@ -347,10 +361,12 @@ def s0_shaped_loss_and_grad(name: str, z, rows: dict, lS0):
     return float(v.detach()), g
 
 
-def measure(lT, lB, lS0, designs, names, work: Path, draws: int = 1) -> dict:
+def measure(lT, lB, lS0, designs, names, work: Path, draws: int = 1) -> tuple[dict, dict]:
     """Per design and objective: value error and gradient angle of one cache (seed 0) and, for designs that
     draw samples, of the mean gradient over `draws` caches drawn with seeds 0..draws-1 (the gradient a
-    student follows on average over positions and steps: what is left of the angle is the estimator's bias)."""
+    student follows on average over positions and steps: what is left of the angle is the estimator's bias).
+    Also returns, per design, its first cache as a function (z, objective) -> (value, gradient), for
+    fidelity.along_training."""
     z0 = lS0 + torch.randn(lS0.shape, generator=torch.Generator().manual_seed(0), dtype=lS0.dtype)
     cached, out = {}, {}
     for key in designs:
@@ -403,7 +419,7 @@ def measure(lT, lB, lS0, designs, names, work: Path, draws: int = 1) -> dict:
                 "grad_norm_rel_mean": float(gm.norm() / norm0),
             }
         print(f"  {n} done", flush=True)
-    return out
+    return out, {key: functools.partial(lambda key, z, n: cached_mean(key, n, z)[0], key) for key in cached}
 
 
 def print_means(pair: str, res: dict, names) -> None:
@@ -435,6 +451,14 @@ def main():
     ap.add_argument("--designs", default=",".join(DESIGNS))
     ap.add_argument("--terms", default=",".join(F.TERMS))
     ap.add_argument("--draws", type=int, default=1, help="caches drawn per sampled design (mean gradient over them)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="also measure each design along real training (fidelity.py --train-steps: the student base trained "
+        "on each objective's full-vocabulary gradient, angles on held-out positions, of the logits and parameters)",
+    )
+    ap.add_argument("--train-lr", type=float, default=1e-4, help="Adam learning rate of --train-steps")
     a = ap.parse_args()
     t0 = time.time()
     work = Path(a.workdir)
@@ -443,13 +467,23 @@ def main():
     lT = torch.log_softmax(dists["T"].double(), -1)
     names, designs = a.terms.split(","), a.designs.split(",")
     results = {}
+    if a.train_steps:
+        tok, model = F.load_smollm2(a.smollm2_wheel, work)
+        batches = F.examples(tok, a.data, a.examples, a.rows)
+        train_batches = F.examples(tok, a.data, a.examples, a.rows, skip=a.examples)  # never measured
     for pair in a.pairs.split(","):
         lB, lS0 = (torch.log_softmax(dists[pair][r].double(), -1) for r in ("B", "S0"))
-        res = measure(lT, lB, lS0, designs, names, work, a.draws)
+        res, fns = measure(lT, lB, lS0, designs, names, work, a.draws)
         results[pair] = res
         F.print_pair(pair, {"regime": F.regime(lT, lB, lS0), "supports": res}, names)
         if a.draws > 1:
             print_means(pair, res, names)
+        if a.train_steps:
+            train = F.along_training(
+                model, batches, train_batches, pair, lT, lB, lS0, fns, names, a.train_steps, a.train_lr
+            )
+            F.print_training({"supports": res, "training": train}, names)
+            results[pair] = {"designs": res, "training": train}
     print(
         json.dumps(
             {
