@@ -112,7 +112,8 @@ def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor)
 
     In rows with sampled ids (sampled (N, K)), the target's exact mass on those ids plus
     its bucket is respread over the sampled ids in proportion to c·target, where
-    c = max(πT, τ)/πT is the priority-sampling weight (log_c (N, K)); the bucket becomes
+    c = max(ρ, τ)/ρ is the priority-sampling weight of the proposal ρ the ids were drawn
+    from (πT, or π* with --tail-proposal target; log_c (N, K)); the bucket becomes
     empty. These weights w make Σ_drawn w(y)·g(y) the self-normalised priority-sampling
     estimate of Σ_{y∉S} p(y)·g(y) (cache/build/forward.py, sample_tail), so forward KL pulls the
     student's tail toward the teacher's tail tokens instead of leaving its shape free.
@@ -121,10 +122,11 @@ def tail_cells(target: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor)
     row alone would compare a cell's mass with one token's probability). Rows without
     samples come back unchanged, with 0. Targets carry no gradient.
 
-    For πT itself only (KD, P2): the draws follow πT's tail, so the weights c·πT stay
-    bounded and the estimate's mean is the full-vocabulary gradient. π* keeps its tail
-    where πS0 does, where πT's draws rarely land: respread over them it keeps a gradient
-    of sampling noise at πθ = π* (P1 and P3 read the drawn ids as plain entries).
+    A target is respread over draws from its own tail, or from one that covers it: πT over
+    πT's draws (KD, P2), and every target over π*'s draws (P1, P3 too), where the weights
+    c·target stay bounded and the estimate's mean is the full-vocabulary gradient. π* keeps
+    its tail where πS0 does, where πT's draws rarely land: respread over those it would keep a
+    gradient of sampling noise at πθ = π* (with πT's draws P1 and P3 read them as plain entries).
     """
     with torch.no_grad():
         t = upcast(target)
@@ -226,15 +228,18 @@ def delta_p1_loss(
     skew=0.1,
     floor=None,
     tail_star=None,
+    cells=None,
 ):
     """P1 shift-target: D(π* ‖ πθ), π* = delta_target(...).
 
-    Ids the cache drew from πT's tail are plain entries here (exact values; `tail_star` is π*'s
-    exact mass outside all stored ids): their weights follow πT, and π*'s tail lies elsewhere
-    (where πS0 keeps its mass), so respreading π* over them would move the gradient away from
-    the full-vocabulary one."""
+    `cells` = (sampled, log c) from ids drawn from π*'s own tail (a cache built with
+    --tail-proposal target): π*'s tail is respread over them as in tail_cells, forward KL only.
+    Without them (ids drawn from πT's tail) the drawn ids are plain entries (exact values;
+    `tail_star` is π*'s exact mass outside all stored ids): their weights follow πT, and π*'s
+    tail lies elsewhere (where πS0 keeps its mass), so respreading π* over them would move the
+    gradient away from the full-vocabulary one."""
     target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star)
-    return masked_sum(divergence(target, student_log, kind, beta, skew), mask)
+    return _forward_with_cells(target, student_log, kind, beta, skew, cells, mask)
 
 
 def _forward_with_cells(target, student_log, kind, beta, skew, cells, mask):
@@ -255,15 +260,21 @@ def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", 
     return _forward_with_cells(ft_log, q, kind, beta, skew, cells, mask)
 
 
-def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None):
+def delta_p3_loss(student_log, s0_log, ft_log, base_log, alpha=1.0, mask=None, floor=None, tail_star=None, cells=None):
     """P3 shift-matching: Σ_y w(y)·(e(y) − ē)², e = Δθ − α·Δ, Δθ = lθ − lS0, w = π* (no gradient),
     ē = Σ_y w(y)·e(y). Centring removes the per-position normalisation constant.
 
     The tail bucket's α·Δ is target_shift's: with `tail_star` the one implied by the exact
     π* tail, so the weight and the shift of the bucket describe the same target and P3 is
     0, with a zero gradient, at πθ = π*, as on the full vocabulary. Ids drawn from πT's tail
-    are plain entries, as in P1."""
-    w = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star).detach().exp()
+    are plain entries, as in P1. With `cells` (ids drawn from π*'s tail) the weights w are
+    π*'s row from tail_cells: its tail mass respread over the drawn ids, each with its exact e,
+    so the tail's spread of e counts (the bucket alone holds one e for the whole tail). Still 0
+    at πθ = π*: e is then the same constant on every id, whatever the weights."""
+    target = delta_target(s0_log, ft_log, base_log, alpha, floor, tail_star)
+    if cells is not None:
+        target, _ = tail_cells(target, *cells)
+    w = target.detach().exp()
     e = log_ratio(upcast(student_log), upcast(s0_log)) - target_shift(s0_log, ft_log, base_log, alpha, floor, tail_star)
     zero = torch.zeros((), dtype=e.dtype)
     e = torch.where(w > 0, e, zero)

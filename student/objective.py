@@ -33,6 +33,9 @@ class LossSpec:
     chunk_rows: int = 1024
     floor: float | None = None  # log-prob floor inside Δ (losses.teacher_shift); part of P1's and P3's definition
     star_col: int | None = None  # column of the cache's tail_star for `alpha` (exact π* tail), if it has one
+    # (α, floor) of the π* whose tail the cache's tail samples were drawn from (its tail_proposal "target");
+    # None: drawn from πT's tail
+    proposal: tuple[float, float | None] | None = None
 
     def __post_init__(self):
         bad = set(self.weights) - set(TERMS)
@@ -77,11 +80,14 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
     if spec.star_col is not None and spec.tail == "bucket" and "tail_star" in tg:
         star = tg["tail_star"][:, spec.star_col]
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
-    # Ids drawn from πT's tail carry the tail only where the target is πT and the divergence
-    # is a πT-weighted sum (forward KL: KD, P2; losses.tail_cells). Every other term reads
-    # them as plain entries: their weights follow πT, not π* (P1, P3) nor the student (rkl,
-    # JSD, skew), and would move those gradients away from the full-vocabulary ones.
-    fwd = tail_cells_of(tg, spec) if spec.divergence == "fkl" else None
+    # Drawn ids carry a target's tail (losses.tail_cells, each target with its own importance
+    # weights) where that target's weighted sum is the loss: forward KL (KD, P2: πT; P1: π*) and
+    # P3 (π*). Ids drawn from πT's tail (tail_proposal "teacher") serve πT only: reweighting π*'s
+    # tail from draws that rarely land where π* keeps it is noise, so there P1 and P3 read them as
+    # plain entries. Reverse KL, JSD and the skew KLs weigh by the student and always read them so.
+    cells = tail_cells_of(tg, spec)
+    fwd = cells if spec.divergence == "fkl" else None
+    star_cells = cells if spec.proposal is not None else None
     out = []
     for t in spec.active:
         if t == "sft":
@@ -90,27 +96,45 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
             out.append(scale * L.kd_loss(student, ft, cells=fwd, **kw)[0])
         elif t == "p1":
             out.append(
-                scale * L.delta_p1_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, **kw)[0]
+                scale
+                * L.delta_p1_loss(
+                    student,
+                    s0,
+                    ft,
+                    base,
+                    spec.alpha,
+                    floor=spec.floor,
+                    tail_star=star,
+                    cells=star_cells if fwd is not None else None,
+                    **kw,
+                )[0]
             )
         elif t == "p2":
             out.append(scale * L.delta_p2_loss(student, s0, ft, base, cells=fwd, **kw)[0])
         elif t == "p3":
-            out.append(L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star)[0])
+            p3 = L.delta_p3_loss(student, s0, ft, base, spec.alpha, floor=spec.floor, tail_star=star, cells=star_cells)
+            out.append(p3[0])
     return torch.stack(out)
 
 
 def tail_cells_of(tg: dict, spec: LossSpec):
     """(sampled (c, K), log c (c, K)) when the cache drew tail samples for these rows, else None.
 
-    c = max(πT, τ)/πT is each sampled id's priority-sampling weight (cache/build/forward.py, sample_tail).
+    c = max(ρ, τ)/ρ is each sampled id's priority-sampling weight (cache/build/rows.py, sample_tail),
+    ρ the proposal in the units the build drew with: πT's log-probs, or π*'s unnormalised
+    lS0 + α·Δ (spec.proposal), formed again here from the stored values.
     """
     if "sampled" not in tg or spec.tail != "bucket":
         return None
     sampled = tg["sampled"]
-    lt = L.upcast(tg["logp_ft"])
-    # log c = max(lT, log τ) − lT; off the drawn entries (padding: lT = −inf) it is unused, set to 0.
-    log_c = (L.upcast(tg["sample_tau"])[:, None] - lt).clamp_min(0)
-    return sampled, torch.where(sampled, log_c, torch.zeros((), dtype=lt.dtype))
+    if spec.proposal is None:
+        log_rho = L.upcast(tg["logp_ft"])
+    else:
+        a, floor = spec.proposal
+        log_rho = L.upcast(tg["logp_s0"]) + a * L.teacher_shift(tg["logp_ft"], tg["logp_base"], floor)
+    # log c = max(log ρ, log τ) − log ρ; off the drawn entries (padding: −inf or NaN) it is unused, set to 0.
+    log_c = (L.upcast(tg["sample_tau"])[:, None] - log_rho).clamp_min(0)
+    return sampled, torch.where(sampled, log_c, torch.zeros((), dtype=log_rho.dtype))
 
 
 def _valid(tg: dict) -> torch.Tensor:

@@ -294,6 +294,7 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
       its alpha grid, so training must use that floor and one of those alphas.
     - Temperature τ ≠ 1 with the tail bucket is exact only on the whole vocabulary.
     """
+    from deltakd.cache.format import schema
     from deltakd.cache.format.schema import parse_floor
 
     cache_floor = reader.floor
@@ -321,7 +322,8 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
             "a support smaller than the vocabulary, and the tail bucket (a sum of many probabilities) cannot be "
             "re-tempered; train at temperature 1, use --tail renorm, or build with --top-k >= the vocabulary size"
         )
-    return dataclasses.replace(spec, floor=f, star_col=star_col)
+    proposal = (schema.PROPOSAL_ALPHA, cache_floor) if reader.tail_proposal == "target" else None
+    return dataclasses.replace(spec, floor=f, star_col=star_col, proposal=proposal)
 
 
 # Median mass of the student base outside the cached ids above which the notice below is printed. The
@@ -424,8 +426,11 @@ class Trainer:
                 self.model.enable_input_require_grads()
         self.model.train()
         self.s0_model = None
-        self.cache_s0 = self.spec.needs_student_base and not cfg.student_base_online
-        if cfg.student_base_online and self.spec.needs_student_base:
+        # lS0 is read where a term needs it, and where the cache drew its tail samples from π* (their
+        # importance weights are formed from lS0 + Δ, whatever the term).
+        needs_s0 = self.spec.needs_student_base or self.spec.proposal is not None
+        self.cache_s0 = needs_s0 and not cfg.student_base_online
+        if cfg.student_base_online and needs_s0:
             self.s0_model = AutoModelForCausalLM.from_pretrained(cfg.student_base_online).to(self.device).eval()
             self.s0_model.requires_grad_(False)
         # self.model stays the Hugging Face model (export, tests); self.module is what the

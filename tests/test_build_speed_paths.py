@@ -21,7 +21,9 @@ from deltakd.cache.format.support import floored_shift, pad_ragged, support_logp
 
 
 @torch.no_grad()
-def reference_rows(logits, support, k, alphas, floor, samples=0, min_tail=0.0, generator=None, mass=0.0, min_k=1):
+def reference_rows(
+    logits, support, k, alphas, floor, samples=0, min_tail=0.0, generator=None, mass=0.0, min_k=1, proposal_alpha=None
+):
     """lockstep_rows as the plain formulas over whole (c, V) tensors (see rows.lockstep_rows)."""
     lp = {r: x.sub_(x.logsumexp(1, keepdim=True)) for r, x in logits.items()}
     c, V = lp["ft"].shape
@@ -55,7 +57,11 @@ def reference_rows(logits, support, k, alphas, floor, samples=0, min_tail=0.0, g
                 add_top(t, t.logsumexp(1, keepdim=True))
     out = {}
     if samples > 0:
-        drawn, out["sample_tau"] = reference_sample_tail(lp["ft"], mask, samples, min_tail, generator)
+        source, total = lp["ft"], None
+        if proposal_alpha is not None:  # π* at that α, unnormalised
+            source = lp["s0"] + proposal_alpha * shift
+            total = source.logsumexp(1)
+        drawn, out["sample_tau"] = reference_sample_tail(source, mask, samples, min_tail, generator, total)
         out["sample_len"] = drawn.sum(1)
         mask = torch.cat([mask, drawn], dim=1)  # sampled ids after the top-k ids under one nonzero()
     lengths = mask.sum(1)
@@ -76,11 +82,12 @@ def reference_rows(logits, support, k, alphas, floor, samples=0, min_tail=0.0, g
     return out
 
 
-def reference_sample_tail(lt, support, m, min_tail, generator):
+def reference_sample_tail(lt, support, m, min_tail, generator, log_total=None):
     c, V = lt.shape
     neg = torch.full((), float("-inf"))
     tail = torch.where(support, neg, lt)
-    rows = tail.logsumexp(1) >= math.log(max(min_tail, 1e-30))
+    mass = tail.logsumexp(1) if log_total is None else tail.logsumexp(1) - log_total
+    rows = mass >= math.log(max(min_tail, 1e-30))
     pri = tail.add_(torch.empty_like(lt).exponential_(generator=generator))
     top = pri.topk(min(m + 1, V), dim=1)
     take = torch.isfinite(top.values[:, :m]) & rows[:, None]
@@ -187,6 +194,29 @@ def test_rows_by_mass_equal_the_plain_formulas_to_the_bit(
                 assert not torch.equal(got["len"], full["len"])
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("accelerator", [False, True])
+@pytest.mark.parametrize(
+    "c,V,k,samples,mass", [(37, 40000, 16, 16, 0.0), (300, 662, 16, 16, 0.0), (65, 9000, 32, 5, 0.9)]
+)
+def test_draws_from_the_target_equal_the_plain_formulas_to_the_bit(monkeypatch, accelerator, c, V, k, samples, mass):
+    """--tail-proposal target: the ids drawn from π*'s tail (α 1), the same bits as the plain formulas, on
+    the CPU path and the accelerator path; and not the draws from πT's tail (the check can fail)."""
+    if accelerator:
+        monkeypatch.setattr(fast, "cpu_paths", lambda device: False)
+    x = chunk(c, V, 4)
+    args = ("union", k, (0.5, 1.0, 1.5), -16.0, samples, 0.01)
+    kw = dict(mass=mass, min_k=8 if mass else 1)
+    ref = reference_rows(
+        {r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw, proposal_alpha=1.0
+    )
+    got = fast.lockstep_rows(
+        {r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw, proposal_alpha=1.0
+    )
+    assert_same_bits(ref, got)
+    teacher = fast.lockstep_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw)
+    assert teacher["ids"].shape != got["ids"].shape or not torch.equal(teacher["ids"], got["ids"])
 
 
 def test_by_mass_keeps_the_fewest_ids_holding_the_mass():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltakd.student import losses as L
-from deltakd.student.objective import LossSpec, chunked_loss, terms_from_logits
+from deltakd.student.objective import LossSpec, chunked_loss, tail_cells_of, terms_from_logits
 
 V, N = 23, 9
 KINDS = ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl"]
@@ -322,16 +322,25 @@ def test_jsd_at_the_ends_is_refused(beta):
         LossSpec(weights={"kd": 1.0}, divergence="jsd", jsd_beta=beta)
 
 
-def sampled_targets(lT, lB, lS0, k: int, m: int, draws: int, alphas=(1.0,), min_tail=0.0, seed=0):
-    """`draws` copies of each row through the builder's own lockstep_rows with m tail samples,
-    as the reader hands them to the loss (padded, `sampled` marking the drawn entries)."""
+def sampled_targets(lT, lB, lS0, k: int, m: int, draws: int, alphas=(1.0,), min_tail=0.0, seed=0, proposal=None):
+    """`draws` copies of each row through the builder's own lockstep_rows with m tail samples (from
+    πT's tail, or from π*'s at α `proposal`), as the reader hands them to the loss (padded, `sampled`
+    marking the drawn entries)."""
     from deltakd.cache.build.forward import lockstep_rows
     from deltakd.cache.format.support import pad_ragged
 
     rep = lambda x: x.float().repeat(draws, 1)  # noqa: E731
     logits = {"ft": rep(lT), "base": rep(lB), "s0": rep(lS0)}
     out = lockstep_rows(
-        logits, "union", k, alphas, -12.0, samples=m, min_tail=min_tail, generator=torch.Generator().manual_seed(seed)
+        logits,
+        "union",
+        k,
+        alphas,
+        -12.0,
+        samples=m,
+        min_tail=min_tail,
+        generator=torch.Generator().manual_seed(seed),
+        proposal_alpha=proposal,
     )
     idx, valid = pad_ragged(out["len"])
     first = (out["len"] - out.get("sample_len", 0))[:, None]
@@ -493,3 +502,103 @@ def test_tail_samples_keep_the_optimum(term):
         # Measured on this flat teacher: one draw 0.94 of the gradient at lS0, the mean of 400 draws 0.048,
         # 1/20 of one draw (1/√400: noise, no bias left).
         assert one > 0.05 * g_far and mean < 0.1 * one, (one, mean, float(g_far))
+
+
+def star_of(lT, lB, lS0, alpha=1.0, floor=-12.0):
+    return torch.log_softmax(lS0 + alpha * (lT.clamp_min(floor) - lB.clamp_min(floor)), -1)
+
+
+def test_draws_from_the_target_tail_are_unbiased_for_it():
+    """With --tail-proposal target the ids come from π*'s tail (α 1): Σ_drawn g·max(ρ, τ)/ρ, ρ = the
+    unnormalised lS0 + Δ formed again from the stored values as the trainer does, estimates Σ_{y∉S} g."""
+    lT, lB, lS0 = (x[:1] for x in dists(3, n=1, v=300))
+    draws, m = 3000, 8
+    tg = sampled_targets(lT, lB, lS0, k=4, m=m, draws=draws, proposal=1.0)
+    spec = LossSpec(weights={"p1": 1.0}, floor=-12.0, star_col=0, proposal=(1.0, -12.0))
+    drawn, log_c = tail_cells_of({k_: (v.double() if v.is_floating_point() else v) for k_, v in tg.items()}, spec)
+    ids = tg["support_ids"]
+    in_support = torch.zeros(300, dtype=torch.bool)
+    in_support[ids[0][tg["valid"][0] & ~drawn[0]]] = True
+    star = star_of(lT, lB, lS0)[0]
+    g = torch.rand(300, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * star.exp()
+    truth = float(g[~in_support].sum())
+    est = torch.where(drawn, g[ids] * log_c.exp(), 0).sum(1)
+    se = float(est.std()) / draws**0.5
+    assert abs(float(est.mean()) - truth) < 4 * se, (float(est.mean()), truth, se)
+    # The draws follow π*, not πT: πT's weights on the same ids miss by far more than the sampling error.
+    p = lT[0].exp()[ids]
+    wrong = torch.where(drawn, g[ids] * torch.maximum(p, tg["sample_tau"].double().exp()[:, None]) / p, 0).sum(1)
+    assert abs(float(wrong.mean()) - truth) > 20 * se
+
+
+@pytest.mark.parametrize("term", ["p1", "p3", "kd"])
+def test_target_draws_make_the_expected_gradient_the_full_vocabulary_one(term):
+    """Where π* and πS0 are flat beyond their top-k (broad bases), the tail bucket leaves the student's tail
+    shape free. With ids drawn from π*'s own tail and each target reweighted for them, the gradient averaged
+    over draws is close to the full-vocabulary one, for P1 and P3 as for KD (its target πT, reweighted from
+    π*'s draws: the self-normalised weights leave some bias where πT's tail is far from π*'s); with the bucket
+    alone it is far off. (P2's student side, norm(πB·πθ/πS0), takes its tail from the product of three tails,
+    which no draw mends: 55° here from either proposal.)"""
+    V, k, m, draws = 400, 4, 16, 1200
+    lT, lB, lS0 = dists(7, n=2, v=V)
+    lS0 = torch.log_softmax(lS0 * 0.25, -1)  # a broad student base: π* keeps much of its mass in the tail
+    lT = torch.log_softmax(lT * 0.5, -1)
+    z_s = torch.log_softmax(torch.randn(2, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64), -1)
+    spec = LossSpec(weights={term: 1.0}, alpha=1.0, floor=-12.0, star_col=0, proposal=(1.0, -12.0))
+
+    def grad(tg, n, s=spec):
+        z = z_s.repeat(n, 1).requires_grad_(True)
+        v = terms_from_logits(z, {k_: (v.double() if v.is_floating_point() else v) for k_, v in tg.items()}, s)[0]
+        (gz,) = torch.autograd.grad(v, z)
+        return gz.reshape(n, 2, V).mean(0)
+
+    full = {
+        "support_ids": torch.arange(V).expand(2, V),
+        "valid": torch.ones(2, V, dtype=torch.bool),
+        "logp_ft": lT,
+        "logp_base": lB,
+        "logp_s0": lS0,
+        "tail_star": torch.full((2, 1), float("-inf")),
+        "next_tokens": torch.zeros(2, dtype=torch.long),
+    } | {f"tail_{r}": torch.full((2,), float("-inf")) for r in ("ft", "base", "s0")}
+    ref = grad(full, 1)
+    drawn = sampled_targets(lT, lB, lS0, k, m, draws, proposal=1.0)
+    bucket_only = {
+        key: v for key, v in sampled_targets(lT, lB, lS0, k, 0, 1).items() if key not in ("sampled", "sample_tau")
+    }
+
+    def angle(g):
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), ref.flatten(), dim=0)
+        return float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))))
+
+    a_s, a_b = angle(grad(drawn, draws)), angle(grad(bucket_only, 1))
+    assert a_b > 10 and a_s < 0.3 * a_b, (a_s, a_b)
+
+
+def test_target_draws_keep_p3_and_p1_at_their_optimum():
+    """At πθ = π* P3 is 0 with a zero gradient draw by draw (e is one constant on every id, whatever the
+    weights); P1's one-draw gradient is sampling noise whose mean over draws vanishes."""
+    V, draws = 300, 400
+    lT, lB, lS0 = dists(17, n=4, v=V)
+    lS0 = torch.log_softmax(lS0 * 0.25, -1)
+    tg = sampled_targets(lT, lB, lS0, k=4, m=16, draws=draws, proposal=1.0)
+    assert bool(tg["sampled"].any(1).all())
+    tg = {k_: (v.double() if v.is_floating_point() else v) for k_, v in tg.items()}
+    target = star_of(lT, lB, lS0)
+    far = lS0 + 0.5 * torch.randn(lS0.shape, generator=torch.Generator().manual_seed(1), dtype=lS0.dtype)
+    for term in ("p3", "p1"):
+        spec = LossSpec(weights={term: 1.0}, alpha=1.0, floor=-12.0, star_col=0, proposal=(1.0, -12.0))
+
+        def value_and_grad(z):
+            z = z.repeat(draws, 1).requires_grad_(True)
+            v = terms_from_logits(z, tg, spec)[0]  # noqa: B023
+            (g,) = torch.autograd.grad(v, z)
+            return float(v.detach()) / draws, g.reshape(draws, 4, V)
+
+        v, g = value_and_grad(target)
+        g_far = value_and_grad(far)[1][0].norm()
+        if term == "p3":  # float32 cache values: the optimum is met to their rounding
+            assert abs(v) < 1e-5 and float(g.norm()) < 1e-4 * g_far * draws, (v, float(g.norm()), float(g_far))
+        else:
+            one, mean = float(g[0].norm()), float(g.mean(0).norm())
+            assert mean < 0.15 * one, (one, mean, float(g_far))

@@ -83,9 +83,17 @@ def add_student(cfg: AddStudentConfig) -> dict:
             f"{cfg.student_base}: fewer output rows than the cache's vocabulary ({manifest['vocab_size']})"
         )
     ident = checkpoint_identity(cfg.student_base)
-    same = lambda m: (
-        m and {k: v for k, v in m.items() if k != "path"} == {k: v for k, v in ident.items() if k != "path"}
-    )  # noqa: E731
+    if manifest.get("tail_proposal", "teacher") != "teacher" and not (
+        manifest.get("student") and _same_student(manifest["student"]["checkpoint"], ident)
+    ):
+        # The drawn ids' importance weights are the build's π*, which holds its student base: another one
+        # would give every forward KL and P3 wrong weights.
+        raise schema.CacheFormatError(
+            f"{root}: its tail samples were drawn from the Delta-KD target of its own student base "
+            "(--tail-proposal target), so a new student base cannot reweight them; build a new cache with "
+            f"--student-base {cfg.student_base}, or one with --tail-proposal teacher, which takes add-student"
+        )
+    same = lambda m: bool(m) and _same_student(m, ident)  # noqa: E731
     sdir = root / schema.STUDENT_DIR
     names = [s["name"] for s in manifest["shards"]]
     if (
@@ -160,3 +168,7 @@ def add_student(cfg: AddStudentConfig) -> dict:
     manifest.setdefault("summary", {})["add_student"] = timings
     schema.write_json_atomic(mpath, manifest)
     return manifest
+
+
+def _same_student(a: dict, b: dict) -> bool:
+    return {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}

@@ -113,7 +113,18 @@ class CacheBuildConfig:
     )
     sample_min_tail: float = field(
         default=0.01,
-        metadata={"help": "draw tail samples only where the teacher's mass outside the top-k support is at least this"},
+        metadata={
+            "help": "draw tail samples only where the proposal's mass outside the top-k support is at least this"
+        },
+    )
+    tail_proposal: str = field(
+        default="teacher",
+        metadata={
+            "help": "where the tail samples come from: teacher (the finetuned teacher's tail; they carry forward "
+            "KL to it: KD, P2) or target (the Delta-KD target pi* at alpha 1, needs --student-base; they carry "
+            "every forward KL and P3, each with its own importance weights)",
+            "choices": ("teacher", "target"),
+        },
     )
     mode: str = field(
         default="lockstep",
@@ -191,6 +202,20 @@ class CacheBuildConfig:
                 "pass --tail-samples 0 with --mode sequential"
             )
         _ = self.alpha_grid, self.floor_value  # validates both
+        if self.tail_proposal not in schema.TAIL_PROPOSALS:
+            raise ValueError(f"--tail-proposal {self.tail_proposal!r}: choose teacher or target")
+        if self.tail_proposal == "target":
+            needs = []
+            if not self.tail_samples:
+                needs.append("--tail-samples > 0")
+            if not self.student_base:
+                needs.append("--student-base (the target is built from it)")
+            if self.mode != "lockstep":
+                needs.append("--mode lockstep")
+            if schema.PROPOSAL_ALPHA not in self.alpha_grid:
+                needs.append(f"{schema.PROPOSAL_ALPHA:g} in --alphas")
+            if needs:
+                raise ValueError(f"--tail-proposal target needs {', '.join(needs)}; or use --tail-proposal teacher")
 
     @property
     def alpha_grid(self) -> tuple[float, ...]:
@@ -253,6 +278,8 @@ def build_identity(cfg: CacheBuildConfig, tok_id: dict, plan) -> dict:
     }
     if cfg.tail_samples:  # only then: the identity of a build without samples stays what it was
         ident["tail_samples"], ident["sample_min_tail"] = cfg.tail_samples, cfg.sample_min_tail
+    if cfg.tail_proposal != "teacher":  # likewise: caches drawing from πT keep the identity they had
+        ident["tail_proposal"] = cfg.tail_proposal
     if cfg.top_mass:  # likewise
         ident["top_mass"], ident["min_k"] = cfg.top_mass, cfg.min_k
     if cfg.student_base:
@@ -348,6 +375,7 @@ def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, i
                     gen,
                     cfg.top_mass,
                     cfg.min_k,
+                    schema.PROPOSAL_ALPHA if cfg.tail_proposal == "target" else None,
                 )
             )
             continue
@@ -709,6 +737,7 @@ def write_manifest(root: Path, ident: dict, build_cfg: dict, summary: dict) -> d
         "covers_vocabulary": schema.covers_vocabulary(ident["support"], ident["k"], vocab),
         "tail_samples": ident.get("tail_samples", 0),
         "sample_min_tail": ident.get("sample_min_tail"),
+        **({"tail_proposal": ident["tail_proposal"]} if "tail_proposal" in ident else {}),
         **({"top_mass": ident["top_mass"], "min_k": ident["min_k"]} if "top_mass" in ident else {}),
         "checkpoints": ident["checkpoints"],
         "tokenizer": ident["tokenizer"],

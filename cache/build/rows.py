@@ -64,6 +64,7 @@ def lockstep_rows(
     generator: torch.Generator | None = None,
     mass: float = 0.0,
     min_k: int = 1,
+    proposal_alpha: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """One chunk of rows from every model at once: the support and all values on it.
 
@@ -77,7 +78,10 @@ def lockstep_rows(
     rows whose πT mass outside that support is at least `min_tail` also get m ids drawn
     from πT's tail by priority sampling (see sample_tail), appended after the top-k ids
     (ascending among themselves); `sample_len` counts them and `sample_tau` is the
-    sampling threshold. With the student base present, `tail_star[:, a]` is the exact
+    sampling threshold. With `proposal_alpha` (one of `alphas`, student base present) the
+    ids are drawn from the tail of π* at that α instead, with priorities on its unnormalised
+    log-probs lS0 + α·Δ, and rows draw where π*'s mass outside the support reaches `min_tail`.
+    With the student base present, `tail_star[:, a]` is the exact
     log Σ_{y∉S} πS0(y)·exp(α_a·Δ(y)) with Δ = floored_shift(lT, lB, floor), unnormalised
     like the logits lS0 + α·Δ it sums. Every tail is the mass outside all stored ids.
     Returns flat tensors: len (c,), ids/ft/base/s0 (E,), tails (c,), tail_star (c, A),
@@ -87,7 +91,17 @@ def lockstep_rows(
     c, V = x0.shape
     parts = [
         _block(
-            {r: z[sl] for r, z in logits.items()}, support, k, alphas, floor, samples, min_tail, generator, mass, min_k
+            {r: z[sl] for r, z in logits.items()},
+            support,
+            k,
+            alphas,
+            floor,
+            samples,
+            min_tail,
+            generator,
+            mass,
+            min_k,
+            proposal_alpha,
         )
         for sl in row_blocks(c, block_rows(c, V, x0.device))
     ]
@@ -96,7 +110,9 @@ def lockstep_rows(
     return {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
 
 
-def _block(lg, support, k, alphas, floor, samples, min_tail, generator, mass, min_k) -> dict[str, torch.Tensor]:
+def _block(
+    lg, support, k, alphas, floor, samples, min_tail, generator, mass, min_k, proposal_alpha
+) -> dict[str, torch.Tensor]:
     """lockstep_rows on one block of rows (views into the chunk's logits, consumed in place)."""
     R, V = lg["ft"].shape
     kk = min(k, V)
@@ -143,7 +159,16 @@ def _block(lg, support, k, alphas, floor, samples, min_tail, generator, mass, mi
     ids, n_top = union_ids(tops, V)  # (R, W) ascending, V past n_top
     out = {}
     if samples > 0:
-        drawn, n_drawn, out["sample_tau"] = sample_tail(lg["ft"], _pad_first(ids, n_top), samples, min_tail, generator)
+        source, total = lg["ft"], None  # πT's log-probs: normalised
+        if proposal_alpha is not None:
+            assert star and proposal_alpha in alphas, "a π* proposal needs the student base and its alpha"
+            a, t, m = targets[alphas.index(proposal_alpha)]
+            source = torch.mul(shift, a).add_(lg["s0"]) if t is None else t
+            total = logsumexp_rows(source, m if keep else source.amax(1), buf)[:, 0]
+        drawn, n_drawn, out["sample_tau"] = sample_tail(
+            source, _pad_first(ids, n_top), samples, min_tail, generator, log_total=total
+        )
+        del source
         out["sample_len"] = n_drawn
         # The drawn ids go after the row's top-k ids: columns n_top.. (all V there so far).
         ids = torch.cat([ids, torch.full_like(drawn, V)], dim=1)
@@ -213,8 +238,18 @@ def _pad_first(ids: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_tail(lt: torch.Tensor, support_ids: torch.Tensor, m: int, min_tail: float, generator=None):
+def sample_tail(
+    lt: torch.Tensor,
+    support_ids: torch.Tensor,
+    m: int,
+    min_tail: float,
+    generator=None,
+    log_total: torch.Tensor | None = None,
+):
     """Priority sampling (Duffield, Lund, Thorup 2007) of m ids from πT outside the support.
+
+    (Or from any distribution given by its log-probs `lt`, unnormalised with `log_total` (c,), the
+    log of each row's total: the priorities, τ and the weights below are in `lt`'s own units.)
 
     Each tail id y gets the priority πT(y)/u_y, u_y ~ U(0, 1); the m largest are kept
     and τ is the (m+1)-th largest priority. For any function g of the token,
@@ -231,7 +266,10 @@ def sample_tail(lt: torch.Tensor, support_ids: torch.Tensor, m: int, min_tail: f
     tail = lt.clone().scatter_(1, support_ids, float("-inf"))  # log πT off the support
     buf = torch.empty_like(tail) if cpu_paths(lt.device) else None
     mx = tail.amax(1) if buf is not None else None
-    rows = logsumexp_rows(tail, mx, buf)[:, 0] >= math.log(max(min_tail, 1e-30))
+    tail_mass = logsumexp_rows(tail, mx, buf)[:, 0]
+    if log_total is not None:
+        tail_mass = tail_mass - log_total
+    rows = tail_mass >= math.log(max(min_tail, 1e-30))
     del buf
     # log priority = log πT − log u, and −log u ~ Exp(1)
     pri = tail.add_(exponential_exact((c, V), generator, lt.device))

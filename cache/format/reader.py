@@ -189,6 +189,10 @@ class CacheReader:
             self.version == 1 and m.get("support", "topk") != "topk"
         ):
             raise CacheFormatError(f"{mpath}: support {m.get('support')!r} is not known to this deltakd")
+        if m.get("tail_proposal", "teacher") not in schema.TAIL_PROPOSALS:
+            raise CacheFormatError(
+                f"{mpath}: tail_proposal {m.get('tail_proposal')!r} is not known to this deltakd; upgrade deltakd"
+            )
         for s in m["shards"]:
             if not schema.is_committed(self.root / schema.TEACHER_DIR / s["name"]):
                 raise CacheFormatError(f"{self.root}: shard {s['name']} listed in the manifest is missing")
@@ -215,6 +219,11 @@ class CacheReader:
     def floor(self) -> float | None:
         """The floor inside Δ used for the stored target tails (None: none, or version 1)."""
         return self.manifest.get("floor")
+
+    @property
+    def tail_proposal(self) -> str:
+        """Where the tail samples were drawn from: "teacher" (πT's tail) or "target" (π* at schema.PROPOSAL_ALPHA)."""
+        return self.manifest.get("tail_proposal", "teacher")
 
     @property
     def alphas(self) -> tuple[float, ...]:

@@ -31,6 +31,9 @@ READABLE_VERSIONS = (1, 2)
 # "topk": the top-k of πT (version 1's only support). "union" (version 2): the union of
 # the top-k of πT, πB, πS0 and of the Delta-KD target π*_α for every α of the grid.
 SUPPORTS = ("topk", "union")
+# Where tail samples are drawn from (manifest "tail_proposal"; absent: "teacher", as every cache before it).
+TAIL_PROPOSALS = ("teacher", "target")
+PROPOSAL_ALPHA = 1.0  # the α of π* whose tail "target" draws from
 
 MANIFEST = "manifest.json"
 BUILD_FILE = "build.json"

@@ -129,7 +129,7 @@ def _check_build_file(root: Path, m: dict) -> list[str]:
     differ("tail_samples", b.get("tail_samples", 0), m.get("tail_samples", 0))
     if "sample_min_tail" in b:
         differ("sample_min_tail", b["sample_min_tail"], m.get("sample_min_tail"))
-    for key in ("top_mass", "min_k"):
+    for key in ("top_mass", "min_k", "tail_proposal"):
         differ(key, b.get(key), m.get(key))
     differ("tokenizer", (b.get("tokenizer") or {}).get("sha256"), (m.get("tokenizer") or {}).get("sha256"))
     differ("data", (b.get("data") or {}).get("sha256"), (m.get("data") or {}).get("sha256"))
