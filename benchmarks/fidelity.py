@@ -73,7 +73,11 @@ SUPPORTS = {
     "mass90": ("union by mass .9, k 12-32", "union", 32, "float16", 0, 0.9, 12),
     "mass90s16": ("union by mass .9, k 12-32 + 16 samples", "union", 32, "float16", 16, 0.9, 12),
     "vocab": ("whole vocabulary (float64, not written)", "topk", 0, "float64", 0),
+    "union16t16": ("union k=16 + 16 samples from π*", "union", 16, "float16", 16),
+    "union12t24": ("union k=12 + 24 samples from π*", "union", 12, "float16", 24),
 }
+# Supports built with `--tail-proposal target`: samples drawn from π* at this α (the trainer's spec.proposal).
+PROPOSAL = {"union16t16": 1.0, "union12t24": 1.0}
 DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
 ALPHAS = (0.5, 1.0, 1.5)
 FLOOR: float | None = -16.0  # `cache build`'s default; --floor sets another (None: no floor)
@@ -178,7 +182,7 @@ def along_training(model, batches, train_batches, pair: str, lT, lB, lS0, cached
                 for key, tg in cached.items():
                     zd = z.detach().double()
                     # A callable measures its own way (support_proto's estimators): (value, gradient).
-                    cv, cg = tg(zd, n) if callable(tg) else loss_and_grad(zd, tg, spec_of(n))
+                    cv, cg = tg(zd, n) if callable(tg) else loss_and_grad(zd, tg, spec_of(n, key))
                     row[key] = {
                         "rel_error": abs(cv - v) / abs(v),
                         "angle": angle(cg, g),
@@ -225,7 +229,17 @@ def distributions(wheel: str, work: Path, data: str, n_examples: int, max_rows: 
 
 
 def cached_targets(
-    lT, lB, lS0, support: str, k: int, value_dtype: str, workdir: Path, samples: int = 0, mass=0.0, min_k=1
+    lT,
+    lB,
+    lS0,
+    support: str,
+    k: int,
+    value_dtype: str,
+    workdir: Path,
+    samples: int = 0,
+    mass=0.0,
+    min_k=1,
+    proposal: float | None = None,
 ):
     """Build one shard with the builder's own code, write it, read it back: (targets, bytes on disk per row)."""
     res = lockstep_rows(
@@ -239,9 +253,13 @@ def cached_targets(
         generator=torch.Generator().manual_seed(0),
         mass=mass,
         min_k=min_k,
+        proposal_alpha=proposal,
     )
     return shard_targets(
-        res, lT.shape[1], value_dtype, workdir / f"shard-{support}-{k}-{value_dtype}-{samples}-{mass}-{min_k}"
+        res,
+        lT.shape[1],
+        value_dtype,
+        workdir / f"shard-{support}-{k}-{value_dtype}-{samples}-{mass}-{min_k}-{proposal}",
     )
 
 
@@ -328,11 +346,13 @@ def reference(name: str, z, lT, lB, lS0):
     return float(v.detach()), g
 
 
-def spec_of(name: str) -> LossSpec:
+def spec_of(name: str, support: str | None = None) -> LossSpec:
+    """The trainer's loss settings for objective `name` on a cache of `support` (a SUPPORTS key)."""
     kw = TERMS[name]
     uses_target = any(t in kw["weights"] for t in ("p1", "p3"))
     col = ALPHAS.index(kw.get("alpha", 1.0)) if uses_target else None
-    return LossSpec(**kw, floor=FLOOR if uses_target else None, star_col=col)
+    proposal = (PROPOSAL[support], FLOOR) if support in PROPOSAL else None
+    return LossSpec(**kw, floor=FLOOR if uses_target else None, star_col=col, proposal=proposal)
 
 
 def optimum(name: str, lT, lB, lS0) -> torch.Tensor:
@@ -405,7 +425,9 @@ def measure_pair(lT, lB, lS0, supports, work: Path, names) -> tuple[dict, dict]:
         if key == "vocab":  # no shard written: the targets as a cache covering the vocabulary holds them
             tg, bytes_row, mean_len = full_targets(lT, lB, lS0), float("nan"), float(lT.shape[1])
         else:
-            tg, bytes_row, mean_len = cached_targets(lT, lB, lS0, support, k, vd, work, samples, *by_mass)
+            tg, bytes_row, mean_len = cached_targets(
+                lT, lB, lS0, support, k, vd, work, samples, *by_mass, proposal=PROPOSAL.get(key)
+            )
         cached[key] = tg
         out["supports"][key] = {
             "label": label,
@@ -421,12 +443,12 @@ def measure_pair(lT, lB, lS0, supports, work: Path, names) -> tuple[dict, dict]:
             if p == "z0":
                 norm0 = full_g.norm()
             for key, tg in cached.items():
-                v, g = loss_and_grad(z, tg, spec_of(n))
+                v, g = loss_and_grad(z, tg, spec_of(n, key))
                 cell = out["supports"][key].setdefault(n, {})
                 cell[p] = {"rel_error": abs(v - full_v) / abs(full_v), "angle": angle(g, full_g)}
             del z, full_g
         for key, tg in cached.items():
-            v, g = loss_and_grad(z_star, tg, spec_of(n))
+            v, g = loss_and_grad(z_star, tg, spec_of(n, key))
             # The full objective is 0 at z* with a zero gradient: scale the cached one by the full gradient at z0.
             out["supports"][key][n]["optimum"] = {
                 "loss_per_row": v / lT.shape[0],

@@ -485,3 +485,47 @@ def test_reader_refuses_unfinished_and_future_caches(tiny, tmp_path):
     (tmp_path / "c" / schema.MANIFEST).write_text(json.dumps(m))
     with pytest.raises(schema.CacheFormatError, match="format version 99"):
         CacheReader(tmp_path / "c")
+
+
+def test_a_cache_drawing_from_the_target_is_recorded_validated_and_trained_from(tiny, tmp_path, monkeypatch):
+    """--tail-proposal target: the manifest says so, validate agrees, the drawn ids differ from a build that
+    draws from πT (same seeds), add-student refuses the cache, a student trains from it on P3 and on KD (which
+    then reads lS0 to weigh the draws), and a setting the build cannot honour is refused before any work."""
+    from deltakd.student import objective as O
+    from deltakd.student.trainer import TrainConfig, Trainer
+
+    build(tiny, tmp_path / "t", tail_proposal="target")
+    build(tiny, tmp_path / "p")  # the same build drawing from πT
+    r = CacheReader(tmp_path / "t")
+    assert r.tail_proposal == "target" and CacheReader(tmp_path / "p").tail_proposal == "teacher"
+    assert "tail_proposal" not in json.loads((tmp_path / "p" / schema.MANIFEST).read_text())
+    assert validate(tmp_path / "t") == []
+    a, b = cache_content(tmp_path / "t"), cache_content(tmp_path / "p")
+    assert not all(np.array_equal(a[k], b[k]) for k in a if k in b)
+    with pytest.raises(schema.CacheFormatError, match="--tail-proposal target"):
+        add_student(AddStudentConfig(cache=str(tmp_path / "t"), student_base=tiny["teacher_base"]))
+    assert validate(tmp_path / "t") == []  # nothing was written
+    for bad, match in (
+        (dict(student=False), "--student-base"),
+        (dict(tail_samples=0), "--tail-samples"),
+        (dict(alphas="0.5,1.5"), "1 in --alphas"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            build(tiny, tmp_path / "bad", tail_proposal="target", **bad)
+    seen = []
+    real = O.tail_cells_of
+    monkeypatch.setattr(O, "tail_cells_of", lambda tg, spec: seen.append(spec.proposal) or real(tg, spec))
+    for loss in ("p3", "kd"):
+        cfg = TrainConfig(
+            cache=str(tmp_path / "t"),
+            student=tiny["student_base"],
+            out=str(tmp_path / f"run-{loss}"),
+            loss=loss,
+            max_steps=2,
+            batch_tokens=256,
+            eval_percent=0,
+        )
+        tr = Trainer(cfg)
+        assert tr.cache_s0  # KD too: the draws' weights need lS0
+        tr.run()
+    assert seen and set(seen) == {(1.0, r.floor)}

@@ -91,6 +91,7 @@ def summarize(path, max_shards: int | None = None, top_tokens: int = 10) -> dict
         "has_student": r.has_student,
         "truncated": m.get("summary", {}).get("n_truncated"),
         "tail_samples": int(m.get("tail_samples") or 0),
+        "tail_proposal": r.tail_proposal,
         "rows_with_samples": float(torch.cat(sampled_rows).float().mean()) if sampled_rows else 0.0,
         "topk_tail_mass_quantiles": quant(torch.cat(topk_tail).numpy()) if topk_tail else {},
         "bytes_on_disk": bytes_disk,
@@ -137,9 +138,9 @@ def format_summary(s: dict, m: dict, tokenizer_path: str | None = None) -> str:
         f"support length   mean {s['support_length_mean']:.1f}  {fq(s['support_length_quantiles'], '.0f')}",
         *(
             [
-                f"tail samples     {s['tail_samples']} per row in {100 * s['rows_with_samples']:.1f}% of rows; "
-                f"pi_T mass outside "
-                f"the top-k ids (what they stand for): {fq(s['topk_tail_mass_quantiles'])}"
+                f"tail samples     {s['tail_samples']} per row in {100 * s['rows_with_samples']:.1f}% of rows, "
+                f"drawn from {'pi_T' if s.get('tail_proposal', 'teacher') == 'teacher' else 'pi* (alpha 1)'}; "
+                f"pi_T mass outside the top-k ids: {fq(s['topk_tail_mass_quantiles'])}"
             ]
             if s["tail_samples"]
             else []
