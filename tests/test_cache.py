@@ -505,6 +505,12 @@ def test_a_cache_drawing_from_the_target_is_recorded_validated_and_trained_from(
     with pytest.raises(schema.CacheFormatError, match="--tail-proposal target"):
         add_student(AddStudentConfig(cache=str(tmp_path / "t"), student_base=tiny["teacher_base"]))
     assert validate(tmp_path / "t") == []  # nothing was written
+    # A proposal this deltakd does not know is refused (its weights would be wrong), and one build.json
+    # does not record is named by validate.
+    unknown = _edited(tmp_path / "t" / schema.MANIFEST, lambda m: m.update(tail_proposal="mixture"))
+    assert any("tail_proposal 'mixture' is not known" in p for p in unknown), unknown
+    lie = _edited(tmp_path / "p" / schema.MANIFEST, lambda m: m.update(tail_proposal="target"))
+    assert any("tail_proposal is None, the manifest says 'target'" in p for p in lie), lie
     for bad, match in (
         (dict(student=False), "--student-base"),
         (dict(tail_samples=0), "--tail-samples"),
