@@ -75,9 +75,12 @@ SUPPORTS = {
     "vocab": ("whole vocabulary (float64, not written)", "topk", 0, "float64", 0),
     "union16t16": ("union k=16 + 16 samples from π*", "union", 16, "float16", 16),
     "union12t24": ("union k=12 + 24 samples from π*", "union", 12, "float16", 24),
+    "union12t32": ("union k=12 + 32 samples from π*", "union", 12, "float16", 32),
+    "union8t32": ("union k=8 + 32 samples from π*", "union", 8, "float16", 32),
+    "union8t40": ("union k=8 + 40 samples from π*", "union", 8, "float16", 40),
 }
 # Supports built with `--tail-proposal target`: samples drawn from π* at this α (the trainer's spec.proposal).
-PROPOSAL = {"union16t16": 1.0, "union12t24": 1.0}
+PROPOSAL = {key: 1.0 for key in ("union16t16", "union12t24", "union12t32", "union8t32", "union8t40")}
 DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
 ALPHAS = (0.5, 1.0, 1.5)
 FLOOR: float | None = -16.0  # `cache build`'s default; --floor sets another (None: no floor)

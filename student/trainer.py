@@ -113,9 +113,9 @@ class TrainConfig:
     w_p3: float | None = field(
         default=None,
         metadata={
-            "help": "weight of Delta-KD P3 shift matching (from a cache: 7-11 degrees off its full-vocabulary "
-            "gradient where the student base is broad, 16-22 for the parameters' gradient along training; "
-            "docs/objectives.md)"
+            "help": "weight of Delta-KD P3 shift matching (where the student base is broad, its parameters' "
+            "gradient along training is 16-22 degrees off the full-vocabulary one from a cache whose tail samples "
+            "follow the teacher, 4-6 from one built with --tail-proposal target; docs/objectives.md)"
         },
     )
     divergence: str = field(
@@ -335,7 +335,8 @@ def broad_base_notice(spec: LossSpec, reader: CacheReader) -> str | None:
     """A line for the objectives a cache serves far from their full-vocabulary gradient when the student base
     is broad (docs/objectives.md, "What no cache serves faithfully on broad bases"), or None. The breadth is
     measured on the cache's first shard."""
-    reads_tail = ["P3"] if "p3" in spec.active else []
+    # Draws from π* (tail_proposal "target") carry P3's tail: only ids drawn from πT's tail leave it to the bucket.
+    reads_tail = ["P3"] if "p3" in spec.active and reader.tail_proposal == "teacher" else []
     if spec.divergence in ("rkl", "skew_rkl") and any(t in spec.active for t in ("kd", "p1", "p2")):
         reads_tail.append(f"{spec.divergence} divergence")
     if not reads_tail or not reader.has_student:
@@ -348,7 +349,8 @@ def broad_base_notice(spec: LossSpec, reader: CacheReader) -> str | None:
         f"On so broad a base, {' and '.join(reads_tail)} from a cache is far from its full-vocabulary gradient "
         "(measured on SmolLM2 stand-ins along training: the parameters' gradient of P3 16-22 degrees off, of "
         "reverse KL 8-14, of forward-KL KD and P1 within 4; docs/objectives.md). Options: train them online, "
-        "prefer P1 or KD, or build with --top-k 32 --top-mass 0.9 --min-k 12 (1-2 degrees closer)"
+        "prefer P1 or KD, or, for P3, build the cache with --top-k 12 --tail-samples 24 --tail-proposal target "
+        "(there 4-6 degrees)"
     )
 
 

@@ -473,5 +473,11 @@ def test_broad_base_notice_names_the_objectives_that_read_the_tail(cache_dir, mo
     rkl = T.broad_base_notice(LossSpec(weights={"kd": 1.0}, divergence="rkl"), r)
     assert "P3" in p3 and str(r.root) in p3 and "rkl divergence" in rkl
     assert T.broad_base_notice(LossSpec(weights={"p1": 1.0}), r) is None  # forward KL: faithful
+    assert "--tail-proposal target" in p3
+    # Ids drawn from π* carry P3's tail: no note for P3 then, still one for reverse KL.
+    monkeypatch.setattr(CacheReader, "tail_proposal", property(lambda self: "target"))
+    assert T.broad_base_notice(LossSpec(weights={"p3": 1.0}), r) is None
+    both = T.broad_base_notice(LossSpec(weights={"p3": 0.5, "kd": 0.5}, divergence="rkl"), r)
+    assert "On so broad a base, rkl divergence from a cache" in both
     monkeypatch.setattr(T, "BROAD_OUTSIDE", 1.01)  # no base is that broad: no notice
     assert T.broad_base_notice(LossSpec(weights={"p3": 1.0}), r) is None
