@@ -532,6 +532,19 @@ def _span(layers) -> str:
     return ",".join(runs)
 
 
+def add_training_args(ap: argparse.ArgumentParser) -> None:
+    """--train-steps and --train-lr (along_training), shared with support_proto.py."""
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="also train the pair's student base for this many steps on each objective (full vocabulary, Adam) "
+        "and measure the angles at steps 0, N/4 and N, on held-out positions, of the logits and the parameters "
+        "(about 3 s a step per objective here; 0: off)",
+    )
+    ap.add_argument("--train-lr", type=float, default=1e-4, help="Adam learning rate of --train-steps")
+
+
 def main():
     global FLOOR
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -553,14 +566,7 @@ def main():
     ap.add_argument(
         "--floor", default=str(FLOOR), help="log-prob floor in P1/P3 on both sides, as `cache build --floor`, or 'none'"
     )
-    ap.add_argument(
-        "--train-steps",
-        type=int,
-        default=0,
-        help="also train the pair's student base for this many steps on each objective (full vocabulary, Adam) "
-        "and measure the angles at steps 0, N/4 and N (about 3 s a step per objective here; 0: off)",
-    )
-    ap.add_argument("--train-lr", type=float, default=1e-4, help="Adam learning rate of --train-steps")
+    add_training_args(ap)
     a = ap.parse_args()
     FLOOR = parse_floor(a.floor)
     pairs, supports, names = a.pairs.split(","), a.supports.split(","), a.terms.split(",")

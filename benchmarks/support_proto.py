@@ -451,14 +451,7 @@ def main():
     ap.add_argument("--designs", default=",".join(DESIGNS))
     ap.add_argument("--terms", default=",".join(F.TERMS))
     ap.add_argument("--draws", type=int, default=1, help="caches drawn per sampled design (mean gradient over them)")
-    ap.add_argument(
-        "--train-steps",
-        type=int,
-        default=0,
-        help="also measure each design along real training (fidelity.py --train-steps: the student base trained "
-        "on each objective's full-vocabulary gradient, angles on held-out positions, of the logits and parameters)",
-    )
-    ap.add_argument("--train-lr", type=float, default=1e-4, help="Adam learning rate of --train-steps")
+    F.add_training_args(ap)
     a = ap.parse_args()
     t0 = time.time()
     work = Path(a.workdir)
