@@ -365,8 +365,8 @@ def measure(lT, lB, lS0, designs, names, work: Path, draws: int = 1) -> tuple[di
     """Per design and objective: value error and gradient angle of one cache (seed 0) and, for designs that
     draw samples, of the mean gradient over `draws` caches drawn with seeds 0..draws-1 (the gradient a
     student follows on average over positions and steps: what is left of the angle is the estimator's bias).
-    Also returns, per design, its first cache as a function (z, objective) -> (value, gradient), for
-    fidelity.along_training."""
+    Also returns, per design, its first cache (with draws > 1: the mean over its caches) as a function
+    (z, objective) -> (value, gradient), for fidelity.along_training."""
     z0 = lS0 + torch.randn(lS0.shape, generator=torch.Generator().manual_seed(0), dtype=lS0.dtype)
     cached, out = {}, {}
     for key in designs:
@@ -419,7 +419,9 @@ def measure(lT, lB, lS0, designs, names, work: Path, draws: int = 1) -> tuple[di
                 "grad_norm_rel_mean": float(gm.norm() / norm0),
             }
         print(f"  {n} done", flush=True)
-    return out, {key: functools.partial(lambda key, z, n: cached_mean(key, n, z)[0], key) for key in cached}
+    # With several draws, the mean over them: what a larger batch of positions would average to.
+    pick = 1 if draws > 1 else 0
+    return out, {key: functools.partial(lambda key, z, n: cached_mean(key, n, z)[pick], key) for key in cached}
 
 
 def print_means(pair: str, res: dict, names) -> None:
