@@ -15,7 +15,8 @@ with this file's estimators standing in for the trainer's terms. A design (`Desi
              P2's optimum πS0·πT/πB; `departure` adds the ids where a πS0-shaped tail
              misses each distribution most
   samples    m ids drawn outside the support by priority sampling from a proposal ρ:
-             "T" (πT's tail: the format's tail samples), "star1" (π*'s at α 1) or "mix", the defensive mixture
+             "T" (πT's tail: the format's tail samples), "star1" (π*'s at α 1), "T+star1" (half each) or
+             "mix", the defensive mixture
              ρ = Σ_X w_X·π_X/T_X over X ∈ {πT, πS0, π*_α} restricted to the tail (T_X: X's
              tail mass); each drawn id y stands for c(y) = max(ρ(y), τ)/ρ(y) tail ids. ρ is
              recomputed at training time from the stored values and tails (per row only
@@ -95,6 +96,7 @@ DESIGNS = {
     # draws from P1's and P3's own target at α 1 (no defensive components): plain Monte Carlo for them
     "u16S16": Design("union k=16 + 16 from π*(α 1)", samples=16, proposal="star1", estimator=FKL),
     "u16S16all": Design("union k=16 + 16 from π*(α 1), rkl/JSD too", samples=16, proposal="star1", estimator=ALL),
+    "u12TS24": Design("union k=12 + 24 from ½πT + ½π*(α 1)", k=12, samples=24, proposal="T+star1", estimator=FKL),
     "u12S24all": Design("union k=12 + 24 from π*(α 1), rkl/JSD too", k=12, samples=24, proposal="star1", estimator=ALL),
     # per-position k by mass held
     "m90k32": Design("mass .9, k 4-32", k=32, mass=0.9),
@@ -133,6 +135,8 @@ def proposal_weights(d: Design) -> dict:
         return {"ft": 1.0}
     if d.proposal == "star1":
         return {f"star{F.ALPHAS.index(1.0)}": 1.0}
+    if d.proposal == "T+star1":  # defensive: bounded weights for πT (KD) and for π* (P1, P3)
+        return {"ft": 0.5, f"star{F.ALPHAS.index(1.0)}": 0.5}
     return dict(MIX)
 
 
