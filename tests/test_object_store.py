@@ -381,7 +381,9 @@ def test_a_stale_lease_is_taken_over_and_its_holder_stops(s3, monkeypatch, capsy
     from deltakd.runtime.lock import LockedError
 
     s3fs.S3FileSystem.clear_instance_cache()
-    monkeypatch.setenv("DELTAKD_LEASE_TTL_S", "1.5")
+    # The server's clock counts whole seconds, so a lease written just now can look up to 1 s old, and a
+    # loaded machine adds more before the check: 3 s keeps the fresh lease fresh.
+    monkeypatch.setenv("DELTAKD_LEASE_TTL_S", "3")
     url = f"{s3}/caches/lease"
     key = f"{url[5:]}/.deltakd.lease.json"
     fs = s3fs.S3FileSystem()
@@ -389,7 +391,7 @@ def test_a_stale_lease_is_taken_over_and_its_holder_stops(s3, monkeypatch, capsy
     fs.pipe_file(key, json.dumps(other).encode())
     with pytest.raises(LockedError, match="being written by pid 4242 on host other-host .cache build"):
         Lease(url, "cache build").acquire()
-    time.sleep(2.5)  # not renewed for longer than the TTL (the server's clock counts whole seconds)
+    time.sleep(4.5)  # not renewed for longer than the TTL (the server's clock counts whole seconds)
     with url_lease(url, "cache build") as mine:
         assert "taking over the lease" in capsys.readouterr().err
         assert json.loads(fs.cat_file(key))["host"] == socket.gethostname()
