@@ -85,7 +85,7 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
     # P3 (π*). Ids drawn from πT's tail (tail_proposal "teacher") serve πT only: reweighting π*'s
     # tail from draws that rarely land where π* keeps it is noise, so there P1 and P3 read them as
     # plain entries. Reverse KL, JSD and the skew KLs weigh by the student and always read them so.
-    cells = tail_cells_of(tg, spec)
+    cells = tail_cells_of(tg, spec) if spec.divergence == "fkl" or spec.proposal is not None else None
     fwd = cells if spec.divergence == "fkl" else None
     star_cells = cells if spec.proposal is not None else None
     out = []

@@ -123,7 +123,7 @@ class CacheBuildConfig:
             "help": "where the tail samples come from: teacher (the finetuned teacher's tail; they carry forward "
             "KL to it: KD, P2) or target (the Delta-KD target pi* at alpha 1, needs --student-base; they carry "
             "every forward KL and P3, each with its own importance weights)",
-            "choices": ("teacher", "target"),
+            "choices": schema.TAIL_PROPOSALS,
         },
     )
     mode: str = field(

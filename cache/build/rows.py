@@ -164,7 +164,7 @@ def _block(
             assert star and proposal_alpha in alphas, "a π* proposal needs the student base and its alpha"
             a, t, m = targets[alphas.index(proposal_alpha)]
             source = torch.mul(shift, a).add_(lg["s0"]) if t is None else t
-            total = logsumexp_rows(source, m if keep else source.amax(1), buf)[:, 0]
+            total = logsumexp_rows(source, m, buf)[:, 0]  # off a CPU (no buf): torch's logsumexp, m unused
         drawn, n_drawn, out["sample_tau"] = sample_tail(
             source, _pad_first(ids, n_top), samples, min_tail, generator, log_total=total
         )

@@ -220,6 +220,12 @@ class CacheReader:
         """The floor inside Δ used for the stored target tails (None: none, or version 1)."""
         return self.manifest.get("floor")
 
+    def _require_student(self) -> None:
+        if not self.has_student:
+            raise CacheFormatError(
+                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`"
+            )
+
     @property
     def tail_proposal(self) -> str:
         """Where the tail samples were drawn from: "teacher" (πT's tail) or "target" (π* at schema.PROPOSAL_ALPHA)."""
@@ -249,10 +255,8 @@ class CacheReader:
         """Each supervised row's mass outside the stored ids (its tail bucket) in one shard, float32:
         key "ft", "base" (teacher arrays) or "s0" (student arrays)."""
         name, array, student = self.shard_names[shard], f"tail_{key}", key == "s0"
-        if student and not self.has_student:
-            raise CacheFormatError(
-                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`"
-            )
+        if student:
+            self._require_student()
         group = self.root / (schema.STUDENT_DIR if student else schema.TEACHER_DIR) / name
         # The same checks as any other read: listed files, dtype and row count, then finite values.
         if self.verify:
@@ -275,10 +279,8 @@ class CacheReader:
         arrays are always read.
         """
         student = self.has_student if student is None else student
-        if student and not self.has_student:
-            raise CacheFormatError(
-                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`"
-            )
+        if student:
+            self._require_student()
         table = schema.arrays_of(self.version, student=False, manifest=self.manifest)
         names = list(arrays or table)
         for needed in ("seq_offsets", "loss_mask", "example_ids"):
@@ -310,10 +312,8 @@ class CacheReader:
         selected rows are gathered and converted (a data-parallel rank's share, ~1/world).
         """
         student = self.has_student if student is None else student
-        if student and not self.has_student:
-            raise CacheFormatError(
-                f"{self.root}: the cache holds no student-base arrays; run `deltakd cache add-student`"
-            )
+        if student:
+            self._require_student()
         rows = np.asarray(rows, dtype=np.int64)
         off, sup = index.arrays["seq_offsets"].numpy(), index.sup_offsets
         # Each run of consecutive rows is one range of tokens, of supervised rows and of entries.
