@@ -53,7 +53,7 @@ from deltakd.cache.format.records import encode_record
 from deltakd.cache.format.schema import parse_floor
 from deltakd.student import losses as L
 from deltakd.student.eval import read_eval_examples
-from deltakd.student.objective import LossSpec, terms_and_logit_grad
+from deltakd.student.objective import LossSpec, TailProposal, terms_and_logit_grad
 
 # Decoder layers of SmolLM2's 30 kept in the stand-in teacher base and student base; πT keeps all 30.
 PAIRS = {
@@ -78,9 +78,14 @@ SUPPORTS = {
     "union12t32": ("union k=12 + 32 samples from π*", "union", 12, "float16", 32),
     "union8t32": ("union k=8 + 32 samples from π*", "union", 8, "float16", 32),
     "union8t40": ("union k=8 + 40 samples from π*", "union", 8, "float16", 40),
+    "union16m16": ("union k=16 + 16 samples from ½πT + ½π*", "union", 16, "float16", 16),
+    "union12m24": ("union k=12 + 24 samples from ½πT + ½π*", "union", 12, "float16", 24),
 }
-# Supports built with `--tail-proposal target`: samples drawn from π* at this α (the trainer's spec.proposal).
-PROPOSAL = {key: 1.0 for key in ("union16t16", "union12t24", "union12t32", "union8t32", "union8t40")}
+# Supports built with `--tail-proposal target` or `mixture` (the trainer's spec.proposal, π* at α 1).
+PROPOSAL = {
+    **{key: "target" for key in ("union16t16", "union12t24", "union12t32", "union8t32", "union8t40")},
+    **{key: "mixture" for key in ("union16m16", "union12m24")},
+}
 DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
 ALPHAS = (0.5, 1.0, 1.5)
 FLOOR: float | None = -16.0  # `cache build`'s default; --floor sets another (None: no floor)
@@ -242,7 +247,7 @@ def cached_targets(
     samples: int = 0,
     mass=0.0,
     min_k=1,
-    proposal: float | None = None,
+    proposal: str = "teacher",
 ):
     """Build one shard with the builder's own code, write it, read it back: (targets, bytes on disk per row)."""
     res = lockstep_rows(
@@ -256,7 +261,7 @@ def cached_targets(
         generator=torch.Generator().manual_seed(0),
         mass=mass,
         min_k=min_k,
-        proposal_alpha=proposal,
+        proposal=proposal,
     )
     return shard_targets(
         res,
@@ -354,7 +359,7 @@ def spec_of(name: str, support: str | None = None) -> LossSpec:
     kw = TERMS[name]
     uses_target = any(t in kw["weights"] for t in ("p1", "p3"))
     col = ALPHAS.index(kw.get("alpha", 1.0)) if uses_target else None
-    proposal = (PROPOSAL[support], FLOOR) if support in PROPOSAL else None
+    proposal = TailProposal(PROPOSAL[support], 1.0, FLOOR, ALPHAS.index(1.0)) if support in PROPOSAL else None
     return LossSpec(**kw, floor=FLOOR if uses_target else None, star_col=col, proposal=proposal)
 
 
@@ -429,7 +434,7 @@ def measure_pair(lT, lB, lS0, supports, work: Path, names) -> tuple[dict, dict]:
             tg, bytes_row, mean_len = full_targets(lT, lB, lS0), float("nan"), float(lT.shape[1])
         else:
             tg, bytes_row, mean_len = cached_targets(
-                lT, lB, lS0, support, k, vd, work, samples, *by_mass, proposal=PROPOSAL.get(key)
+                lT, lB, lS0, support, k, vd, work, samples, *by_mass, proposal=PROPOSAL.get(key, "teacher")
             )
         cached[key] = tg
         out["supports"][key] = {

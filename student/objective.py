@@ -8,6 +8,7 @@ floats plus one head-sized gradient buffer, independent of batch size and length
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,17 @@ from deltakd.student import losses as L
 
 TERMS = ("sft", "kd", "p1", "p2", "p3")
 NEEDS_S0 = ("p1", "p2", "p3")
+
+
+@dataclass(frozen=True)
+class TailProposal:
+    """The distribution a cache's tail samples were drawn from (its tail_proposal "target" or "mixture"),
+    which the trainer forms again from the stored values for their importance weights."""
+
+    kind: str  # "target": π* at alpha; "mixture": ½·πT/T_T + ½·π*/T_* on the tail (cache/build/rows.py)
+    alpha: float
+    floor: float | None  # the cache's floor inside Δ
+    star_col: int  # the cache's tail_star column at alpha (π*'s mass outside the stored ids)
 
 
 @dataclass(frozen=True)
@@ -33,9 +45,8 @@ class LossSpec:
     chunk_rows: int = 1024
     floor: float | None = None  # log-prob floor inside Δ (losses.teacher_shift); part of P1's and P3's definition
     star_col: int | None = None  # column of the cache's tail_star for `alpha` (exact π* tail), if it has one
-    # (α, floor) of the π* whose tail the cache's tail samples were drawn from (its tail_proposal "target");
-    # None: drawn from πT's tail
-    proposal: tuple[float, float | None] | None = None
+    # How the cache's tail samples were drawn when π* had a part in it; None: from πT's tail alone
+    proposal: TailProposal | None = None
 
     def __post_init__(self):
         bad = set(self.weights) - set(TERMS)
@@ -82,7 +93,8 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
     kw = dict(kind=spec.divergence, beta=spec.jsd_beta, skew=spec.skew)
     # Drawn ids carry a target's tail (losses.tail_cells, each target with its own importance
     # weights) where that target's weighted sum is the loss: forward KL (KD, P2: πT; P1: π*) and
-    # P3 (π*). Ids drawn from πT's tail (tail_proposal "teacher") serve πT only: reweighting π*'s
+    # P3 (π*). Draws in which π* had a part ("target", "mixture") serve every target. Ids drawn from
+    # πT's tail alone (tail_proposal "teacher") serve πT only: reweighting π*'s
     # tail from draws that rarely land where π* keeps it is noise, so there P1 and P3 read them as
     # plain entries. Reverse KL, JSD and the skew KLs weigh by the student and always read them so.
     cells = tail_cells_of(tg, spec) if spec.divergence == "fkl" or spec.proposal is not None else None
@@ -121,17 +133,27 @@ def tail_cells_of(tg: dict, spec: LossSpec):
     """(sampled (c, K), log c (c, K)) when the cache drew tail samples for these rows, else None.
 
     c = max(ρ, τ)/ρ is each sampled id's priority-sampling weight (cache/build/rows.py, sample_tail),
-    ρ the proposal in the units the build drew with: πT's log-probs, or π*'s unnormalised
-    lS0 + α·Δ (spec.proposal), formed again here from the stored values.
+    ρ the proposal in the units the build drew with: πT's log-probs, π*'s unnormalised
+    lS0 + α·Δ, or their mixture ½·πT/T_T + ½·π*/T_* (spec.proposal), formed again here from the
+    stored values. A component's mass T outside the top ids is its stored tail (outside every
+    stored id) plus its values at the drawn ids.
     """
     if "sampled" not in tg or spec.tail != "bucket":
         return None
     sampled = tg["sampled"]
-    if spec.proposal is None:
-        log_rho = L.upcast(tg["logp_ft"])
-    else:
-        a, floor = spec.proposal
-        log_rho = L.upcast(tg["logp_s0"]) + a * L.teacher_shift(tg["logp_ft"], tg["logp_base"], floor)
+    p = spec.proposal
+    log_rho = L.upcast(tg["logp_ft"])
+    if p is not None:
+        log_star = L.upcast(tg["logp_s0"]) + p.alpha * L.teacher_shift(tg["logp_ft"], tg["logp_base"], p.floor)
+        if p.kind == "target":
+            log_rho = log_star
+        else:
+            neg = torch.full((), float("-inf"), dtype=log_rho.dtype)
+            parts = []
+            for x, tail in ((log_rho, tg["tail_ft"]), (log_star, tg["tail_star"][:, p.star_col])):
+                pre = torch.logaddexp(L.upcast(tail), torch.where(sampled, x, neg).logsumexp(1))[:, None]
+                parts.append(x - torch.where(pre == neg, float("inf"), pre))  # T = 0: no part in the row
+            log_rho = torch.logaddexp(*parts) - math.log(2.0)
     # log c = max(log ρ, log τ) − log ρ; off the drawn entries (padding: −inf or NaN) it is unused, set to 0.
     log_c = (L.upcast(tg["sample_tau"])[:, None] - log_rho).clamp_min(0)
     return sampled, torch.where(sampled, log_c, torch.zeros((), dtype=log_rho.dtype))

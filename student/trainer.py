@@ -29,7 +29,7 @@ from deltakd.runtime.stop import Stopped, signal_name, stop_requested
 from deltakd.student import lora, parallel, tracking
 from deltakd.student.checkpointing import find_resume, load_training_state, save_final, save_training_state
 from deltakd.student.data import StreamingLoader
-from deltakd.student.objective import TERMS, LossSpec, student_base_targets
+from deltakd.student.objective import TERMS, LossSpec, TailProposal, student_base_targets
 from deltakd.student.run_guard import guarded
 
 LOSS_PRESETS = {
@@ -322,7 +322,17 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
             "a support smaller than the vocabulary, and the tail bucket (a sum of many probabilities) cannot be "
             "re-tempered; train at temperature 1, use --tail renorm, or build with --top-k >= the vocabulary size"
         )
-    proposal = (schema.PROPOSAL_ALPHA, cache_floor) if reader.tail_proposal == "target" else None
+    proposal = None
+    if reader.tail_proposal != "teacher":
+        grid = reader.alphas or ()
+        cols = [i for i, a in enumerate(grid) if abs(a - schema.PROPOSAL_ALPHA) < 1e-9]
+        if not cols:
+            raise CacheFormatError(
+                f"{reader.root}: its tail samples were drawn with pi* at alpha {schema.PROPOSAL_ALPHA:g} "
+                f"(tail_proposal {reader.tail_proposal}), but it holds no exact target tail for that alpha "
+                f"(alphas {list(grid)}): the samples' weights cannot be formed; rebuild the cache"
+            )
+        proposal = TailProposal(reader.tail_proposal, schema.PROPOSAL_ALPHA, cache_floor, cols[0])
     return dataclasses.replace(spec, floor=f, star_col=star_col, proposal=proposal)
 
 

@@ -22,7 +22,18 @@ from deltakd.cache.format.support import floored_shift, pad_ragged, support_logp
 
 @torch.no_grad()
 def reference_rows(
-    logits, support, k, alphas, floor, samples=0, min_tail=0.0, generator=None, mass=0.0, min_k=1, proposal_alpha=None
+    logits,
+    support,
+    k,
+    alphas,
+    floor,
+    samples=0,
+    min_tail=0.0,
+    generator=None,
+    mass=0.0,
+    min_k=1,
+    proposal="teacher",
+    proposal_alpha=1.0,
 ):
     """lockstep_rows as the plain formulas over whole (c, V) tensors (see rows.lockstep_rows)."""
     lp = {r: x.sub_(x.logsumexp(1, keepdim=True)) for r, x in logits.items()}
@@ -57,11 +68,19 @@ def reference_rows(
                 add_top(t, t.logsumexp(1, keepdim=True))
     out = {}
     if samples > 0:
-        source, total = lp["ft"], None
-        if proposal_alpha is not None:  # π* at that α, unnormalised
+        source, total, rows = lp["ft"], None, None
+        if proposal != "teacher":  # π* at that α, unnormalised
             source = lp["s0"] + proposal_alpha * shift
             total = source.logsumexp(1)
-        drawn, out["sample_tau"] = reference_sample_tail(source, mask, samples, min_tail, generator, total)
+        if proposal == "mixture":  # ½·πT/T_T + ½·π*/T_* on the tail; rows where either tail holds min_tail
+            neg = torch.full((), float("-inf"))
+            tails = [torch.where(mask, neg, x) for x in (lp["ft"], source)]
+            masses = [t.logsumexp(1, keepdim=True) for t in tails]
+            parts = [t - torch.where(m == neg, math.inf, m) for t, m in zip(tails, masses)]
+            source = torch.logaddexp(*parts) - math.log(2.0)
+            rows = torch.maximum(masses[0][:, 0], masses[1][:, 0] - total) >= math.log(max(min_tail, 1e-30))
+            total = None
+        drawn, out["sample_tau"] = reference_sample_tail(source, mask, samples, min_tail, generator, total, rows)
         out["sample_len"] = drawn.sum(1)
         mask = torch.cat([mask, drawn], dim=1)  # sampled ids after the top-k ids under one nonzero()
     lengths = mask.sum(1)
@@ -82,12 +101,13 @@ def reference_rows(
     return out
 
 
-def reference_sample_tail(lt, support, m, min_tail, generator, log_total=None):
+def reference_sample_tail(lt, support, m, min_tail, generator, log_total=None, rows=None):
     c, V = lt.shape
     neg = torch.full((), float("-inf"))
     tail = torch.where(support, neg, lt)
-    mass = tail.logsumexp(1) if log_total is None else tail.logsumexp(1) - log_total
-    rows = mass >= math.log(max(min_tail, 1e-30))
+    if rows is None:
+        mass = tail.logsumexp(1) if log_total is None else tail.logsumexp(1) - log_total
+        rows = mass >= math.log(max(min_tail, 1e-30))
     pri = tail.add_(torch.empty_like(lt).exponential_(generator=generator))
     top = pri.topk(min(m + 1, V), dim=1)
     take = torch.isfinite(top.values[:, :m]) & rows[:, None]
@@ -196,23 +216,27 @@ def test_rows_by_mass_equal_the_plain_formulas_to_the_bit(
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("proposal", ["target", "mixture"])
 @pytest.mark.parametrize("accelerator", [False, True])
 @pytest.mark.parametrize(
     "c,V,k,samples,mass", [(37, 40000, 16, 16, 0.0), (300, 662, 16, 16, 0.0), (65, 9000, 32, 5, 0.9)]
 )
-def test_draws_from_the_target_equal_the_plain_formulas_to_the_bit(monkeypatch, accelerator, c, V, k, samples, mass):
-    """--tail-proposal target: the ids drawn from π*'s tail (α 1), the same bits as the plain formulas, on
-    the CPU path and the accelerator path; and not the draws from πT's tail (the check can fail)."""
+def test_draws_from_the_target_equal_the_plain_formulas_to_the_bit(
+    monkeypatch, proposal, accelerator, c, V, k, samples, mass
+):
+    """--tail-proposal target and mixture: the ids drawn from π*'s tail (α 1), or from half πT's and half
+    π*'s, the same bits as the plain formulas, on the CPU path and the accelerator path; and not the draws
+    from πT's tail (the check can fail)."""
     if accelerator:
         monkeypatch.setattr(fast, "cpu_paths", lambda device: False)
     x = chunk(c, V, 4)
     args = ("union", k, (0.5, 1.0, 1.5), -16.0, samples, 0.01)
     kw = dict(mass=mass, min_k=8 if mass else 1)
     ref = reference_rows(
-        {r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw, proposal_alpha=1.0
+        {r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw, proposal=proposal
     )
     got = fast.lockstep_rows(
-        {r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw, proposal_alpha=1.0
+        {r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw, proposal=proposal
     )
     assert_same_bits(ref, got)
     teacher = fast.lockstep_rows({r: z.clone() for r, z in x.items()}, *args, torch.Generator().manual_seed(3), **kw)

@@ -22,6 +22,7 @@ from deltakd.cache.format.reader import CacheReader
 from deltakd.cache.format.records import DataError
 from deltakd.cache.format.validate import validate
 from deltakd.runtime.checkpoints import CheckpointError
+from deltakd.student.objective import TailProposal
 
 TOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}  # relative rounding of each value dtype
 
@@ -487,37 +488,39 @@ def test_reader_refuses_unfinished_and_future_caches(tiny, tmp_path):
         CacheReader(tmp_path / "c")
 
 
-def test_a_cache_drawing_from_the_target_is_recorded_validated_and_trained_from(tiny, tmp_path, monkeypatch):
-    """--tail-proposal target: the manifest says so, validate agrees, the drawn ids differ from a build that
-    draws from πT (same seeds), add-student refuses the cache, a student trains from it on P3 and on KD (which
-    then reads lS0 to weigh the draws), and a setting the build cannot honour is refused before any work."""
+@pytest.mark.parametrize("kind", ["target", "mixture"])
+def test_a_cache_drawing_from_the_target_is_recorded_validated_and_trained_from(kind, tiny, tmp_path, monkeypatch):
+    """--tail-proposal target or mixture: the manifest says so, validate agrees, the drawn ids differ from a
+    build that draws from πT (same seeds), add-student refuses the cache, a student trains from it on P3 and
+    on KD (which then reads lS0 to weigh the draws), and a setting the build cannot honour is refused before
+    any work."""
     from deltakd.student import objective as O
     from deltakd.student.trainer import TrainConfig, Trainer
 
-    build(tiny, tmp_path / "t", tail_proposal="target")
+    build(tiny, tmp_path / "t", tail_proposal=kind)
     build(tiny, tmp_path / "p")  # the same build drawing from πT
     r = CacheReader(tmp_path / "t")
-    assert r.tail_proposal == "target" and CacheReader(tmp_path / "p").tail_proposal == "teacher"
+    assert r.tail_proposal == kind and CacheReader(tmp_path / "p").tail_proposal == "teacher"
     assert "tail_proposal" not in json.loads((tmp_path / "p" / schema.MANIFEST).read_text())
     assert validate(tmp_path / "t") == []
     a, b = cache_content(tmp_path / "t"), cache_content(tmp_path / "p")
     assert not all(np.array_equal(a[k], b[k]) for k in a if k in b)
-    with pytest.raises(schema.CacheFormatError, match="--tail-proposal target"):
+    with pytest.raises(schema.CacheFormatError, match=f"--tail-proposal {kind}"):
         add_student(AddStudentConfig(cache=str(tmp_path / "t"), student_base=tiny["teacher_base"]))
     assert validate(tmp_path / "t") == []  # nothing was written
     # A proposal this deltakd does not know is refused (its weights would be wrong), and one build.json
     # does not record is named by validate.
-    unknown = _edited(tmp_path / "t" / schema.MANIFEST, lambda m: m.update(tail_proposal="mixture"))
-    assert any("tail_proposal 'mixture' is not known" in p for p in unknown), unknown
-    lie = _edited(tmp_path / "p" / schema.MANIFEST, lambda m: m.update(tail_proposal="target"))
-    assert any("tail_proposal is None, the manifest says 'target'" in p for p in lie), lie
+    unknown = _edited(tmp_path / "t" / schema.MANIFEST, lambda m: m.update(tail_proposal="student"))
+    assert any("tail_proposal 'student' is not known" in p for p in unknown), unknown
+    lie = _edited(tmp_path / "p" / schema.MANIFEST, lambda m: m.update(tail_proposal=kind))
+    assert any(f"tail_proposal is None, the manifest says '{kind}'" in p for p in lie), lie
     for bad, match in (
         (dict(student=False), "--student-base"),
         (dict(tail_samples=0), "--tail-samples"),
         (dict(alphas="0.5,1.5"), "1 in --alphas"),
     ):
         with pytest.raises(ValueError, match=match):
-            build(tiny, tmp_path / "bad", tail_proposal="target", **bad)
+            build(tiny, tmp_path / "bad", tail_proposal=kind, **bad)
     seen = []
     real = O.tail_cells_of
     monkeypatch.setattr(O, "tail_cells_of", lambda tg, spec: seen.append(spec.proposal) or real(tg, spec))
@@ -534,4 +537,4 @@ def test_a_cache_drawing_from_the_target_is_recorded_validated_and_trained_from(
         tr = Trainer(cfg)
         assert tr.cache_s0  # KD too: the draws' weights need lS0
         tr.run()
-    assert seen and set(seen) == {(1.0, r.floor)}
+    assert seen and set(seen) == {TailProposal(kind, 1.0, r.floor, r.alphas.index(1.0))}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltakd.student import losses as L
-from deltakd.student.objective import LossSpec, chunked_loss, tail_cells_of, terms_from_logits
+from deltakd.student.objective import LossSpec, TailProposal, chunked_loss, tail_cells_of, terms_from_logits
 
 V, N = 23, 9
 KINDS = ["fkl", "rkl", "jsd", "skew_fkl", "skew_rkl"]
@@ -322,10 +322,10 @@ def test_jsd_at_the_ends_is_refused(beta):
         LossSpec(weights={"kd": 1.0}, divergence="jsd", jsd_beta=beta)
 
 
-def sampled_targets(lT, lB, lS0, k: int, m: int, draws: int, alphas=(1.0,), min_tail=0.0, seed=0, proposal=None):
+def sampled_targets(lT, lB, lS0, k: int, m: int, draws: int, alphas=(1.0,), min_tail=0.0, seed=0, proposal="teacher"):
     """`draws` copies of each row through the builder's own lockstep_rows with m tail samples (from
-    πT's tail, or from π*'s at α `proposal`), as the reader hands them to the loss (padded, `sampled`
-    marking the drawn entries)."""
+    πT's tail, π*'s at α 1 (proposal "target") or half of each ("mixture")), as the reader hands them
+    to the loss (padded, `sampled` marking the drawn entries)."""
     from deltakd.cache.build.forward import lockstep_rows
     from deltakd.cache.format.support import pad_ragged
 
@@ -340,7 +340,7 @@ def sampled_targets(lT, lB, lS0, k: int, m: int, draws: int, alphas=(1.0,), min_
         samples=m,
         min_tail=min_tail,
         generator=torch.Generator().manual_seed(seed),
-        proposal_alpha=proposal,
+        proposal=proposal,
     )
     idx, valid = pad_ragged(out["len"])
     first = (out["len"] - out.get("sample_len", 0))[:, None]
@@ -516,13 +516,15 @@ def star_of(lT, lB, lS0, alpha=1.0, floor=-12.0):
     return torch.log_softmax(lS0 + alpha * (lT.clamp_min(floor) - lB.clamp_min(floor)), -1)
 
 
-def test_draws_from_the_target_tail_are_unbiased_for_it():
-    """With --tail-proposal target the ids come from π*'s tail (α 1): Σ_drawn g·max(ρ, τ)/ρ, ρ = the
-    unnormalised lS0 + Δ formed again from the stored values as the trainer does, estimates Σ_{y∉S} g."""
+@pytest.mark.parametrize("kind", ["target", "mixture"])
+def test_draws_from_the_target_tail_are_unbiased_for_it(kind):
+    """With --tail-proposal target the ids come from π*'s tail (α 1), with mixture from half πT's tail and half
+    π*'s: Σ_drawn g·max(ρ, τ)/ρ, ρ = the unnormalised lS0 + Δ (or ½·πT/T_T + ½·π*/T_*) formed again from the
+    stored values as the trainer does, estimates Σ_{y∉S} g."""
     lT, lB, lS0 = (x[:1] for x in dists(3, n=1, v=300))
     draws, m = 3000, 8
-    tg = sampled_targets(lT, lB, lS0, k=4, m=m, draws=draws, proposal=1.0)
-    spec = LossSpec(weights={"p1": 1.0}, floor=-12.0, star_col=0, proposal=(1.0, -12.0))
+    tg = sampled_targets(lT, lB, lS0, k=4, m=m, draws=draws, proposal=kind)
+    spec = LossSpec(weights={"p1": 1.0}, floor=-12.0, star_col=0, proposal=TailProposal(kind, 1.0, -12.0, 0))
     drawn, log_c = tail_cells_of({k_: (v.double() if v.is_floating_point() else v) for k_, v in tg.items()}, spec)
     ids = tg["support_ids"]
     in_support = torch.zeros(300, dtype=torch.bool)
@@ -539,8 +541,9 @@ def test_draws_from_the_target_tail_are_unbiased_for_it():
     assert abs(float(wrong.mean()) - truth) > 20 * se
 
 
+@pytest.mark.parametrize("kind", ["target", "mixture"])
 @pytest.mark.parametrize("term", ["p1", "p3", "kd"])
-def test_target_draws_make_the_expected_gradient_the_full_vocabulary_one(term):
+def test_target_draws_make_the_expected_gradient_the_full_vocabulary_one(term, kind):
     """Where π* and πS0 are flat beyond their top-k (broad bases), the tail bucket leaves the student's tail
     shape free. With ids drawn from π*'s own tail and each target reweighted for them, the gradient averaged
     over draws is close to the full-vocabulary one, for P1 and P3 as for KD (its target πT, reweighted from
@@ -552,7 +555,7 @@ def test_target_draws_make_the_expected_gradient_the_full_vocabulary_one(term):
     lS0 = torch.log_softmax(lS0 * 0.25, -1)  # a broad student base: π* keeps much of its mass in the tail
     lT = torch.log_softmax(lT * 0.5, -1)
     z_s = torch.log_softmax(torch.randn(2, V, generator=torch.Generator().manual_seed(5), dtype=torch.float64), -1)
-    spec = LossSpec(weights={term: 1.0}, alpha=1.0, floor=-12.0, star_col=0, proposal=(1.0, -12.0))
+    spec = LossSpec(weights={term: 1.0}, alpha=1.0, floor=-12.0, star_col=0, proposal=TailProposal(kind, 1.0, -12.0, 0))
 
     def grad(tg, n, s=spec):
         z = z_s.repeat(n, 1).requires_grad_(True)
@@ -561,25 +564,28 @@ def test_target_draws_make_the_expected_gradient_the_full_vocabulary_one(term):
         return gz.reshape(n, 2, V).mean(0)
 
     ref = grad(whole_vocabulary(lT, lB, lS0), 1)
-    drawn = sampled_targets(lT, lB, lS0, k, m, draws, proposal=1.0)
+    drawn = sampled_targets(lT, lB, lS0, k, m, draws, proposal=kind)
     bucket_only = without_draws(lT, lB, lS0, k)
     a_s, a_b = angle_deg(grad(drawn, draws), ref), angle_deg(grad(bucket_only, 1), ref)
     assert a_b > 10 and a_s < 0.3 * a_b, (a_s, a_b)
 
 
-def test_target_draws_keep_p3_and_p1_at_their_optimum():
+@pytest.mark.parametrize("kind", ["target", "mixture"])
+def test_target_draws_keep_p3_and_p1_at_their_optimum(kind):
     """At πθ = π* P3 is 0 with a zero gradient draw by draw (e is one constant on every id, whatever the
     weights); P1's one-draw gradient is sampling noise whose mean over draws vanishes."""
     V, draws = 300, 400
     lT, lB, lS0 = dists(17, n=4, v=V)
     lS0 = torch.log_softmax(lS0 * 0.25, -1)
-    tg = sampled_targets(lT, lB, lS0, k=4, m=16, draws=draws, proposal=1.0)
+    tg = sampled_targets(lT, lB, lS0, k=4, m=16, draws=draws, proposal=kind)
     assert bool(tg["sampled"].any(1).all())
     tg = {k_: (v.double() if v.is_floating_point() else v) for k_, v in tg.items()}
     target = star_of(lT, lB, lS0)
     far = lS0 + 0.5 * torch.randn(lS0.shape, generator=torch.Generator().manual_seed(1), dtype=lS0.dtype)
     for term in ("p3", "p1"):
-        spec = LossSpec(weights={term: 1.0}, alpha=1.0, floor=-12.0, star_col=0, proposal=(1.0, -12.0))
+        spec = LossSpec(
+            weights={term: 1.0}, alpha=1.0, floor=-12.0, star_col=0, proposal=TailProposal(kind, 1.0, -12.0, 0)
+        )
 
         def value_and_grad(z):
             z = z.repeat(draws, 1).requires_grad_(True)

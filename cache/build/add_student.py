@@ -89,8 +89,9 @@ def add_student(cfg: AddStudentConfig) -> dict:
         # The drawn ids' importance weights are the build's π*, which holds its student base: another one
         # would give every forward KL and P3 wrong weights.
         raise schema.CacheFormatError(
-            f"{root}: its tail samples were drawn from the Delta-KD target of its own student base "
-            "(--tail-proposal target), so a new student base cannot reweight them; build a new cache with "
+            f"{root}: its tail samples were drawn using the Delta-KD target of its own student base "
+            f"(--tail-proposal {manifest['tail_proposal']}), so a new student base cannot reweight them; build a "
+            "new cache with "
             f"--student-base {cfg.student_base}, or one with --tail-proposal teacher, which takes add-student"
         )
     same = lambda m: bool(m) and _same_student(m, ident)  # noqa: E731

@@ -121,8 +121,9 @@ class CacheBuildConfig:
         default="teacher",
         metadata={
             "help": "where the tail samples come from: teacher (the finetuned teacher's tail; they carry forward "
-            "KL to it: KD, P2) or target (the Delta-KD target pi* at alpha 1, needs --student-base; they carry "
-            "every forward KL and P3, each with its own importance weights)",
+            "KL to it: KD, P2), target (the Delta-KD target pi* at alpha 1, needs --student-base; they carry "
+            "every forward KL and P3, each with its own importance weights) or mixture (half of each: bounded "
+            "weights for KD and for P1/P3 alike; needs --student-base)",
             "choices": schema.TAIL_PROPOSALS,
         },
     )
@@ -203,8 +204,10 @@ class CacheBuildConfig:
             )
         _ = self.alpha_grid, self.floor_value  # validates both
         if self.tail_proposal not in schema.TAIL_PROPOSALS:
-            raise ValueError(f"--tail-proposal {self.tail_proposal!r}: choose teacher or target")
-        if self.tail_proposal == "target":
+            raise ValueError(
+                f"--tail-proposal {self.tail_proposal!r}: choose one of {', '.join(schema.TAIL_PROPOSALS)}"
+            )
+        if self.tail_proposal != "teacher":
             needs = []
             if not self.tail_samples:
                 needs.append("--tail-samples > 0")
@@ -215,7 +218,9 @@ class CacheBuildConfig:
             if schema.PROPOSAL_ALPHA not in self.alpha_grid:
                 needs.append(f"{schema.PROPOSAL_ALPHA:g} in --alphas")
             if needs:
-                raise ValueError(f"--tail-proposal target needs {', '.join(needs)}; or use --tail-proposal teacher")
+                raise ValueError(
+                    f"--tail-proposal {self.tail_proposal} needs {', '.join(needs)}; or use --tail-proposal teacher"
+                )
 
     @property
     def alpha_grid(self) -> tuple[float, ...]:
@@ -375,7 +380,8 @@ def _chunk_rows(models: dict, hidden: dict, vocab: int, cfg: CacheBuildConfig, i
                     gen,
                     cfg.top_mass,
                     cfg.min_k,
-                    schema.PROPOSAL_ALPHA if cfg.tail_proposal == "target" else None,
+                    cfg.tail_proposal,
+                    schema.PROPOSAL_ALPHA,
                 )
             )
             continue

@@ -64,7 +64,8 @@ def lockstep_rows(
     generator: torch.Generator | None = None,
     mass: float = 0.0,
     min_k: int = 1,
-    proposal_alpha: float | None = None,
+    proposal: str = "teacher",
+    proposal_alpha: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """One chunk of rows from every model at once: the support and all values on it.
 
@@ -78,9 +79,12 @@ def lockstep_rows(
     rows whose πT mass outside that support is at least `min_tail` also get m ids drawn
     from πT's tail by priority sampling (see sample_tail), appended after the top-k ids
     (ascending among themselves); `sample_len` counts them and `sample_tau` is the
-    sampling threshold. With `proposal_alpha` (one of `alphas`, student base present) the
-    ids are drawn from the tail of π* at that α instead, with priorities on its unnormalised
-    log-probs lS0 + α·Δ, and rows draw where π*'s mass outside the support reaches `min_tail`.
+    sampling threshold. With `proposal` "target" (student base present, `proposal_alpha` one
+    of `alphas`) the ids are drawn from the tail of π* at that α instead, with priorities on
+    its unnormalised log-probs lS0 + α·Δ, and rows draw where π*'s mass outside the support
+    reaches `min_tail`. With "mixture" they are drawn from ρ = ½·πT/T_T + ½·π*/T_* on the tail
+    (T_x: x's mass outside the top ids), a defensive mixture whose importance weights stay
+    bounded for πT and for π* alike, and rows draw where either tail reaches `min_tail`.
     With the student base present, `tail_star[:, a]` is the exact
     log Σ_{y∉S} πS0(y)·exp(α_a·Δ(y)) with Δ = floored_shift(lT, lB, floor), unnormalised
     like the logits lS0 + α·Δ it sums. Every tail is the mass outside all stored ids.
@@ -101,6 +105,7 @@ def lockstep_rows(
             generator,
             mass,
             min_k,
+            proposal,
             proposal_alpha,
         )
         for sl in row_blocks(c, block_rows(c, V, x0.device))
@@ -111,7 +116,7 @@ def lockstep_rows(
 
 
 def _block(
-    lg, support, k, alphas, floor, samples, min_tail, generator, mass, min_k, proposal_alpha
+    lg, support, k, alphas, floor, samples, min_tail, generator, mass, min_k, proposal, proposal_alpha
 ) -> dict[str, torch.Tensor]:
     """lockstep_rows on one block of rows (views into the chunk's logits, consumed in place)."""
     R, V = lg["ft"].shape
@@ -159,14 +164,20 @@ def _block(
     ids, n_top = union_ids(tops, V)  # (R, W) ascending, V past n_top
     out = {}
     if samples > 0:
-        source, total = lg["ft"], None  # πT's log-probs: normalised
-        if proposal_alpha is not None:
+        top = _pad_first(ids, n_top)
+        source, total, draw = lg["ft"], None, None  # πT's log-probs: normalised
+        if proposal != "teacher":
             assert star and proposal_alpha in alphas, "a π* proposal needs the student base and its alpha"
             a, t, m = targets[alphas.index(proposal_alpha)]
-            source = torch.mul(shift, a).add_(lg["s0"]) if t is None else t
-            total = logsumexp_rows(source, m, buf)[:, 0]  # off a CPU (no buf): torch's logsumexp, m unused
+            star_t = torch.mul(shift, a).add_(lg["s0"]) if t is None else t
+            total = logsumexp_rows(star_t, m, buf)[:, 0]  # off a CPU (no buf): torch's logsumexp, m unused
+            source = star_t
+            if proposal == "mixture":
+                source, draw = mixture_proposal(lg["ft"], star_t, total, top, min_tail)
+                total = None
+            del star_t
         drawn, n_drawn, out["sample_tau"] = sample_tail(
-            source, _pad_first(ids, n_top), samples, min_tail, generator, log_total=total
+            source, top, samples, min_tail, generator, log_total=total, rows=draw
         )
         del source
         out["sample_len"] = n_drawn
@@ -193,6 +204,25 @@ def _block(
         vals, tail, _, _ = support_logprobs(x, ids, valid, row_max=row_max.get(r))
         out[r], out[f"tail_{r}"] = vals[valid], tail
     return out
+
+
+def mixture_proposal(lt, star, log_z_star, support_ids, min_tail):
+    """(log ρ (R, V), rows that draw (R,)) of the defensive mixture ρ = ½·πT/T_T + ½·π*/T_* on the tail.
+
+    lt: log πT; star: π*'s unnormalised log-probs, log_z_star its log normaliser (R,); T_x is x's
+    mass outside `support_ids`, where ρ is −inf. A row draws where πT's or π*'s tail holds at least
+    `min_tail`; a component with no tail mass (T_x = 0) takes no part in its row.
+    """
+    neg = float("-inf")
+    parts, masses = [], []
+    for x in (lt, star):
+        t = x.clone().scatter_(1, support_ids, neg)
+        m = t.logsumexp(1, keepdim=True)
+        # x/T_x on the tail; T_x = 0 gives −inf, not −inf − (−inf)
+        parts.append(t.sub_(torch.where(m == neg, math.inf, m)))
+        masses.append(m[:, 0])
+    draw = torch.maximum(masses[0], masses[1] - log_z_star) >= math.log(max(min_tail, 1e-30))
+    return torch.logaddexp(*parts).sub_(math.log(2.0)), draw
 
 
 def by_mass(logp: torch.Tensor, ids: torch.Tensor, mass: float, min_k: int) -> torch.Tensor:
@@ -245,6 +275,7 @@ def sample_tail(
     min_tail: float,
     generator=None,
     log_total: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ):
     """Priority sampling (Duffield, Lund, Thorup 2007) of m ids from πT outside the support.
 
@@ -256,21 +287,22 @@ def sample_tail(
     Σ_kept g(y)·max(πT(y), τ)/πT(y) is an unbiased estimate of Σ_{y∉S} g(y). The
     student side uses it to spread each target's exact tail mass over the kept ids
     (student/losses.tail_cells). Rows whose tail holds less than `min_tail` of πT draw
-    nothing. lt: (c, V) log πT; support_ids: (c, W) the support (repeats allowed). The
-    noise −log u is one Exp(1) draw per (row, id) from `generator`, in row-major order.
+    nothing, unless `rows` (c,) says which rows draw. lt: (c, V) log πT; support_ids: (c, W)
+    the support (repeats allowed). The noise −log u is one Exp(1) draw per (row, id) from `generator`, in row-major order.
     Returns (drawn ids (c, min(m, V)) ascending then V, number drawn (c,), log τ (c,),
     −inf where nothing was drawn or the whole tail was kept).
     """
     c, V = lt.shape
     neg = torch.full((), float("-inf"), device=lt.device)
     tail = lt.clone().scatter_(1, support_ids, float("-inf"))  # log πT off the support
-    buf = torch.empty_like(tail) if cpu_paths(lt.device) else None
-    mx = tail.amax(1) if buf is not None else None
-    tail_mass = logsumexp_rows(tail, mx, buf)[:, 0]
-    if log_total is not None:
-        tail_mass = tail_mass - log_total
-    rows = tail_mass >= math.log(max(min_tail, 1e-30))
-    del buf
+    if rows is None:
+        buf = torch.empty_like(tail) if cpu_paths(lt.device) else None
+        mx = tail.amax(1) if buf is not None else None
+        tail_mass = logsumexp_rows(tail, mx, buf)[:, 0]
+        if log_total is not None:
+            tail_mass = tail_mass - log_total
+        rows = tail_mass >= math.log(max(min_tail, 1e-30))
+        del buf
     # log priority = log πT − log u, and −log u ~ Exp(1)
     pri = tail.add_(exponential_exact((c, V), generator, lt.device))
     n = min(m + 1, V)

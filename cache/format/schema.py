@@ -32,8 +32,9 @@ READABLE_VERSIONS = (1, 2)
 # the top-k of πT, πB, πS0 and of the Delta-KD target π*_α for every α of the grid.
 SUPPORTS = ("topk", "union")
 # Where tail samples are drawn from (manifest "tail_proposal"; absent: "teacher", as every cache before it).
-TAIL_PROPOSALS = ("teacher", "target")
-PROPOSAL_ALPHA = 1.0  # the α of π* whose tail "target" draws from
+# "teacher": πT's tail; "target": the tail of π* at PROPOSAL_ALPHA; "mixture": half of each (cache/build/rows.py).
+TAIL_PROPOSALS = ("teacher", "target", "mixture")
+PROPOSAL_ALPHA = 1.0  # the α of π* whose tail "target" and "mixture" draw from
 
 MANIFEST = "manifest.json"
 BUILD_FILE = "build.json"

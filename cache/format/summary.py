@@ -14,6 +14,7 @@ from deltakd.cache.format import schema
 from deltakd.cache.format.reader import CacheReader
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+PROPOSAL_NAMES = {"teacher": "pi_T", "target": "pi* (alpha 1)", "mixture": "half pi_T, half pi* (alpha 1)"}
 
 
 def disk_bytes(root: Path) -> int:
@@ -139,7 +140,7 @@ def format_summary(s: dict, m: dict, tokenizer_path: str | None = None) -> str:
         *(
             [
                 f"tail samples     {s['tail_samples']} per row in {100 * s['rows_with_samples']:.1f}% of rows, "
-                f"drawn from {'pi_T' if s.get('tail_proposal', 'teacher') == 'teacher' else 'pi* (alpha 1)'}; "
+                f"drawn from {PROPOSAL_NAMES[s.get('tail_proposal', 'teacher')]}; "
                 f"pi_T mass outside the top-k ids: {fq(s['topk_tail_mass_quantiles'])}"
             ]
             if s["tail_samples"]
