@@ -288,7 +288,8 @@ def sample_tail(
     student side uses it to spread each target's exact tail mass over the kept ids
     (student/losses.tail_cells). Rows whose tail holds less than `min_tail` of πT draw
     nothing, unless `rows` (c,) says which rows draw. lt: (c, V) log πT; support_ids: (c, W)
-    the support (repeats allowed). The noise −log u is one Exp(1) draw per (row, id) from `generator`, in row-major order.
+    the support (repeats allowed). The noise −log u is one Exp(1) draw per (row, id) from
+    `generator`, in row-major order.
     Returns (drawn ids (c, min(m, V)) ascending then V, number drawn (c,), log τ (c,),
     −inf where nothing was drawn or the whole tail was kept).
     """
