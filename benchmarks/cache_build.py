@@ -139,6 +139,13 @@ def main():
         help="ids per distribution in the union (default: `cache build`'s own; the first figures of "
         "benchmarks/README.md's cache build table were taken with 64)",
     )
+    ap.add_argument(
+        "--tail-proposal",
+        default=CacheBuildConfig.tail_proposal,
+        choices=("auto", "teacher", "target", "mixture"),
+        help="where the tail samples are drawn from (default: `cache build`'s own, auto: the mixture here, "
+        "where every world has a student base; the figures before it were taken with teacher)",
+    )
     a = ap.parse_args()
     work = Path(a.workdir)
     from deltakd.demo.pipeline import DemoConfig, assets
@@ -147,7 +154,14 @@ def main():
     demo["data"] = demo["train"]
     rows = [
         measure(
-            "demo (V=662)", demo, work / "cache-demo", max_length=128, batch_size=32, shard_tokens=32768, top_k=a.top_k
+            "demo (V=662)",
+            demo,
+            work / "cache-demo",
+            max_length=128,
+            batch_size=32,
+            shard_tokens=32768,
+            top_k=a.top_k,
+            tail_proposal=a.tail_proposal,
         ),
         measure(
             "synthetic (V=32000)",
@@ -157,6 +171,7 @@ def main():
             batch_size=8,
             shard_tokens=65536,
             top_k=a.top_k,
+            tail_proposal=a.tail_proposal,
         ),
         # Hidden 1024: the output projection weighs as in real models, relative to the extraction.
         measure(
@@ -167,6 +182,7 @@ def main():
             batch_size=8,
             shard_tokens=65536,
             top_k=a.top_k,
+            tail_proposal=a.tail_proposal,
         ),
     ]
     print(
@@ -186,6 +202,7 @@ def main():
                 "threads": torch.get_num_threads(),
                 "torch": torch.__version__,
                 "top_k": a.top_k,
+                "tail_proposal": a.tail_proposal,
                 "results": rows,
             }
         )

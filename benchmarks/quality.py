@@ -139,13 +139,16 @@ def main():
 SUPPORTS = {
     "topk64": dict(support="topk", top_k=64, mode="sequential", tail_samples=0),
     "union16": dict(support="union", top_k=16, tail_samples=0),
-    "union16+s16": dict(support="union", top_k=16, tail_samples=16),
+    "union16+s16": dict(support="union", top_k=16, tail_samples=16, tail_proposal="teacher"),
     # By mass: each distribution's fewest top ids holding 0.9, 12 to 32 of them (cache build --top-mass).
     "mass90": dict(support="union", top_k=32, top_mass=0.9, min_k=12, tail_samples=0),
-    "mass90+s16": dict(support="union", top_k=32, top_mass=0.9, min_k=12, tail_samples=16),
+    "mass90+s16": dict(support="union", top_k=32, top_mass=0.9, min_k=12, tail_samples=16, tail_proposal="teacher"),
     # Tail samples drawn from the Delta-KD target π* (α 1) instead of πT (cache build --tail-proposal target).
     "union16+t16": dict(support="union", top_k=16, tail_samples=16, tail_proposal="target"),
     "union12+t24": dict(support="union", top_k=12, tail_samples=24, tail_proposal="target"),
+    # From half πT's tail and half π*'s (cache build --tail-proposal mixture).
+    "union12+m24": dict(support="union", top_k=12, tail_samples=24, tail_proposal="mixture"),
+    "union16+m16": dict(support="union", top_k=16, tail_samples=16, tail_proposal="mixture"),
 }
 ONLINE_VARIANTS = ("sft", "kd_fkl", "kd_rkl", "p1_a0.5", "p1_a1.0", "p1_a1.5", "p3_a1.0", "kd+p3")
 

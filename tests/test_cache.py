@@ -361,13 +361,16 @@ def test_manifest_arrays_and_build_file_agree(tiny, tmp_path, capsys):
     assert "shard-00000 (student): holds tail_star (3 exact target tails per row)" in hidden
     assert "the alphas of the build's exact target tails is [0.5, 1.0, 1.5], the manifest says []" in hidden
     samples = "\n".join(_edited(out / schema.MANIFEST, lambda m: m.update(tail_samples=0)))
-    assert "holds tail-sample array sample_len" in samples and "tail_samples is 16, the manifest says 0" in samples
+    assert (
+        "holds tail-sample array sample_len" in samples
+        and f"tail_samples is {m['tail_samples']}, the manifest says 0" in samples
+    )
     assert "n_shards is 99" in "\n".join(_edited(out / schema.BUILD_FILE, lambda b: b.update(n_shards=99)))
 
 
 @pytest.mark.integration  # builds several caches or kills a build
 def test_add_student_on_a_union_cache_says_what_it_cannot_provide(tiny, tmp_path, capsys):
-    build(tiny, tmp_path / "u")
+    build(tiny, tmp_path / "u", tail_proposal="teacher")  # the default's draws from π* refuse add-student
     assert CacheReader(tmp_path / "u").alphas == (0.5, 1.0, 1.5)
     add_student(AddStudentConfig(cache=str(tmp_path / "u"), student_base=tiny["teacher_base"]))
     err = capsys.readouterr().err
@@ -498,7 +501,7 @@ def test_a_cache_drawing_from_the_target_is_recorded_validated_and_trained_from(
     from deltakd.student.trainer import TrainConfig, Trainer
 
     build(tiny, tmp_path / "t", tail_proposal=kind)
-    build(tiny, tmp_path / "p")  # the same build drawing from πT
+    build(tiny, tmp_path / "p", tail_proposal="teacher")  # the same build drawing from πT
     r = CacheReader(tmp_path / "t")
     assert r.tail_proposal == kind and CacheReader(tmp_path / "p").tail_proposal == "teacher"
     assert "tail_proposal" not in json.loads((tmp_path / "p" / schema.MANIFEST).read_text())
@@ -538,3 +541,24 @@ def test_a_cache_drawing_from_the_target_is_recorded_validated_and_trained_from(
         assert tr.cache_s0  # KD too: the draws' weights need lS0
         tr.run()
     assert seen and set(seen) == {TailProposal(kind, 1.0, r.floor, r.alphas.index(1.0))}
+
+
+def test_the_default_draws_from_the_mixture_where_the_build_can(tiny):
+    """--tail-proposal auto: half πT, half π* where the build has what the mixture needs (a student base,
+    a union support in lockstep, α 1 in the grid, samples); πT otherwise. What the user sets is kept."""
+    kw = dict(teacher_ft=tiny["teacher_ft"], teacher_base=tiny["teacher_base"], data=tiny["data"], out="unused")
+    s0 = tiny["student_base"]
+    c = CacheBuildConfig(**kw, student_base=s0)
+    assert (c.tail_proposal, c.top_k, c.tail_samples) == ("mixture", 16, 16)
+    for other in (
+        {},
+        dict(student_base=s0, support="topk"),
+        dict(student_base=s0, alphas="0.5,1.5"),
+        dict(student_base=s0, tail_samples=0),
+        dict(student_base=s0, mode="sequential", support="topk", tail_samples=0),
+    ):
+        assert CacheBuildConfig(**kw, **other).tail_proposal == "teacher", other
+    assert CacheBuildConfig(**kw, student_base=s0, tail_proposal="target").tail_proposal == "target"
+    assert CacheBuildConfig(**kw, student_base=s0, tail_proposal="teacher").tail_proposal == "teacher"
+    with pytest.raises(ValueError, match="--tail-proposal mixture needs --student-base"):
+        CacheBuildConfig(**kw, tail_proposal="mixture")
