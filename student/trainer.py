@@ -114,16 +114,18 @@ class TrainConfig:
         default=None,
         metadata={
             "help": "weight of Delta-KD P3 shift matching (where the student base is broad, its parameters' "
-            "gradient along training is 16-22 degrees off the full-vocabulary one from a cache whose tail samples "
-            "follow the teacher, 4-6 from one built with --tail-proposal target; docs/objectives.md)"
+            "gradient along training is 7-11 degrees off the full-vocabulary one from a default cache, whose tail "
+            "samples follow half the teacher and half the Delta-KD target, 4-6 from one built with "
+            "--top-k 12 --tail-samples 24 --tail-proposal target, 16-22 from one whose samples follow the teacher "
+            "alone; docs/objectives.md)"
         },
     )
     divergence: str = field(
         default="fkl",
         metadata={
             "help": "fkl, rkl, jsd, skew_fkl, skew_rkl. rkl reads the student's own tail, which no cache holds: "
-            "8-14 degrees off along training where the student base is broad, up to 21 on a peaked one; "
-            "train it on-policy"
+            "8-15 degrees off along training where the student base is broad, up to 21 on a peaked one, from "
+            "every cache measured; it is on-policy by nature: train it online. jsd reaches 20 on a peaked one"
         },
     )
     alpha: float = field(default=1.0, metadata={"help": "Delta-KD shift scale alpha"})
@@ -345,7 +347,8 @@ def broad_base_notice(spec: LossSpec, reader: CacheReader) -> str | None:
     """A line for the objectives a cache serves far from their full-vocabulary gradient when the student base
     is broad (docs/objectives.md, "What no cache serves faithfully on broad bases"), or None. The breadth is
     measured on the cache's first shard."""
-    # Draws from π* (tail_proposal "target") carry P3's tail: only ids drawn from πT's tail leave it to the bucket.
+    # Draws in which π* has a part ("target", "mixture") carry P3's tail: only ids drawn from πT's tail alone
+    # leave it to the bucket.
     reads_tail = ["P3"] if "p3" in spec.active and reader.tail_proposal == "teacher" else []
     if spec.divergence in ("rkl", "skew_rkl") and any(t in spec.active for t in ("kd", "p1", "p2")):
         reads_tail.append(f"{spec.divergence} divergence")
@@ -359,8 +362,8 @@ def broad_base_notice(spec: LossSpec, reader: CacheReader) -> str | None:
         f"On so broad a base, {' and '.join(reads_tail)} from a cache is far from its full-vocabulary gradient "
         "(measured on SmolLM2 stand-ins along training: the parameters' gradient of P3 16-22 degrees off, of "
         "reverse KL 8-14, of forward-KL KD and P1 within 4; docs/objectives.md). Options: train them online, "
-        "prefer P1 or KD, or, for P3, build the cache with --top-k 12 --tail-samples 24 --tail-proposal target "
-        "(there 4-6 degrees)"
+        "prefer P1 or KD, or, for P3, build the cache with a student base and the default --tail-proposal auto "
+        "(there 7-11 degrees) or with --top-k 12 --tail-samples 24 --tail-proposal target (4-6)"
     )
 
 

@@ -263,11 +263,13 @@ def test_build_rerun_after_add_student_keeps_the_student(tiny, tmp_path):
     assert m["student"] and m["student"]["checkpoint"]["path"] == str(Path(tiny["student_base"]).resolve())
     assert snapshot(out / schema.STUDENT_DIR) == before and validate(out) == []
     # Built with S0, then another student added, then the build re-run: S0's arrays come back, labelled S0.
-    assert cli(*build_args(tiny, other))[0] == 0
+    # (Draws from πT: a cache whose draws hold π* refuses add-student.)
+    teacher = ("--tail-proposal", "teacher")
+    assert cli(*build_args(tiny, other, *teacher))[0] == 0
     before = snapshot(other / schema.STUDENT_DIR)
     assert cli("cache", "add-student", "--cache", other, "--student-base", tiny["teacher_base"])[0] == 0
     assert snapshot(other / schema.STUDENT_DIR) != before
-    code, _, err = cli(*build_args(tiny, other))
+    code, _, err = cli(*build_args(tiny, other, *teacher))
     assert code == 0, err
     m = json.loads((other / schema.MANIFEST).read_text())
     assert m["student"]["checkpoint"]["path"] == str(Path(tiny["student_base"]).resolve())

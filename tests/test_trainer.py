@@ -191,7 +191,8 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tiny, cache_dir, tm
         env=env,
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    assert "the student base keeps a median" in one.stdout and "P3" in one.stdout  # the tiny base is broad
+    # The tiny base is broad, but the default cache's draws (half πT, half π*) carry P3's tail: no notice.
+    assert "the student base keeps a median" not in one.stdout
     two = subprocess.run(
         [
             sys.executable,
@@ -469,14 +470,17 @@ def test_broad_base_notice_names_the_objectives_that_read_the_tail(cache_dir, mo
     from deltakd.student.objective import LossSpec
 
     r = CacheReader(cache_dir)
+    # A cache whose draws follow πT alone leaves P3's tail to the bucket.
+    monkeypatch.setattr(CacheReader, "tail_proposal", property(lambda self: "teacher"))
     p3 = T.broad_base_notice(LossSpec(weights={"sft": 0.5, "p3": 0.5}), r)
     rkl = T.broad_base_notice(LossSpec(weights={"kd": 1.0}, divergence="rkl"), r)
     assert "P3" in p3 and str(r.root) in p3 and "rkl divergence" in rkl
     assert T.broad_base_notice(LossSpec(weights={"p1": 1.0}), r) is None  # forward KL: faithful
-    assert "--tail-proposal target" in p3
-    # Ids drawn from π* carry P3's tail: no note for P3 then, still one for reverse KL.
-    monkeypatch.setattr(CacheReader, "tail_proposal", property(lambda self: "target"))
-    assert T.broad_base_notice(LossSpec(weights={"p3": 1.0}), r) is None
+    assert "--tail-proposal target" in p3 and "--tail-proposal auto" in p3
+    # Ids drawn with π* carry P3's tail: no note for P3 then, still one for reverse KL.
+    for kind in ("target", "mixture"):
+        monkeypatch.setattr(CacheReader, "tail_proposal", property(lambda self, k=kind: k))
+        assert T.broad_base_notice(LossSpec(weights={"p3": 1.0}), r) is None
     both = T.broad_base_notice(LossSpec(weights={"p3": 0.5, "kd": 0.5}, divergence="rkl"), r)
     assert "On so broad a base, rkl divergence from a cache" in both
     monkeypatch.setattr(T, "BROAD_OUTSIDE", 1.01)  # no base is that broad: no notice
