@@ -152,6 +152,7 @@ def main():
 
     demo = assets(DemoConfig(workdir=str(work / "demo")), work / "demo")
     demo["data"] = demo["train"]
+    ids = dict(top_k=a.top_k, tail_proposal=a.tail_proposal)
     rows = [
         measure(
             "demo (V=662)",
@@ -160,8 +161,7 @@ def main():
             max_length=128,
             batch_size=32,
             shard_tokens=32768,
-            top_k=a.top_k,
-            tail_proposal=a.tail_proposal,
+            **ids,
         ),
         measure(
             "synthetic (V=32000)",
@@ -170,8 +170,7 @@ def main():
             max_length=256,
             batch_size=8,
             shard_tokens=65536,
-            top_k=a.top_k,
-            tail_proposal=a.tail_proposal,
+            **ids,
         ),
         # Hidden 1024: the output projection weighs as in real models, relative to the extraction.
         measure(
@@ -181,8 +180,7 @@ def main():
             max_length=256,
             batch_size=8,
             shard_tokens=65536,
-            top_k=a.top_k,
-            tail_proposal=a.tail_proposal,
+            **ids,
         ),
     ]
     print(

@@ -305,8 +305,8 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
     star_col = None
     if uses_target and reader.alphas and spec.tail == "bucket":
         grid = reader.alphas
-        hits = [i for i, a in enumerate(grid) if abs(a - spec.alpha) < 1e-9]
-        if not hits:
+        star_col = _alpha_column(grid, spec.alpha)
+        if star_col is None:
             raise CacheFormatError(
                 f"--alpha {spec.alpha}: {reader.root} holds the exact Delta-KD target tails for alphas "
                 f"{', '.join(f'{a:g}' for a in grid)} only; train with one of them, or rebuild the cache with "
@@ -317,7 +317,6 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
                 f"--floor {floor}: the target tails in {reader.root} were computed with floor {cache_floor}; "
                 "train with --floor cache, or rebuild the cache with the floor you want"
             )
-        star_col = hits[0]
     if spec.temperature != 1.0 and spec.tail == "bucket" and not reader.covers_vocabulary:
         raise CacheFormatError(
             f"--temperature {spec.temperature} with --tail bucket: {reader.root} stores log-probs at temperature 1 on "
@@ -326,16 +325,20 @@ def fit_spec_to_cache(spec: LossSpec, floor: str, reader: CacheReader) -> LossSp
         )
     proposal = None
     if reader.tail_proposal != "teacher":
-        grid = reader.alphas or ()
-        cols = [i for i, a in enumerate(grid) if abs(a - schema.PROPOSAL_ALPHA) < 1e-9]
-        if not cols:
+        col = _alpha_column(reader.alphas, schema.PROPOSAL_ALPHA)
+        if col is None:
             raise CacheFormatError(
                 f"{reader.root}: its tail samples were drawn with pi* at alpha {schema.PROPOSAL_ALPHA:g} "
                 f"(tail_proposal {reader.tail_proposal}), but it holds no exact target tail for that alpha "
-                f"(alphas {list(grid)}): the samples' weights cannot be formed; rebuild the cache"
+                f"(alphas {list(reader.alphas)}): the samples' weights cannot be formed; rebuild the cache"
             )
-        proposal = TailProposal(reader.tail_proposal, schema.PROPOSAL_ALPHA, cache_floor, cols[0])
+        proposal = TailProposal(reader.tail_proposal, schema.PROPOSAL_ALPHA, cache_floor, col)
     return dataclasses.replace(spec, floor=f, star_col=star_col, proposal=proposal)
+
+
+def _alpha_column(grid: tuple[float, ...], alpha: float) -> int | None:
+    """The column of `alpha` in a cache's grid of exact target tails, or None."""
+    return next((i for i, a in enumerate(grid) if abs(a - alpha) < 1e-9), None)
 
 
 # Median mass of the student base outside the cached ids above which the notice below is printed. The
