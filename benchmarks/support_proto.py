@@ -97,10 +97,6 @@ DESIGNS = {
     "u16S16": Design("union k=16 + 16 from π*(α 1)", samples=16, proposal="star1", estimator=FKL),
     "u16S16all": Design("union k=16 + 16 from π*(α 1), rkl/JSD too", samples=16, proposal="star1", estimator=ALL),
     "u12TS24": Design("union k=12 + 24 from ½πT + ½π*(α 1)", k=12, samples=24, proposal="T+star1", estimator=FKL),
-    "u16TS16": Design("union k=16 + 16 from ½πT + ½π*(α 1)", samples=16, proposal="T+star1", estimator=FKL),
-    "u16TS16all": Design(
-        "union k=16 + 16 from ½πT + ½π*(α 1), rkl/JSD too", samples=16, proposal="T+star1", estimator=ALL
-    ),
     "u12S24all": Design("union k=12 + 24 from π*(α 1), rkl/JSD too", k=12, samples=24, proposal="star1", estimator=ALL),
     # per-position k by mass held
     "m90k32": Design("mass .9, k 4-32", k=32, mass=0.9),

@@ -245,57 +245,9 @@ def delta_p1_loss(
 def _forward_with_cells(target, student_log, kind, beta, skew, cells, mask):
     if cells is None:
         return masked_sum(divergence(target, student_log, kind, beta, skew), mask)
-    if kind in ("rkl", "jsd"):
-        return masked_sum(divergence_with_cells(target, student_log, kind, beta, cells), mask)
-    assert kind == "fkl", "tail samples serve forward KL, reverse KL and JSD (the skew KLs read them as plain entries)"
+    assert kind == "fkl", "tail samples serve forward KL (the other divergences read them as plain entries)"
     row, corr = tail_cells(target, *cells)
     return masked_sum(divergence(row, student_log, kind) + corr, mask)
-
-
-def respread(row: torch.Tensor, sampled: torch.Tensor, log_c: torch.Tensor) -> torch.Tensor:
-    """tail_cells' row, differentiable: (N, K+1) -> (N, K+1), the row's mass on the drawn ids and its bucket
-    (its cell) respread over the drawn ids in proportion to c·row, the bucket emptied where ids were drawn."""
-    x = upcast(row)
-    vals, bucket = x[:, :-1], x[:, -1]
-    has = sampled.any(1)
-    ninf = torch.full((), NEG_INF, dtype=x.dtype)
-    zero = torch.zeros((), dtype=x.dtype)
-    # Rows without drawn ids go through zeros: a logsumexp over −inf alone has a NaN gradient.
-    cell = torch.where(has[:, None], torch.cat([torch.where(sampled, vals, ninf), bucket[:, None]], 1), zero)
-    w = torch.where(sampled, vals + log_c.to(x.dtype), ninf)
-    norm = torch.where(has[:, None], w, zero).logsumexp(1)
-    spread = w + (cell.logsumexp(1) - norm)[:, None]
-    return torch.cat([torch.where(sampled, spread, vals), torch.where(has, ninf, bucket)[:, None]], 1)
-
-
-def divergence_with_cells(target_log, student_log, kind: str, beta: float, cells) -> torch.Tensor:
-    """Reverse KL or JSD(β) per row (N, K+1) -> (N,), with the drawn ids carrying both tails.
-
-    Each KL's weighting distribution (the student for KL(πθ ‖ ·), the target for KL(πT ‖ ·)) has its
-    cell respread over the drawn ids with its own weights c·p (respread; the self-normalised estimate
-    of its tail's share, as tail_cells), and every log-ratio is taken at its exact per-id value:
-    Σ_y w_p(y)·(log p(y) − log q(y)). The buckets of rows with drawn ids drop out. Reverse KL weighs by
-    the student, whose tail no cache holds: the draws must cover it, which draws in which π* has a
-    part do near πS0 (π* = πS0·exp(α·Δ)/Z), and draws from πT alone do not (the trainer passes cells
-    for those then)."""
-    sampled, log_c = cells
-    t, s = upcast(target_log), upcast(student_log)
-    zero = torch.zeros((), dtype=t.dtype)
-    drawn = torch.cat([sampled, torch.zeros_like(sampled[:, :1])], 1)
-    bucket = torch.zeros_like(drawn)
-    bucket[:, -1] = sampled.any(1)  # rows with drawn ids: the bucket's mass is in the drawn ids' weights
-
-    def part(p, q, detach):  # Σ_y w_p(y)·(log p(y) − log q(y)) over live entries
-        w = respread(p, sampled, log_c)
-        w = torch.where(drawn, w.detach() if detach else w, p)
-        live = torch.isfinite(w) & ~bucket
-        return torch.where(live, w.exp() * (torch.where(live, p, zero) - torch.where(live, q, zero)), zero).sum(1)
-
-    if kind == "rkl":
-        return part(s, t, detach=False)
-    assert kind == "jsd", kind
-    m = _mix(t, s, beta)
-    return beta * part(t, m, detach=True) + (1 - beta) * part(s, m, detach=False)
 
 
 def delta_p2_loss(student_log, s0_log, ft_log, base_log, mask=None, kind="fkl", beta=0.5, skew=0.1, cells=None):

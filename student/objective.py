@@ -96,20 +96,16 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
     # P3 (π*). Draws in which π* had a part ("target", "mixture") serve every target. Ids drawn from
     # πT's tail alone (tail_proposal "teacher") serve πT only: reweighting π*'s
     # tail from draws that rarely land where π* keeps it is noise, so there P1 and P3 read them as
-    # plain entries. Reverse KL and JSD weigh by the student: draws in which π* has a part cover it
-    # near πS0, and there they read them with the student's own weights (losses.divergence_with_cells);
-    # from πT's draws alone they read them as plain entries. The skew KLs always do.
+    # plain entries. Reverse KL, JSD and the skew KLs weigh by the student and always read them so.
     cells = tail_cells_of(tg, spec) if spec.divergence == "fkl" or spec.proposal is not None else None
     fwd = cells if spec.divergence == "fkl" else None
-    weighs = spec.divergence == "fkl" or (spec.proposal is not None and spec.divergence in ("rkl", "jsd"))
-    div_cells = cells if weighs else None  # KD and P1's divergence
-    star_cells = cells if spec.proposal is not None else None  # P3
+    star_cells = cells if spec.proposal is not None else None
     out = []
     for t in spec.active:
         if t == "sft":
             out.append(L.sft_loss(lp_next)[0])
         elif t == "kd":
-            out.append(scale * L.kd_loss(student, ft, cells=div_cells, **kw)[0])
+            out.append(scale * L.kd_loss(student, ft, cells=fwd, **kw)[0])
         elif t == "p1":
             out.append(
                 scale
@@ -121,7 +117,7 @@ def terms_from_support(s_vals, s_tail, lp_next, tg: dict, spec: LossSpec) -> tor
                     spec.alpha,
                     floor=spec.floor,
                     tail_star=star,
-                    cells=div_cells if spec.proposal is not None else None,
+                    cells=star_cells if fwd is not None else None,
                     **kw,
                 )[0]
             )
