@@ -228,9 +228,10 @@ class CacheBuildConfig:
     def _resolve_proposal(self) -> None:
         """--tail-proposal auto: the mixture where the build can draw from π* (a union build with a student
         base in lockstep, α 1 in the grid, samples); on a broad student base it brings P3 within 7-11 degrees
-        of its full-vocabulary gradient along training (16-22 from πT's draws) and P1 within 2.6 (4), with
-        KD, JSD and reverse KL as close as before, and no objective further on a peaked one
-        (benchmarks/README.md, "Draws from the Delta-KD target"). Else πT's tail."""
+        of its full-vocabulary gradient along training (16-22 from πT's draws) and P1 within 2.6 (4); on a
+        peaked one P3 within 2 (13) and P1 within 1 (2), with KD and JSD within 0.6 of where they were and
+        reverse KL as close (benchmarks/README.md, "Draws from half πT's tail and half π*'s: the
+        default"). Else πT's tail."""
         if self.tail_proposal != "auto":
             return
         can = (
