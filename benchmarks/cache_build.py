@@ -25,6 +25,7 @@ import torch
 from benchmarks import synth_vocab
 from deltakd.cache.build.builder import CacheBuildConfig, build_cache, length_sorted_batches, pad_batch, plan_shards  # noqa: E402
 from deltakd.cache.build.forward import load_model, load_tokenizer  # noqa: E402
+from deltakd.cache.format import schema  # noqa: E402
 from deltakd.cache.format.records import read_records  # noqa: E402
 from deltakd.runtime import dist  # noqa: E402
 
@@ -142,7 +143,7 @@ def main():
     ap.add_argument(
         "--tail-proposal",
         default=CacheBuildConfig.tail_proposal,
-        choices=("auto", "teacher", "target", "mixture"),
+        choices=("auto", *schema.TAIL_PROPOSALS),
         help="where the tail samples are drawn from (default: `cache build`'s own, auto: the mixture here, "
         "where every world has a student base; the figures before it were taken with teacher)",
     )

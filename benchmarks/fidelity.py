@@ -50,7 +50,7 @@ import torch
 from benchmarks import SELF_INSTRUCT
 from deltakd.cache.build.forward import lockstep_rows
 from deltakd.cache.format.records import encode_record
-from deltakd.cache.format.schema import parse_floor
+from deltakd.cache.format.schema import PROPOSAL_ALPHA, parse_floor
 from deltakd.student import losses as L
 from deltakd.student.eval import read_eval_examples
 from deltakd.student.objective import LossSpec, TailProposal, terms_and_logit_grad
@@ -360,7 +360,9 @@ def spec_of(name: str, support: str | None = None) -> LossSpec:
     kw = TERMS[name]
     uses_target = any(t in kw["weights"] for t in ("p1", "p3"))
     col = ALPHAS.index(kw.get("alpha", 1.0)) if uses_target else None
-    proposal = TailProposal(PROPOSAL[support], 1.0, FLOOR, ALPHAS.index(1.0)) if support in PROPOSAL else None
+    proposal = None
+    if support in PROPOSAL:
+        proposal = TailProposal(PROPOSAL[support], PROPOSAL_ALPHA, FLOOR, ALPHAS.index(PROPOSAL_ALPHA))
     return LossSpec(**kw, floor=FLOOR if uses_target else None, star_col=col, proposal=proposal)
 
 

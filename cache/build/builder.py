@@ -239,7 +239,7 @@ class CacheBuildConfig:
             and self.support == "union"
             and self.mode == "lockstep"
             and self.tail_samples > 0
-            and schema.PROPOSAL_ALPHA in schema.parse_alphas(self.alphas)
+            and schema.PROPOSAL_ALPHA in self.alpha_grid
         )
         object.__setattr__(self, "tail_proposal", "mixture" if can else "teacher")
 

@@ -228,7 +228,8 @@ class CacheReader:
 
     @property
     def tail_proposal(self) -> str:
-        """Where the tail samples were drawn from: "teacher" (πT's tail) or "target" (π* at schema.PROPOSAL_ALPHA)."""
+        """Where the tail samples were drawn from: "teacher" (πT's tail), "target" (π* at schema.PROPOSAL_ALPHA)
+        or "mixture" (half of each)."""
         return self.manifest.get("tail_proposal", "teacher")
 
     @property
